@@ -1,0 +1,507 @@
+"""
+Data for victor: LLaVA-format datasets, image preprocessing, templates, label masking, collation,
+and the synthetic "shapes" dataset (with its own offline tokenizer) used by the demo and tests.
+
+LLaVA format, as published (a JSON list or JSONL, plus an image folder):
+    {"id": "000001", "image": "coco/000001.jpg",
+     "conversations": [{"from": "human", "value": "<image>\\nWhat is this?"},
+                       {"from": "gpt", "value": "A cat."}]}
+"image" may be missing (text-only record) or a list (several images, one <image> each).
+
+Make the shapes data by hand (train.py does it on first use):
+    python data.py --out data/shapes
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from PIL import Image, ImageDraw
+
+from victor import IGNORE_INDEX, IMAGE_TOKEN_ID
+
+IMAGE_PLACEHOLDER = "<image>"
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+# -----------------------------------------------------------------------------
+# Templates. Every template is a Jinja chat template, so one label-masking routine serves all.
+
+# stage 1 (LLaVA "plain"): the image tokens, then the caption and eos; the human text is dropped
+PLAIN_TEMPLATE = (
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'user' and '<image>' in m['content'] -%}{{- '<image>' -}}"
+    "{%- elif m['role'] == 'assistant' -%}{{- m['content'] + eos_token -}}{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+# LLaVA-1.5's conv_vicuna_v1: "SYSTEM USER: q ASSISTANT: a</s>USER: ..."
+VICUNA_V1_TEMPLATE = (
+    "{%- if bos_token -%}{{- bos_token -}}{%- endif -%}"
+    "{%- if messages[0]['role'] == 'system' -%}{{- messages[0]['content'] + ' ' -}}{%- set msgs = messages[1:] -%}"
+    "{%- else -%}{{- \"A chat between a curious user and an artificial intelligence assistant. The assistant "
+    "gives helpful, detailed, and polite answers to the user's questions. \" -}}{%- set msgs = messages -%}"
+    "{%- endif -%}"
+    "{%- for m in msgs -%}"
+    "{%- if m['role'] == 'user' -%}{{- 'USER: ' + m['content'] + ' ' -}}"
+    "{%- else -%}{{- 'ASSISTANT: ' + m['content'] + eos_token -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
+)
+
+# ChatML, for the shapes tokenizer (the same layout as Qwen2.5's template, without a default system turn)
+CHATML_TEMPLATE = (
+    "{%- for m in messages -%}"
+    "{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+
+def resolve_template(name: str, tokenizer, stage: str = "2") -> str:
+    """Template name -> Jinja text. auto: plain for stage 1, else the tokenizer's own, else vicuna_v1."""
+    if name == "auto":
+        name = "plain" if stage == "1" else ("chat" if tokenizer.chat_template else "vicuna_v1")
+    if name == "plain":
+        return PLAIN_TEMPLATE
+    if name == "vicuna_v1":
+        return VICUNA_V1_TEMPLATE
+    if name == "chatml":
+        return CHATML_TEMPLATE
+    if name == "chat":
+        if not tokenizer.chat_template:
+            raise ValueError("template 'chat' asked for, but the tokenizer has no chat_template")
+        return tokenizer.chat_template
+    raise ValueError(f"unknown template {name!r} (auto | plain | vicuna_v1 | chatml | chat)")
+
+
+# -----------------------------------------------------------------------------
+# Records
+
+
+class SampleError(Exception):
+    """A sample that cannot be used as it is (it is skipped and counted, or fails under --strict)."""
+
+
+def record_id(rec, index: int) -> str:
+    return str(rec.get("id", f"#{index}")) if isinstance(rec, dict) else f"#{index}"
+
+
+def record_images(rec: dict) -> list[str]:
+    img = rec.get("image")
+    if img is None:
+        return []
+    return list(img) if isinstance(img, list) else [img]
+
+
+def check_record(rec) -> str | None:
+    """Why a LLaVA record is structurally unusable, or None when it is fine."""
+    if not isinstance(rec, dict):
+        return f"record is a {type(rec).__name__}, not an object"
+    conv = rec.get("conversations")
+    if not isinstance(conv, list) or not conv:
+        return "missing or empty 'conversations'"
+    roles = []
+    for t, turn in enumerate(conv):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            return f"turn {t} lacks 'from'/'value'"
+        if turn["from"] not in ROLES:
+            return f"turn {t} has unknown role {turn['from']!r} (expected human/gpt/system)"
+        if not isinstance(turn["value"], str) or not turn["value"].strip():
+            return f"turn {t} is empty"
+        roles.append(ROLES[turn["from"]])
+    talk = roles[1:] if roles[0] == "system" else roles
+    if not talk or talk[0] != "user":
+        return "the first turn (after an optional system turn) is not from 'human'"
+    if "assistant" not in talk:
+        return "no 'gpt' turn to learn from"
+    images = rec.get("image")
+    if images is not None and not (isinstance(images, str) or
+                                   (isinstance(images, list) and all(isinstance(p, str) for p in images))):
+        return "'image' is neither a path nor a list of paths"
+    n_placeholders = sum(turn["value"].count(IMAGE_PLACEHOLDER) for turn in conv)
+    if n_placeholders != len(record_images(rec)):
+        return f"{n_placeholders} <image> placeholders for {len(record_images(rec))} images"
+    return None
+
+
+def load_records(path: str, strict: bool = False) -> tuple[list[dict], list[tuple[str, str]]]:
+    """Read a LLaVA JSON list or JSONL file and check every record.
+
+    Returns (good records, [(record id, reason), ...] for the bad ones). strict=True raises on the first.
+    """
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    raw = []  # (index, record or parse error)
+    if text.lstrip().startswith("["):
+        try:
+            raw = list(enumerate(json.loads(text)))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: invalid JSON: {e}") from None
+    else:
+        for line_no, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                raw.append((line_no, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raw.append((line_no, SampleError(f"line {line_no}: invalid JSON ({e.msg})")))
+    records, bad = [], []
+    for index, rec in raw:
+        why = str(rec) if isinstance(rec, SampleError) else check_record(rec)
+        if why is None:
+            records.append(rec)
+            continue
+        rid = record_id(rec, index) if not isinstance(rec, SampleError) else f"line {index}"
+        if strict:
+            raise ValueError(f"{path}: record {rid}: {why}")
+        bad.append((rid, why))
+    return records, bad
+
+
+def to_messages(conversations: list[dict]) -> list[dict]:
+    return [{"role": ROLES[t["from"]], "content": t["value"]} for t in conversations]
+
+
+# -----------------------------------------------------------------------------
+# Tokenisation with label masking
+
+
+def _render(tokenizer, template: str, messages, add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
+
+
+def tokenize_conversation(messages: list[dict], tokenizer, template: str, num_image_tokens: int,
+                          max_length: int | None = None, image_token_id: int = IMAGE_TOKEN_ID):
+    """Render with the template, tokenise, and label only the assistant answers.
+
+    Each <image> becomes exactly num_image_tokens copies of image_token_id. Labels cover each
+    assistant answer and its end-of-turn token; everything else is IGNORE_INDEX. If the
+    conversation ends with a user turn, a generation prompt is added (inference).
+    Returns (input_ids, labels) as lists of ints. Raises SampleError for unusable samples.
+    """
+    prompt_only = messages[-1]["role"] != "assistant"
+    text = _render(tokenizer, template, messages, add_generation_prompt=prompt_only)
+    # the character span of each answer: the text the turn adds after the generation prompt
+    spans = []
+    for k, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = len(before := _render(tokenizer, template, messages[:k], add_generation_prompt=True))
+        end = len(upto := _render(tokenizer, template, messages[:k + 1], add_generation_prompt=False))
+        if not (text.startswith(before) and text.startswith(upto) and end >= start):
+            raise ValueError("the chat template does not render conversations prefix by prefix; "
+                             "answer spans cannot be found (use template vicuna_v1 or chatml)")
+        while end > start and text[end - 1].isspace():  # the newline after <|im_end|> is not the answer
+            end -= 1
+        spans.append((start, end))
+    input_ids, labels, offset = [], [], 0
+    for i, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
+        if i > 0:  # the <image> placeholder: N image-token ids, never labelled
+            input_ids += [image_token_id] * num_image_tokens
+            labels += [IGNORE_INDEX] * num_image_tokens
+            offset += len(IMAGE_PLACEHOLDER)
+        enc = tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True)
+        for tok, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]):
+            in_answer = any(offset + a < e and offset + b > s for s, e in spans)
+            input_ids.append(tok)
+            labels.append(tok if in_answer else IGNORE_INDEX)
+        offset += len(piece)
+    if max_length is not None and len(input_ids) > max_length:
+        if image_token_id in input_ids[max_length:]:
+            raise SampleError(f"{len(input_ids)} tokens with images do not fit max_length={max_length}")
+        input_ids, labels = input_ids[:max_length], labels[:max_length]
+        if not prompt_only and all(x == IGNORE_INDEX for x in labels):
+            raise SampleError(f"no answer tokens left after truncation to max_length={max_length}")
+    return input_ids, labels
+
+
+# -----------------------------------------------------------------------------
+# Images
+
+
+def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """Pad to a square with the processor's mean colour (LLaVA's pad aspect ratio)."""
+    w, h = image.size
+    if w == h:
+        return image
+    side = max(w, h)
+    out = Image.new(image.mode, (side, side), fill)
+    out.paste(image, ((side - w) // 2, (side - h) // 2))
+    return out
+
+
+def load_image(path: str) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise SampleError(f"image not found: {path}") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise SampleError(f"image unreadable: {path}: {e}") from None
+
+
+def preprocess_images(images: list[Image.Image], image_processor) -> torch.Tensor:
+    fill = tuple(int(round(255 * m)) for m in image_processor.image_mean)
+    squares = [expand_to_square(im, fill) for im in images]
+    return image_processor(images=squares, return_tensors="pt")["pixel_values"]
+
+
+# -----------------------------------------------------------------------------
+# Dataset and collator
+
+
+class LlavaDataset(torch.utils.data.Dataset):
+    """LLaVA-format records + image folder -> tokenised, labelled samples.
+
+    A sample that cannot be used (missing/corrupt image, too long) comes back as
+    {"skipped": (id, reason)}: the collator drops it and the training loop counts it.
+    """
+
+    def __init__(self, records, image_folder: str, tokenizer, image_processor, template: str,
+                 num_image_tokens: int, max_length: int = 2048, image_token_id: int = IMAGE_TOKEN_ID):
+        self.records, self.image_folder = records, image_folder
+        self.tokenizer, self.image_processor, self.template = tokenizer, image_processor, template
+        self.num_image_tokens, self.max_length, self.image_token_id = num_image_tokens, max_length, image_token_id
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        rec = self.records[i]
+        rid = record_id(rec, i)
+        try:
+            input_ids, labels = tokenize_conversation(
+                to_messages(rec["conversations"]), self.tokenizer, self.template, self.num_image_tokens,
+                self.max_length, self.image_token_id)
+            images = [load_image(os.path.join(self.image_folder, p)) for p in record_images(rec)]
+        except SampleError as e:
+            return {"skipped": (rid, str(e))}
+        pixel_values = preprocess_images(images, self.image_processor) if images else None
+        return {"id": rid, "input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels),
+                "pixel_values": pixel_values}
+
+
+@dataclass
+class Collator:
+    """Pad a list of samples into a batch; images of all samples are concatenated in order."""
+    pad_token_id: int
+    padding_side: str = "right"  # "left" for generation
+
+    def __call__(self, samples):
+        skipped = [s["skipped"] for s in samples if "skipped" in s]
+        samples = [s for s in samples if "skipped" not in s]
+        batch = {"skipped": skipped, "ids": [s["id"] for s in samples]}
+        if not samples:
+            return batch
+        longest = max(len(s["input_ids"]) for s in samples)
+        ids = torch.full((len(samples), longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(samples), longest), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(samples), longest), dtype=torch.long)
+        for row, s in enumerate(samples):
+            n = len(s["input_ids"])
+            cols = slice(longest - n, longest) if self.padding_side == "left" else slice(0, n)
+            ids[row, cols], labels[row, cols], mask[row, cols] = s["input_ids"], s["labels"], 1
+        pixels = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
+        batch.update(input_ids=ids, labels=labels, attention_mask=mask,
+                     pixel_values=torch.cat(pixels) if pixels else None)
+        return batch
+
+
+def skip_report(skipped: list[tuple[str, str]]) -> str:
+    """A short human-readable summary of skipped records: count per reason, and some ids."""
+    if not skipped:
+        return "skipped records: none"
+    by_reason = Counter(re.sub(r"(: .*|\d+)", "#", why) for _, why in skipped)
+    lines = [f"skipped records: {len(skipped)}"]
+    lines += [f"  {n:6d} x {why}" for why, n in by_reason.most_common()]
+    lines += [f"  e.g. {rid}: {why}" for rid, why in skipped[:5]]
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# The synthetic "shapes" dataset (DESIGN.md §2) and its offline tokenizer
+
+COLOURS = {"red": (215, 40, 40), "green": (40, 165, 60), "blue": (45, 85, 225), "yellow": (235, 205, 35)}
+SHAPES = ("circle", "square", "triangle")
+SIZES = ("small", "large")
+CELLS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
+NUMBERS = ("1", "2", "3")
+MC_SUFFIX = "Answer with the option's letter from the given choices directly."
+DETAIL_PROMPT = "Please generate detailed descriptions of the given image."
+LETTERS = "ABCD"
+
+
+@dataclass
+class ShapesSpec:
+    image_size: int = 96
+    grid: int = 3
+    max_objects: int = 3
+    num_train_images: int = 8000
+    num_test_images: int = 500
+    seed: int = 0
+
+
+def draw_shapes_image(rng: random.Random, spec: ShapesSpec):
+    """One image: 1..max_objects shapes of distinct colours in distinct grid cells over clutter."""
+    s, g = spec.image_size, spec.grid
+    cell = s // g
+    # cluttered background: noisy grey, a few faint lines and dots in muted colours
+    im = Image.effect_noise((s, s), 28).convert("RGB")
+    im = Image.blend(im, Image.new("RGB", (s, s), (128, 128, 128)), 0.5)
+    d = ImageDraw.Draw(im)
+    for _ in range(rng.randint(2, 5)):
+        grey = tuple(rng.randint(90, 170) for _ in range(3))
+        d.line([(rng.randrange(s), rng.randrange(s)), (rng.randrange(s), rng.randrange(s))], fill=grey, width=1)
+    n = rng.randint(1, spec.max_objects)
+    cells = rng.sample(range(g * g), n)
+    colours = rng.sample(sorted(COLOURS), n)
+    objects = []
+    for c, colour in zip(cells, colours):
+        shape, size = rng.choice(SHAPES), rng.choice(SIZES)
+        half = (cell * (0.42 if size == "large" else 0.27))
+        cx = (c % g) * cell + cell / 2 + rng.uniform(-1.5, 1.5)
+        cy = (c // g) * cell + cell / 2 + rng.uniform(-1.5, 1.5)
+        box = [cx - half, cy - half, cx + half, cy + half]
+        fill = COLOURS[colour]
+        if shape == "circle":
+            d.ellipse(box, fill=fill)
+        elif shape == "square":
+            d.rectangle(box, fill=fill)
+        else:
+            d.polygon([(cx, cy - half), (cx - half, cy + half), (cx + half, cy + half)], fill=fill)
+        objects.append({"colour": colour, "shape": shape, "size": size, "cell": CELLS[c]})
+    objects.sort(key=lambda o: CELLS.index(o["cell"]))  # reading order
+    return im, objects
+
+
+def short_caption(objects) -> str:
+    return " , ".join(f"{o['colour']} {o['shape']}" for o in objects) + " ."
+
+
+def detailed_caption(objects) -> str:
+    n = len(objects)
+    head = f"There {'is' if n == 1 else 'are'} {n} object{'s' if n > 1 else ''} ."
+    return " ".join([head] + [f"A {o['size']} {o['colour']} {o['shape']} at the {o['cell']} ." for o in objects])
+
+
+def make_question(rng: random.Random, objects, kind: str, multiple_choice: bool):
+    """One question about the image: (question text, answer text, options or None)."""
+    o = rng.choice(objects)
+    if kind == "colour":
+        q, a, pool = f"What colour is the object at the {o['cell']} ?", o["colour"], sorted(COLOURS)
+    elif kind == "shape":
+        q, a, pool = f"What shape is the {o['colour']} object ?", o["shape"], list(SHAPES)
+    elif kind == "position":
+        q, a, pool = f"Where is the {o['colour']} {o['shape']} ?", o["cell"], list(CELLS)
+    elif kind == "count":
+        q, a, pool = "How many objects are there ?", str(len(objects)), list(NUMBERS)
+    elif kind == "exists":  # POPE-style: half present, half absent (absent ones share colour or shape)
+        present = {(x["colour"], x["shape"]) for x in objects}
+        if rng.random() < 0.5:
+            colour, shape = o["colour"], o["shape"]
+        else:
+            absent = [(c, sh) for c in COLOURS for sh in SHAPES if (c, sh) not in present]
+            colour, shape = rng.choice(absent)
+        q = f"Is there a {colour} {shape} in the image ? Answer yes or no ."
+        return q, ("yes" if (colour, shape) in present else "no"), None
+    else:
+        raise ValueError(kind)
+    if not multiple_choice:
+        return q, a, None
+    options = [a] + rng.sample([p for p in pool if p != a], min(len(pool), 4) - 1)
+    rng.shuffle(options)
+    letters = LETTERS[:len(options)]
+    text = q + "\n" + "\n".join(f"{L} . {opt}" for L, opt in zip(letters, options)) + "\n" + MC_SUFFIX
+    return text, letters[options.index(a)], options
+
+
+QUESTION_KINDS = ("colour", "shape", "position", "count", "exists")
+
+
+def make_shapes_dataset(root: str, spec: ShapesSpec = ShapesSpec()) -> dict:
+    """Generate the shapes dataset into root (deterministic from spec.seed). Returns the file paths."""
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    rng = random.Random(spec.seed)
+    stage1, stage15, stage2, test = [], [], [], []
+    for i in range(spec.num_train_images + spec.num_test_images):
+        name = f"images/{i:06d}.png"
+        im, objects = draw_shapes_image(rng, spec)
+        im.save(os.path.join(root, name))
+        rid = f"shapes-{i:06d}"
+        if i >= spec.num_train_images:  # held-out test images: one question each
+            kind = QUESTION_KINDS[i % len(QUESTION_KINDS)]
+            q, a, options = make_question(rng, objects, kind, multiple_choice=kind != "exists")
+            test.append({"id": rid, "image": name, "type": kind, "options": options,
+                         "conversations": [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{q}"},
+                                           {"from": "gpt", "value": a}]})
+            continue
+        stage1.append({"id": rid, "image": name, "conversations": [
+            {"from": "human", "value": IMAGE_PLACEHOLDER}, {"from": "gpt", "value": short_caption(objects)}]})
+        stage15.append({"id": rid, "image": name, "conversations": [
+            {"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{DETAIL_PROMPT}"},
+            {"from": "gpt", "value": detailed_caption(objects)}]})
+        turns = []
+        for t, kind in enumerate(rng.sample(QUESTION_KINDS, 4)):
+            q, a, _ = make_question(rng, objects, kind, multiple_choice=rng.random() < 0.5)
+            turns += [{"from": "human", "value": (f"{IMAGE_PLACEHOLDER}\n" if t == 0 else "") + q},
+                      {"from": "gpt", "value": a}]
+        stage2.append({"id": rid, "image": name, "conversations": turns})
+    files = {"stage1": "stage1.json", "stage1.5": "stage1_5.json", "stage2": "stage2.json", "test": "test.jsonl"}
+    for key, recs in (("stage1", stage1), ("stage1.5", stage15), ("stage2", stage2)):
+        with open(os.path.join(root, files[key]), "w") as f:
+            json.dump(recs, f)
+    with open(os.path.join(root, files["test"]), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in test)
+    with open(os.path.join(root, "spec.json"), "w") as f:
+        json.dump(spec.__dict__, f)
+    return {k: os.path.join(root, v) for k, v in files.items()}
+
+
+def shapes_files(root: str, spec: ShapesSpec = ShapesSpec()) -> dict:
+    """The shapes dataset's files, generated on first use (or when the spec changed)."""
+    spec_file = os.path.join(root, "spec.json")
+    if os.path.isfile(spec_file):
+        with open(spec_file) as f:
+            if json.load(f) == spec.__dict__:
+                return {k: os.path.join(root, v) for k, v in
+                        (("stage1", "stage1.json"), ("stage1.5", "stage1_5.json"),
+                         ("stage2", "stage2.json"), ("test", "test.jsonl"))}
+    return make_shapes_dataset(root, spec)
+
+
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def build_shapes_tokenizer():
+    """A word-level tokenizer for the shapes vocabulary, built offline, with a ChatML chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    words = set(("user assistant system " + DETAIL_PROMPT + " " + MC_SUFFIX + " yes no There is are object objects "
+                 "A at the What colour shape Where How many Is there a in image ? Answer or . , of").split())
+    words |= set(COLOURS) | set(SHAPES) | set(SIZES) | set(NUMBERS) | set(LETTERS)
+    words |= {w for c in CELLS for w in c.split()}
+    pre = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    words = {piece for w in words for piece, _ in pre.pre_tokenize_str(w)}
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + sorted(words))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                                   eos_token="<|im_end|>", additional_special_tokens=SPECIAL_TOKENS[2:],
+                                   chat_template=CHATML_TEMPLATE)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="data/shapes")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    paths = make_shapes_dataset(args.out, ShapesSpec(seed=args.seed))
+    print("\n".join(f"{k}: {v}" for k, v in paths.items()))

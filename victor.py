@@ -1,0 +1,404 @@
+"""
+ViCToR: Visual Comprehension via Token Reconstruction (arXiv 2410.14332), in one file.
+
+A LLaVA-style model (vision tower -> projector -> causal LLM) plus the two pieces
+ViCToR adds for its "visual comprehension" stage (stage 1.5):
+
+  * a learnable visual token pool (pool_size x llm_dim), whose rows replace 75 % of
+    the visual tokens, chosen by Hungarian matching, and
+  * a reconstruction head that makes the LLM reconstruct the original visual tokens.
+
+Read top to bottom: the config, then each step of the stage-1.5 forward pass
+(DESIGN.md §1.1) as one small function, then the model that composes them,
+then checkpoint I/O. Training lives in train.py, data in data.py.
+
+    from victor import VictorConfig, VictorModel
+    model = VictorModel(VictorConfig(vision_model="openai/clip-vit-large-patch14-336",
+                                     llm="lmsys/vicuna-7b-v1.5"))
+    out = model(input_ids, attention_mask, labels=labels, pixel_values=pixels, stage="1.5")
+    out.loss.backward()
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+
+IGNORE_INDEX = -100  # label value that the LM loss skips
+IMAGE_TOKEN_ID = -200  # LLaVA's placeholder id: never looked up in the vocabulary
+STAGES = ("1", "1.5", "2")
+
+
+# -----------------------------------------------------------------------------
+# Config: every knob of the method, JSON-serialisable
+
+
+@dataclass
+class VictorConfig:
+    # base models: a Hugging Face name or local path, or a config dict (random init, tests/demo)
+    vision_model: str = ""
+    vision_config: dict | None = None
+    llm: str = ""
+    llm_config: dict | None = None
+    # visual features: second-to-last layer; "auto" drops CLIP's CLS token and keeps SigLIP's all
+    vision_feature_layer: int = -2
+    vision_feature_select: str = "auto"  # auto | patch (drop CLS) | full (keep all)
+    vision_feature_downsample: int = 1  # k>1 average-pools k x k patches into one token (demo)
+    projector_type: str = "mlp2x_gelu"  # mlp2x_gelu | linear
+    normalize_visual_tokens: bool = True  # the public code L2-normalises every projected token
+    # stage 1.5
+    pool_size: int = 2048
+    replace_ratio: float = 0.75  # replace N - N//4 tokens, as the public code's "keep N // 4"
+    matcher: str = "hungarian"
+    recon_weight: float = 10.0
+    recon_beta: float = 0.01
+    # misc
+    image_token_id: int = IMAGE_TOKEN_ID
+    attn_implementation: str = "auto"  # auto: flash_attention_2 on CUDA when installed, else sdpa
+    projector_path: str = ""  # optional: LLaVA's mm_projector.bin to start from
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VictorConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown VictorConfig keys: {unknown}")
+        return cls(**d)
+
+    def validate(self):
+        """Refuse a bad config before any heavy work (model loading, data reading)."""
+        if not (self.vision_model or self.vision_config):
+            raise ValueError("VictorConfig: give vision_model (name/path) or vision_config (dict)")
+        if not (self.llm or self.llm_config):
+            raise ValueError("VictorConfig: give llm (name/path) or llm_config (dict)")
+        if self.projector_type not in ("mlp2x_gelu", "linear"):
+            raise ValueError(f"projector_type must be 'mlp2x_gelu' or 'linear', got {self.projector_type!r}")
+        if self.vision_feature_select not in ("auto", "patch", "full"):
+            raise ValueError(f"vision_feature_select must be auto|patch|full, got {self.vision_feature_select!r}")
+        if self.matcher != "hungarian":
+            raise ValueError(f"matcher must be 'hungarian', got {self.matcher!r}")
+        if not 0.0 <= self.replace_ratio < 1.0:
+            raise ValueError(f"replace_ratio must be in [0, 1), got {self.replace_ratio}")
+        if self.vision_feature_downsample < 1:
+            raise ValueError("vision_feature_downsample must be >= 1")
+        if self.image_token_id >= 0:
+            raise ValueError("image_token_id must be negative (a placeholder outside the vocabulary)")
+
+
+def num_replaced(num_tokens: int, replace_ratio: float) -> int:
+    """How many of N visual tokens stage 1.5 replaces: N - floor(N * (1 - ratio)); 432 of 576."""
+    keep = math.floor(round(num_tokens * (1.0 - replace_ratio), 6))
+    return num_tokens - keep
+
+
+# -----------------------------------------------------------------------------
+# The stage-1.5 forward pass, one function per step of DESIGN.md §1.1
+
+
+def build_projector(kind: str, vision_dim: int, llm_dim: int) -> nn.Module:
+    """LLaVA's projector: mlp2x_gelu = Linear, GELU, Linear (keys .0 and .2 as in LLaVA)."""
+    if kind == "linear":
+        return nn.Sequential(nn.Linear(vision_dim, llm_dim))
+    return nn.Sequential(nn.Linear(vision_dim, llm_dim), nn.GELU(), nn.Linear(llm_dim, llm_dim))
+
+
+def project_visual_tokens(projector: nn.Module, features: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """Step 1: v = normalize(projector(vision_features)), [images, N, llm_dim]."""
+    v = projector(features)
+    return F.normalize(v, dim=-1) if normalize else v
+
+
+def select_tokens_to_replace(num_images: int, num_tokens: int, replace_ratio: float,
+                             device=None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Step 2: choose uniformly at random which tokens to replace; bool [images, N]."""
+    r = num_replaced(num_tokens, replace_ratio)
+    scores = torch.rand(num_images, num_tokens, device=device, generator=generator)
+    chosen = scores.topk(r, dim=1).indices  # a uniformly random r-subset per image
+    return torch.zeros(num_images, num_tokens, dtype=torch.bool, device=device).scatter_(1, chosen, True)
+
+
+@torch.no_grad()
+def hungarian_match(tokens: torch.Tensor, token_pool: torch.Tensor) -> torch.Tensor:
+    """Step 3: give each selected token a distinct pool row, minimising the total Euclidean distance.
+
+    tokens [images, R, D], token_pool [P, D] -> pool row indices [images, R], one-to-one per image.
+    """
+    cost = torch.cdist(tokens.float(), token_pool.float().unsqueeze(0))  # [images, R, P], float32
+    cost = cost.cpu().numpy()  # one device->host copy for the whole batch
+    rows = []
+    for c in cost:  # one rectangular assignment problem per image
+        _, cols = linear_sum_assignment(c)  # rows come back as 0..R-1 in order
+        rows.append(cols)
+    return torch.from_numpy(np.stack(rows)).to(tokens.device)
+
+
+def replace_with_pool_rows(embeds: torch.Tensor, replace_positions: torch.Tensor,
+                           token_pool: torch.Tensor, pool_indices: torch.Tensor) -> torch.Tensor:
+    """Step 4: overwrite the replaced positions of the LLM input with their matched pool rows.
+
+    replace_positions: bool [batch, seq] (row-major order matches pool_indices.flatten()).
+    Gradient flows into the pool rows that were used.
+    """
+    rows = token_pool[pool_indices.flatten()].to(embeds.dtype)
+    return embeds.masked_scatter(replace_positions.unsqueeze(-1), rows)
+
+
+def reconstruction_loss(predicted: torch.Tensor, target: torch.Tensor, beta: float) -> torch.Tensor:
+    """Step 6: SmoothL1 between the head's prediction and the (detached) visual token, mean."""
+    return F.smooth_l1_loss(predicted.float(), target.detach().float(), beta=beta)
+
+
+def lm_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module) -> tuple[torch.Tensor, int]:
+    """Step 7: next-token cross-entropy, with logits computed only where a label exists.
+
+    Returns (mean loss, number of label tokens). Image and prompt positions never reach
+    the vocabulary projection, which saves a [batch, seq, vocab] tensor.
+    """
+    targets = labels[:, 1:]
+    where = targets != IGNORE_INDEX
+    n = int(where.sum())
+    if n == 0:  # nothing to predict: a zero that keeps the graph connected
+        return hidden.sum() * 0.0, 0
+    logits = lm_head(hidden[:, :-1][where])
+    return F.cross_entropy(logits.float(), targets[where]), n
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+
+@dataclass
+class VictorOutput:
+    loss: torch.Tensor
+    lm_loss: torch.Tensor
+    recon_loss: torch.Tensor | None = None
+    num_label_tokens: int = 0
+    num_recon_tokens: int = 0
+    replaced_mask: torch.Tensor | None = None  # bool [images, N]: which visual tokens were replaced
+    pool_indices: torch.Tensor | None = None  # long [images, R]: the pool row each one got
+
+
+def default_attn_implementation() -> str:
+    if torch.cuda.is_available():
+        try:
+            import flash_attn  # noqa: F401
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def _vision_class(model_type: str):
+    from transformers import CLIPVisionModel, SiglipVisionModel
+    if model_type.startswith("siglip"):
+        return SiglipVisionModel
+    if model_type.startswith("clip"):
+        return CLIPVisionModel
+    raise ValueError(f"unsupported vision model type {model_type!r} (CLIP or SigLIP)")
+
+
+def build_base_models(cfg: VictorConfig, load_weights: bool = True):
+    """The two Hugging Face models: from a name/path (pretrained) or from a config dict (random)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    attn = cfg.attn_implementation if cfg.attn_implementation != "auto" else default_attn_implementation()
+    if cfg.vision_model and (load_weights or cfg.vision_config is None):
+        vconf = AutoConfig.from_pretrained(cfg.vision_model)
+        vconf = getattr(vconf, "vision_config", vconf)  # a full CLIP/SigLIP checkpoint: take its tower
+        vision = _vision_class(vconf.model_type).from_pretrained(cfg.vision_model, config=vconf, attn_implementation="sdpa")
+    else:
+        vconf = AutoConfig.for_model(**cfg.vision_config)
+        vision = _vision_class(vconf.model_type)._from_config(vconf, attn_implementation="sdpa")
+    if cfg.llm and (load_weights or cfg.llm_config is None):
+        llm = AutoModelForCausalLM.from_pretrained(cfg.llm, attn_implementation=attn, dtype=torch.float32)
+    else:
+        llm = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg.llm_config), attn_implementation=attn)
+    return vision, llm
+
+
+class VictorModel(nn.Module):
+    """Vision tower + projector + causal LLM, with ViCToR's token pool and reconstruction head."""
+
+    def __init__(self, cfg: VictorConfig, load_weights: bool = True):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.vision_tower, self.llm = build_base_models(cfg, load_weights)
+        # record the resolved configs, so a saved full checkpoint can be rebuilt without the hub
+        cfg.vision_config = self.vision_tower.config.to_dict()
+        cfg.llm_config = self.llm.config.to_dict()
+        vconf = self.vision_tower.config
+        self.drop_cls = (cfg.vision_feature_select == "patch" or
+                         (cfg.vision_feature_select == "auto" and vconf.model_type.startswith("clip")))
+        grid = vconf.image_size // vconf.patch_size
+        if grid % cfg.vision_feature_downsample:
+            raise ValueError(f"patch grid {grid} is not divisible by vision_feature_downsample "
+                             f"{cfg.vision_feature_downsample}")
+        self.grid = grid // cfg.vision_feature_downsample
+        self.num_image_tokens = self.grid ** 2  # N
+        llm_dim = self.llm.config.get_text_config().hidden_size
+        r = num_replaced(self.num_image_tokens, cfg.replace_ratio)
+        if cfg.pool_size < r:
+            raise ValueError(f"pool_size={cfg.pool_size} is smaller than the {r} visual tokens replaced per image "
+                             f"(N={self.num_image_tokens}, replace_ratio={cfg.replace_ratio}): one-to-one "
+                             f"matching needs pool_size >= {r}")
+        self.projector = build_projector(cfg.projector_type, vconf.hidden_size, llm_dim)
+        self.token_pool = nn.Parameter(torch.randn(cfg.pool_size, llm_dim))  # N(0, 1) as published
+        self.recon_head = nn.Linear(llm_dim, llm_dim)
+        if cfg.projector_path:
+            load_llava_projector(self, cfg.projector_path)
+
+    # -- the pieces of the forward pass --
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Vision features from the chosen layer: [images, N, vision_dim]."""
+        out = self.vision_tower(pixel_values=pixel_values, output_hidden_states=True)
+        feats = out.hidden_states[self.cfg.vision_feature_layer]
+        if self.drop_cls:
+            feats = feats[:, 1:]
+        k = self.cfg.vision_feature_downsample
+        if k > 1:  # average-pool k x k patches: fewer tokens for small demos
+            b, n, d = feats.shape
+            g = int(math.isqrt(n))
+            feats = F.avg_pool2d(feats.transpose(1, 2).reshape(b, d, g, g), k)
+            feats = feats.flatten(2).transpose(1, 2)
+        return feats
+
+    def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None):
+        """Text embeddings with the projected visual tokens scattered into the image positions."""
+        image_positions = input_ids == self.cfg.image_token_id
+        embed = self.llm.get_input_embeddings()
+        embeds = embed(input_ids.masked_fill(image_positions, 0))  # placeholder ids are not in the vocab
+        n_slots = int(image_positions.sum())
+        if pixel_values is None or pixel_values.shape[0] == 0:
+            if n_slots:
+                raise ValueError(f"input_ids hold {n_slots} image tokens but no pixel_values were given")
+            return embeds, image_positions, None
+        visual = project_visual_tokens(self.projector, self.encode_images(pixel_values),
+                                       self.cfg.normalize_visual_tokens)
+        if n_slots != visual.shape[0] * visual.shape[1]:
+            raise ValueError(f"input_ids hold {n_slots} image tokens, but {visual.shape[0]} images x "
+                             f"{visual.shape[1]} tokens were encoded")
+        embeds = embeds.masked_scatter(image_positions.unsqueeze(-1), visual.to(embeds.dtype))
+        return embeds, image_positions, visual
+
+    def forward(self, input_ids, attention_mask=None, labels=None, pixel_values=None, stage: str = "2",
+                generator: torch.Generator | None = None) -> VictorOutput:
+        """One training forward. stage "1.5" adds replacement and reconstruction; "1" and "2" do not."""
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        embeds, image_positions, visual = self.embed_inputs(input_ids, pixel_values)
+        out = VictorOutput(loss=None, lm_loss=None)
+        reconstruct = stage == "1.5" and visual is not None
+        if reconstruct:
+            n_img, n_tok, _ = visual.shape
+            replaced = select_tokens_to_replace(n_img, n_tok, self.cfg.replace_ratio, visual.device, generator)  # step 2
+            selected = visual.detach()[replaced].view(n_img, -1, visual.shape[-1])
+            pool_indices = hungarian_match(selected, self.token_pool)  # step 3
+            replace_positions = image_positions.clone()
+            replace_positions[image_positions] = replaced.flatten()
+            embeds = replace_with_pool_rows(embeds, replace_positions, self.token_pool, pool_indices)  # step 4
+            out.replaced_mask, out.pool_indices = replaced, pool_indices
+        hidden = self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask,
+                                        use_cache=False).last_hidden_state  # step 5
+        out.lm_loss, out.num_label_tokens = (lm_loss(hidden, labels, self.llm.get_output_embeddings())
+                                             if labels is not None else (hidden.sum() * 0.0, 0))  # step 7
+        out.loss = out.lm_loss
+        if reconstruct:  # step 6: every image position, replaced or kept, reconstructs its original token
+            predicted = self.recon_head(hidden[image_positions])
+            target = visual.reshape(-1, visual.shape[-1])
+            out.recon_loss = self.cfg.recon_weight * reconstruction_loss(predicted, target, self.cfg.recon_beta)
+            out.num_recon_tokens = target.shape[0]
+            out.loss = out.lm_loss + out.recon_loss
+        return out
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask, pixel_values=None, max_new_tokens: int = 32,
+                 do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                 eos_token_id=None, pad_token_id=None) -> torch.Tensor:
+        """Batched generation (left-padded input, KV cache); no replacement at inference.
+
+        Returns only the new tokens, [batch, <= max_new_tokens].
+        """
+        embeds, _, _ = self.embed_inputs(input_ids, pixel_values)
+        kwargs = dict(do_sample=do_sample)
+        if do_sample:
+            kwargs.update(temperature=temperature, top_p=top_p)
+        return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                                 eos_token_id=eos_token_id, pad_token_id=pad_token_id, use_cache=True, **kwargs)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: a directory with config.json, model.safetensors, tokenizer and image-processor files
+
+
+def save_checkpoint(model: VictorModel, path: str, tokenizer=None, image_processor=None,
+                    parts: str = "all", extra: dict | None = None):
+    """Write a checkpoint directory. parts="projector" (stage 1) saves only the projector and
+    refers to the base models by name/path; parts="all" saves the whole model."""
+    from safetensors.torch import save_file, save_model
+    if parts not in ("all", "projector"):
+        raise ValueError(f"parts must be 'all' or 'projector', got {parts!r}")
+    os.makedirs(path, exist_ok=True)
+    meta = {"victor": model.cfg.to_dict(), "saved_parts": parts, **(extra or {})}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+    if parts == "projector":
+        state = {f"projector.{k}": v.detach().cpu().contiguous() for k, v in model.projector.state_dict().items()}
+        save_file(state, os.path.join(path, "model.safetensors"))
+    else:
+        save_model(model, os.path.join(path, "model.safetensors"))  # handles tied embeddings
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    if image_processor is not None:
+        image_processor.save_pretrained(path)
+
+
+def load_checkpoint(path: str, device="cpu"):
+    """Load (model, tokenizer, image_processor) from a directory written by save_checkpoint."""
+    from safetensors.torch import load_file, load_model
+    from transformers import AutoImageProcessor, AutoTokenizer
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_file):
+        raise FileNotFoundError(f"{path}: not a victor checkpoint (no config.json)")
+    with open(cfg_file) as f:
+        meta = json.load(f)
+    if "victor" not in meta:
+        raise ValueError(f"{cfg_file}: not a victor checkpoint (no 'victor' section)")
+    cfg = VictorConfig.from_dict(meta["victor"])
+    cfg.projector_path = ""  # the checkpoint's own projector wins
+    weights = os.path.join(path, "model.safetensors")
+    if meta.get("saved_parts") == "projector":
+        model = VictorModel(cfg, load_weights=True)  # base models by name/path
+        state = load_file(weights)
+        model.projector.load_state_dict({k.removeprefix("projector."): v for k, v in state.items()})
+    else:
+        model = VictorModel(cfg, load_weights=False)  # build from the stored configs, then fill
+        missing, unexpected = load_model(model, weights, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{weights}: missing keys {missing[:5]}..., unexpected keys {unexpected[:5]}...")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    image_processor = AutoImageProcessor.from_pretrained(path)
+    return model.to(device), tokenizer, image_processor
+
+
+def load_llava_projector(model: VictorModel, path: str):
+    """Import a projector saved by the original LLaVA code (mm_projector.bin, keys model.mm_projector.{0,2}.*)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    prefix = "model.mm_projector."
+    picked = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if not picked:
+        raise ValueError(f"{path}: no 'model.mm_projector.*' keys (found {sorted(state)[:4]}...)")
+    try:
+        model.projector.load_state_dict(picked)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: projector does not fit this model ({model.cfg.projector_type}): {e}") from None
