@@ -63,6 +63,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     out_dir: str = "out/demo"
+    demo_images: int = 8000  # demo recipe: how many shapes training images to generate
 
 
 PAPER = dict(warmup_ratio=0.03, weight_decay=0.0, epochs=1.0, bf16=True, gradient_checkpointing=True,
@@ -359,12 +360,13 @@ def run(overrides: dict) -> list[str]:
         raise ValueError("--stage all needs different data per stage: run the stages one by one with --data")
     if recipe == "demo":  # generate the data and the tiny base models on first use
         rank, _, _ = setup_distributed()
+        spec = D.ShapesSpec(num_train_images=overrides.get("demo_images", TrainConfig.demo_images))
         if rank == 0:
-            files = D.shapes_files(os.path.join(out_root, "shapes"))
+            D.shapes_files(os.path.join(out_root, "shapes"), spec)
             build_demo_base(out_root)
         if dist.is_initialized():
             dist.barrier()
-        files = D.shapes_files(os.path.join(out_root, "shapes"))
+        files = D.shapes_files(os.path.join(out_root, "shapes"), spec)
         vision_dir, llm_dir = os.path.join(out_root, "base", "vision"), os.path.join(out_root, "base", "llm")
         overrides.setdefault("vision_model", vision_dir)
         overrides.setdefault("llm", llm_dir)
