@@ -250,11 +250,13 @@ def train_stage(cfg: TrainConfig, stage: str) -> str:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, total_steps))
 
     train_model = model
-    if world > 1:  # DDP; text-only records leave the vision side unused in some steps
+    if world > 1:  # DDP; text-only records leave the vision side unused in some steps, and a trained
+        # vision tower's layers after vision_feature_layer (and its post-layernorm) never get a gradient
         text_only = any(not D.record_images(r) for r in records)
+        vision_trained = any(g["name"] == "vision_tower" for g in groups)
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=text_only)
+            find_unused_parameters=text_only or vision_trained)
     use_bf16 = cfg.bf16 and device.type == "cuda"
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -273,12 +275,15 @@ def train_stage(cfg: TrainConfig, stage: str) -> str:
             except StopIteration:
                 epoch, batches = epoch + 1, None
                 continue
+            if cfg.strict and b["skipped"]:
+                rid, why = b["skipped"][0]
+                raise ValueError(f"{cfg.data}: record {rid}: {why} (strict: not skipping it)")
             skipped.extend(b["skipped"])
             if "input_ids" in b:  # an all-skipped batch is simply passed over
                 return b
 
     os.makedirs(cfg.out_dir, exist_ok=True)
-    metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") if master else None
+    metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "w") if master else None  # a fresh log per run
     bar = tqdm(range(total_steps), desc=f"stage {stage}", disable=not master, dynamic_ncols=True)
     model.train()
     t0, samples_seen = time.time(), 0
@@ -302,6 +307,7 @@ def train_stage(cfg: TrainConfig, stage: str) -> str:
             log["lm_loss"] += lm.item()
             log["recon_loss"] += recon.item()
         grad_norm = torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
+        step_lr = optimizer.param_groups[0]["lr"]  # the lr this step uses (scheduler.step() moves it on)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -309,7 +315,7 @@ def train_stage(cfg: TrainConfig, stage: str) -> str:
         samples_seen += cfg.global_batch_size
         log = {k: all_reduce_sum(v, device) for k, v in log.items()}
         log["loss"] = log["lm_loss"] + log["recon_loss"]
-        log.update(step=step + 1, lr=optimizer.param_groups[0]["lr"], grad_norm=float(grad_norm),
+        log.update(step=step + 1, lr=step_lr, grad_norm=float(grad_norm),
                    samples_per_s=samples_seen / (time.time() - t0), skipped=len(skipped))
         if master:
             bar.set_postfix(loss=f"{log['loss']:.3f}", lm=f"{log['lm_loss']:.3f}", rec=f"{log['recon_loss']:.3f}",
@@ -358,24 +364,31 @@ def run(overrides: dict) -> list[str]:
     stages = list(STAGES) if stage == "all" else [stage]
     if stage == "all" and "data" in overrides and recipe != "demo":
         raise ValueError("--stage all needs different data per stage: run the stages one by one with --data")
-    if recipe == "demo":  # generate the data and the tiny base models on first use
+    demo_data = {}
+    if recipe == "demo":  # generate the data and the tiny base models on first use, unless they were given
+        given = {k for k, v in overrides.items() if v}
+        need_data = not {"data", "image_folder"} <= given
+        need_base = not ("init" in given or {"vision_model", "llm"} <= given)
         rank, _, _ = setup_distributed()
         spec = D.ShapesSpec(num_train_images=overrides.get("demo_images", TrainConfig.demo_images))
         if rank == 0:
-            D.shapes_files(os.path.join(out_root, "shapes"), spec)
-            build_demo_base(out_root)
+            if need_data:
+                D.shapes_files(os.path.join(out_root, "shapes"), spec)
+            if need_base:
+                build_demo_base(out_root)
         if dist.is_initialized():
             dist.barrier()
-        files = D.shapes_files(os.path.join(out_root, "shapes"), spec)
-        vision_dir, llm_dir = os.path.join(out_root, "base", "vision"), os.path.join(out_root, "base", "llm")
-        overrides.setdefault("vision_model", vision_dir)
-        overrides.setdefault("llm", llm_dir)
-        overrides.setdefault("image_folder", os.path.join(out_root, "shapes"))
-        demo_data = {"1": files["stage1"], "1.5": files["stage1.5"], "2": files["stage2"]}
+        if need_base:
+            overrides.setdefault("vision_model", os.path.join(out_root, "base", "vision"))
+            overrides.setdefault("llm", os.path.join(out_root, "base", "llm"))
+        if need_data:
+            files = D.shapes_files(os.path.join(out_root, "shapes"), spec)
+            overrides.setdefault("image_folder", os.path.join(out_root, "shapes"))
+            demo_data = {"1": files["stage1"], "1.5": files["stage1.5"], "2": files["stage2"]}
     outs, init = [], overrides.pop("init", "")
     for s in stages:
         o = dict(overrides)
-        if recipe == "demo":
+        if s in demo_data:
             o.setdefault("data", demo_data[s])
         cfg = stage_config(recipe, s, o)
         cfg.init = init
