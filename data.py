@@ -21,6 +21,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
@@ -110,11 +111,13 @@ def check_record(rec) -> str | None:
     for t, turn in enumerate(conv):
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
             return f"turn {t} lacks 'from'/'value'"
-        if turn["from"] not in ROLES:
+        if not isinstance(turn["from"], str) or turn["from"] not in ROLES:  # a list/dict is unhashable
             return f"turn {t} has unknown role {turn['from']!r} (expected human/gpt/system)"
         if not isinstance(turn["value"], str) or not turn["value"].strip():
             return f"turn {t} is empty"
         roles.append(ROLES[turn["from"]])
+    if "system" in roles[1:]:
+        return "a 'system' turn that is not the first turn"
     talk = roles[1:] if roles[0] == "system" else roles
     if not talk or talk[0] != "user":
         return "the first turn (after an optional system turn) is not from 'human'"
@@ -248,7 +251,7 @@ def load_image(path: str) -> Image.Image:
 
 
 def preprocess_images(images: list[Image.Image], image_processor) -> torch.Tensor:
-    fill = tuple(int(round(255 * m)) for m in image_processor.image_mean)
+    fill = tuple(int(255 * m) for m in image_processor.image_mean)  # as LLaVA's expand2square
     squares = [expand_to_square(im, fill) for im in images]
     return image_processor(images=squares, return_tensors="pt")["pixel_values"]
 
@@ -353,8 +356,8 @@ def draw_shapes_image(rng: random.Random, spec: ShapesSpec):
     s, g = spec.image_size, spec.grid
     cell = s // g
     # cluttered background: noisy grey, a few faint lines and dots in muted colours
-    im = Image.effect_noise((s, s), 28).convert("RGB")
-    im = Image.blend(im, Image.new("RGB", (s, s), (128, 128, 128)), 0.5)
+    noise = np.random.default_rng(rng.getrandbits(63)).normal(128, 14, (s, s, 1))
+    im = Image.fromarray(np.repeat(noise.clip(0, 255).astype(np.uint8), 3, axis=2))
     d = ImageDraw.Draw(im)
     for _ in range(rng.randint(2, 5)):
         grey = tuple(rng.randint(90, 170) for _ in range(3))
