@@ -398,6 +398,8 @@ def load_llava_projector(model: VictorModel, path: str):
     picked = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     if not picked:
         raise ValueError(f"{path}: no 'model.mm_projector.*' keys (found {sorted(state)[:4]}...)")
+    if all("." not in k for k in picked):  # LLaVA's "linear" projector is a bare nn.Linear (no ".0.")
+        picked = {f"0.{k}": v for k, v in picked.items()}
     try:
         model.projector.load_state_dict(picked)
     except RuntimeError as e:
