@@ -395,7 +395,10 @@ def detailed_caption(objects) -> str:
 
 
 def make_question(rng: random.Random, objects, kind: str, multiple_choice: bool):
-    """One question about the image: (question text, answer text, options or None)."""
+    """One question about the image: (question text, answer text, options or None).
+
+    Multiple-choice questions list 3-4 options (all of them for shape and count) after the question.
+    """
     o = rng.choice(objects)
     if kind == "colour":
         q, a, pool = f"What colour is the object at the {o['cell']} ?", o["colour"], sorted(COLOURS)
@@ -420,9 +423,8 @@ def make_question(rng: random.Random, objects, kind: str, multiple_choice: bool)
         return q, a, None
     options = [a] + rng.sample([p for p in pool if p != a], min(len(pool), 4) - 1)
     rng.shuffle(options)
-    letters = LETTERS[:len(options)]
-    text = q + "\n" + "\n".join(f"{L} . {opt}" for L, opt in zip(letters, options)) + "\n" + MC_SUFFIX
-    return text, letters[options.index(a)], options
+    # the options are listed, and the answer is the option's text: chance is 1 / len(options)
+    return q + "\nOptions : " + " , ".join(options) + " .", a, options
 
 
 QUESTION_KINDS = ("colour", "shape", "position", "count", "exists")
@@ -486,8 +488,8 @@ def build_shapes_tokenizer():
     """A word-level tokenizer for the shapes vocabulary, built offline, with a ChatML chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-    words = set(("user assistant system " + DETAIL_PROMPT + " " + MC_SUFFIX + " yes no There is are object objects "
-                 "A at the What colour shape Where How many Is there a in image ? Answer or . , of").split())
+    words = set(("user assistant system " + DETAIL_PROMPT + " " + MC_SUFFIX + " yes no There is are object objects Options "
+                 "A at the What colour shape Where How many Is there a in image ? Answer or . , : of").split())
     words |= set(COLOURS) | set(SHAPES) | set(SIZES) | set(NUMBERS) | set(LETTERS)
     words |= {w for c in CELLS for w in c.split()}
     pre = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])

@@ -75,10 +75,11 @@ def evaluate(checkpoint: str, test_file: str, image_folder: str, batch_size: int
             rec = by_id[rid]
             answer = rec["conversations"][-1]["value"].strip()
             pred = extract_answer(out, rec.get("options"))
+            truth = extract_answer(answer, rec.get("options"))  # the answer may be a letter or the option's text
             kind = rec.get("type", "all")
             t = per_type[kind]
             t["total"] += 1
-            t["correct"] += int(pred.lower() == answer.lower())
+            t["correct"] += int(pred != "" and pred == truth)
             t["chance_sum"] += chance_of(rec)
             predictions.append({"id": rid, "type": kind, "output": out, "prediction": pred, "answer": answer})
     if skipped:

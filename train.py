@@ -109,7 +109,7 @@ def build_demo_base(out_dir: str) -> tuple[str, str]:
     torch.manual_seed(0)
     size = D.ShapesSpec().image_size
     vision = CLIPVisionModel(CLIPVisionConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=3,
-                                              num_attention_heads=4, image_size=size, patch_size=16))
+                                              num_attention_heads=4, image_size=size, patch_size=32))
     vision.save_pretrained(vision_dir)
     CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(vision_dir)
     tok = D.build_shapes_tokenizer()

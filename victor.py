@@ -56,7 +56,7 @@ class VictorConfig:
     # stage 1.5
     pool_size: int = 2048
     replace_ratio: float = 0.75  # replace N - N//4 tokens, as the public code's "keep N // 4"
-    matcher: str = "hungarian"
+    matcher: str = "hungarian"  # hungarian (exact, reduced: solve_assignment_fast) | scipy (the plain reference)
     recon_weight: float = 10.0
     recon_beta: float = 0.01
     # misc
@@ -85,8 +85,8 @@ class VictorConfig:
             raise ValueError(f"projector_type must be 'mlp2x_gelu' or 'linear', got {self.projector_type!r}")
         if self.vision_feature_select not in ("auto", "patch", "full"):
             raise ValueError(f"vision_feature_select must be auto|patch|full, got {self.vision_feature_select!r}")
-        if self.matcher != "hungarian":
-            raise ValueError(f"matcher must be 'hungarian', got {self.matcher!r}")
+        if self.matcher not in MATCHERS:
+            raise ValueError(f"matcher must be one of {sorted(MATCHERS)}, got {self.matcher!r}")
         if not 0.0 <= self.replace_ratio < 1.0:
             raise ValueError(f"replace_ratio must be in [0, 1), got {self.replace_ratio}")
         if self.vision_feature_downsample < 1:
@@ -127,19 +127,49 @@ def select_tokens_to_replace(num_images: int, num_tokens: int, replace_ratio: fl
     return torch.zeros(num_images, num_tokens, dtype=torch.bool, device=device).scatter_(1, chosen, True)
 
 
+def solve_assignment(cost: np.ndarray) -> np.ndarray:
+    """The assignment problem as the paper states it: cost [R, P] -> a distinct column per row, minimum total."""
+    return linear_sum_assignment(cost)[1]
+
+
+def solve_assignment_fast(cost: np.ndarray) -> np.ndarray:
+    """The same optimum as solve_assignment, found on a smaller, better-conditioned problem.
+
+    (a) Only each row's R cheapest columns matter: were row i assigned a worse column, one of
+        its R cheapest would be free (the other R-1 rows hold at most R-1 columns), and moving
+        there costs no more. So the optimum lies within the union C of those columns.
+    (b) With |C| - R zero-cost dummy rows the problem is square, every column is used exactly
+        once, and subtracting a constant from a column shifts every solution's cost equally.
+        Subtracting each column's minimum removes the pool-row-norm term that, with an N(0, 1)
+        pool, makes all tokens want the same rows; scipy's augmenting paths become short.
+    (b) pays off when C is small (a fresh pool); when the pool is near the tokens C is large,
+    and scipy is already fast on the plain problem.
+    """
+    r = cost.shape[0]
+    if r == 0:
+        return np.zeros(0, dtype=np.int64)
+    cand = np.unique(np.argpartition(cost, r - 1, axis=1)[:, :r])  # (a)
+    sub = cost[:, cand].astype(np.float64)
+    if len(cand) > 2 * r:
+        return cand[linear_sum_assignment(sub)[1]]
+    col_min = sub.min(axis=0)  # (b)
+    square = np.vstack([sub - col_min, np.broadcast_to(-col_min, (len(cand) - r, len(cand)))])
+    return cand[linear_sum_assignment(square)[1][:r]]
+
+
 @torch.no_grad()
-def hungarian_match(tokens: torch.Tensor, token_pool: torch.Tensor) -> torch.Tensor:
+def hungarian_match(tokens: torch.Tensor, token_pool: torch.Tensor, solver=solve_assignment_fast) -> torch.Tensor:
     """Step 3: give each selected token a distinct pool row, minimising the total Euclidean distance.
 
     tokens [images, R, D], token_pool [P, D] -> pool row indices [images, R], one-to-one per image.
     """
     cost = torch.cdist(tokens.float(), token_pool.float().unsqueeze(0))  # [images, R, P], float32
     cost = cost.cpu().numpy()  # one device->host copy for the whole batch
-    rows = []
-    for c in cost:  # one rectangular assignment problem per image
-        _, cols = linear_sum_assignment(c)  # rows come back as 0..R-1 in order
-        rows.append(cols)
-    return torch.from_numpy(np.stack(rows)).to(tokens.device)
+    cols = [solver(c) for c in cost]  # one assignment problem per image
+    return torch.from_numpy(np.stack(cols)).to(tokens.device)
+
+
+MATCHERS = {"hungarian": solve_assignment_fast, "scipy": solve_assignment}
 
 
 def replace_with_pool_rows(embeds: torch.Tensor, replace_positions: torch.Tensor,
@@ -303,7 +333,7 @@ class VictorModel(nn.Module):
             n_img, n_tok, _ = visual.shape
             replaced = select_tokens_to_replace(n_img, n_tok, self.cfg.replace_ratio, visual.device, generator)  # step 2
             selected = visual.detach()[replaced].view(n_img, -1, visual.shape[-1])
-            pool_indices = hungarian_match(selected, self.token_pool)  # step 3
+            pool_indices = hungarian_match(selected, self.token_pool, MATCHERS[self.cfg.matcher])  # step 3
             replace_positions = image_positions.clone()
             replace_positions[image_positions] = replaced.flatten()
             embeds = replace_with_pool_rows(embeds, replace_positions, self.token_pool, pool_indices)  # step 4
