@@ -63,7 +63,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     out_dir: str = "out/demo"
-    demo_images: int = 8000  # demo recipe: how many shapes training images to generate
+    demo_images: int = 4000  # demo recipe: how many shapes training images to generate
 
 
 PAPER = dict(warmup_ratio=0.03, weight_decay=0.0, epochs=1.0, bf16=True, gradient_checkpointing=True,
@@ -87,12 +87,12 @@ RECIPES = {
     # The vision tower stays frozen (vision_lr 0): a random tower learns as fast and runs faster (DESIGN §5).
     "demo": dict(
         model=dict(model_overrides=dict(pool_size=128)),
-        stages={"1": dict(lr=1e-3, vision_lr=0.0, max_steps=60, warmup_steps=10, global_batch_size=32,
-                          batch_size=32, template="plain", max_length=256),
-                "1.5": dict(lr=1e-3, vision_lr=0.0, pool_lr=1e-2, max_steps=250, warmup_steps=30,
-                            global_batch_size=32, batch_size=32, max_length=256),
-                "2": dict(lr=1e-3, vision_lr=0.0, max_steps=500, warmup_steps=50, global_batch_size=32,
-                          batch_size=32, max_length=256)}),
+        stages={"1": dict(lr=1e-3, vision_lr=0.0, max_steps=20, warmup_steps=5, global_batch_size=32,
+                          batch_size=32, template="plain", max_length=256, num_workers=0),
+                "1.5": dict(lr=1e-3, vision_lr=0.0, pool_lr=1e-2, max_steps=150, warmup_steps=20,
+                            global_batch_size=8, batch_size=8, max_length=256, num_workers=0),
+                "2": dict(lr=1e-3, vision_lr=0.0, max_steps=1800, warmup_steps=30, global_batch_size=8,
+                          batch_size=8, max_length=256, num_workers=0)}),
 }
 
 
@@ -113,8 +113,8 @@ def build_demo_base(out_dir: str) -> tuple[str, str]:
     vision.save_pretrained(vision_dir)
     CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(vision_dir)
     tok = D.build_shapes_tokenizer()
-    llm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=192, intermediate_size=512,
-                                       num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=6,
+    llm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=384,
+                                       num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
                                        max_position_embeddings=512, tie_word_embeddings=False,
                                        bos_token_id=None, eos_token_id=tok.eos_token_id,
                                        pad_token_id=tok.pad_token_id))
