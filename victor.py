@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
@@ -137,20 +138,26 @@ def solve_assignment_fast(cost: np.ndarray) -> np.ndarray:
 
     (a) Only each row's R cheapest columns matter: were row i assigned a worse column, one of
         its R cheapest would be free (the other R-1 rows hold at most R-1 columns), and moving
-        there costs no more. So the optimum lies within the union C of those columns.
+        there costs no more. Those R columns all cost at most u_i, row i's worst cost over any
+        R fixed columns, so the optimum lies within C = {j : cost[i, j] <= u_i for some i}.
     (b) With |C| - R zero-cost dummy rows the problem is square, every column is used exactly
         once, and subtracting a constant from a column shifts every solution's cost equally.
         Subtracting each column's minimum removes the pool-row-norm term that, with an N(0, 1)
         pool, makes all tokens want the same rows; scipy's augmenting paths become short.
-    (b) pays off when C is small (a fresh pool); when the pool is near the tokens C is large,
-    and scipy is already fast on the plain problem.
+    (b) pays off when C is barely larger than R (a fresh pool: all tokens want the same rows);
+    when C is larger (a pool near the tokens) the dummy rows would compete among themselves, and
+    scipy is already fast on the plain problem. Both branches are exact; the choice is speed only.
     """
     r = cost.shape[0]
     if r == 0:
         return np.zeros(0, dtype=np.int64)
-    cand = np.unique(np.argpartition(cost, r - 1, axis=1)[:, :r])  # (a)
+    fixed = np.argpartition(cost.mean(axis=0), r - 1)[:r]  # (a) any R columns give an upper bound
+    bound = cost[:, fixed].max(axis=1, keepdims=True)
+    cand = np.flatnonzero((cost <= bound).any(axis=0))
+    if len(cand) == cost.shape[1]:
+        return linear_sum_assignment(cost)[1]
     sub = cost[:, cand].astype(np.float64)
-    if len(cand) > 2 * r:
+    if len(cand) > 1.3 * r:
         return cand[linear_sum_assignment(sub)[1]]
     col_min = sub.min(axis=0)  # (b)
     square = np.vstack([sub - col_min, np.broadcast_to(-col_min, (len(cand) - r, len(cand)))])
@@ -163,9 +170,12 @@ def hungarian_match(tokens: torch.Tensor, token_pool: torch.Tensor, solver=solve
 
     tokens [images, R, D], token_pool [P, D] -> pool row indices [images, R], one-to-one per image.
     """
-    cost = torch.cdist(tokens.float(), token_pool.float().unsqueeze(0))  # [images, R, P], float32
-    cost = cost.cpu().numpy()  # one device->host copy for the whole batch
-    cols = [solver(c) for c in cost]  # one assignment problem per image
+    n, r, d = tokens.shape
+    cost = torch.cdist(tokens.reshape(n * r, d).float(), token_pool.float())  # one GEMM-based distance, float32
+    cost = cost.view(n, r, token_pool.shape[0]).cpu().numpy()  # [images, R, P]: one device->host copy for the whole batch
+    workers = max(1, min(len(cost), torch.get_num_threads()))
+    with ThreadPoolExecutor(workers) as ex:  # one problem per image, solved in parallel (scipy frees the GIL)
+        cols = list(ex.map(solver, cost))
     return torch.from_numpy(np.stack(cols)).to(tokens.device)
 
 
