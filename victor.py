@@ -324,7 +324,7 @@ class VictorModel(nn.Module):
                 raise ValueError(f"input_ids hold {n_slots} image tokens but no pixel_values were given")
             return embeds, image_positions, None
         visual = project_visual_tokens(self.projector, self.encode_images(pixel_values),
-                                       self.cfg.normalize_visual_tokens)
+                                       self.cfg.normalize_visual_tokens)  # step 1 (every stage)
         if n_slots != visual.shape[0] * visual.shape[1]:
             raise ValueError(f"input_ids hold {n_slots} image tokens, but {visual.shape[0]} images x "
                              f"{visual.shape[1]} tokens were encoded")
