@@ -67,46 +67,29 @@ def chance_of(rec) -> float:
 def evaluate(checkpoint: str, test_file: str, image_folder: str, batch_size: int = 32, limit: int = 0,
              max_new_tokens: int = 8, device: str | None = None) -> dict:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, tokenizer, image_processor = load_checkpoint(checkpoint, device)
-    model.eval()
-    with open(os.path.join(checkpoint, "config.json")) as f:
-        template_name = json.load(f).get("train_config", {}).get("template", "auto")
-    template = D.resolve_template(template_name, tokenizer, stage="2")
-    records, bad = D.load_records(test_file, strict=True)
+    model, tokenizer, image_processor, template = load_for_eval(checkpoint, device)
+    records, _ = D.load_records(test_file, strict=True)
     if limit:
         records = records[:limit]
     # the prompt: every turn but the last answer; the model answers after the generation prompt
     prompts = [{**r, "conversations": r["conversations"][:-1]} for r in records]
     dataset = D.LlavaDataset(prompts, image_folder, tokenizer, image_processor, template, model.num_image_tokens,
                              max_length=None, image_token_id=model.cfg.image_token_id)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                                         collate_fn=D.Collator(tokenizer.pad_token_id, padding_side="left"))
+    outputs = generate_for_dataset(model, tokenizer, dataset, batch_size, max_new_tokens, device)
     by_id = {D.record_id(r, i): r for i, r in enumerate(records)}
     per_type = defaultdict(lambda: {"correct": 0, "total": 0, "chance_sum": 0.0})
-    predictions, skipped = [], []
-    for batch in tqdm(loader, desc="eval"):
-        skipped += batch["skipped"]
-        if "input_ids" not in batch:
-            continue
-        new = model.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                             None if batch["pixel_values"] is None else batch["pixel_values"].to(device),
-                             max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id)
-        for rid, out in zip(batch["ids"], tokenizer.batch_decode(new, skip_special_tokens=True)):
-            rec = by_id[rid]
-            answer = rec["conversations"][-1]["value"].strip()
-            pred = extract_answer(out, rec.get("options"))
-            truth = extract_answer(answer, rec.get("options"))  # the answer may be a letter or the option's text
-            kind = rec.get("type", "all")
-            t = per_type[kind]
-            t["total"] += 1
-            t["correct"] += int(pred != "" and pred == truth)
-            t["chance_sum"] += chance_of(rec)
-            predictions.append({"id": rid, "type": kind, "output": out, "prediction": pred, "answer": answer})
-    if skipped:
-        raise RuntimeError(f"{len(skipped)} test records could not be used: {skipped[:5]}")
+    predictions = []
+    for rid, out in outputs.items():
+        rec = by_id[rid]
+        answer = rec["conversations"][-1]["value"].strip()
+        pred = extract_answer(out, rec.get("options"))
+        truth = extract_answer(answer, rec.get("options"))  # the answer may be a letter or the option's text
+        kind = rec.get("type", "all")
+        t = per_type[kind]
+        t["total"] += 1
+        t["correct"] += int(pred != "" and pred == truth)
+        t["chance_sum"] += chance_of(rec)
+        predictions.append({"id": rid, "type": kind, "output": out, "prediction": pred, "answer": answer})
     total = sum(t["total"] for t in per_type.values())
     results = {
         "checkpoint": checkpoint, "test_file": test_file, "num_questions": total,
@@ -660,22 +643,35 @@ def load_for_eval(checkpoint: str, device):
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, image_processor, template, records, batch_size: int, max_new_tokens: int,
-                     device) -> dict:
-    """Greedy answers to one-human-turn LLaVA records (with image_b64/image_path), batched with left
-    padding: {record id: text}."""
-    dataset = BenchDataset(records, "", tokenizer, image_processor, template, model.num_image_tokens,
-                           max_length=None, image_token_id=model.cfg.image_token_id)
+def generate_for_dataset(model, tokenizer, dataset, batch_size: int, max_new_tokens: int, device) -> dict:
+    """Greedy answers to a dataset of prompt-only records, batched with left padding: {record id: text}.
+
+    A record the dataset cannot use (missing or unreadable image) is an error: an evaluation
+    must not shrink silently.
+    """
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
                                          collate_fn=D.Collator(tokenizer.pad_token_id, padding_side="left"))
-    outputs = {}
+    outputs, skipped = {}, []
     for batch in tqdm(loader, desc="eval"):
+        skipped += batch["skipped"]
+        if "input_ids" not in batch:
+            continue
         new = model.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device),
                              None if batch["pixel_values"] is None else batch["pixel_values"].to(device),
                              max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                              pad_token_id=tokenizer.pad_token_id)
         outputs.update(zip(batch["ids"], (t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))))
+    if skipped:
+        raise RuntimeError(f"{len(skipped)} records could not be used: {skipped[:5]}")
     return outputs
+
+
+def generate_answers(model, tokenizer, image_processor, template, records, batch_size: int, max_new_tokens: int,
+                     device) -> dict:
+    """Greedy answers to one-human-turn LLaVA records (with image_b64/image_path): {record id: text}."""
+    dataset = BenchDataset(records, "", tokenizer, image_processor, template, model.num_image_tokens,
+                           max_length=None, image_token_id=model.cfg.image_token_id)
+    return generate_for_dataset(model, tokenizer, dataset, batch_size, max_new_tokens, device)
 
 
 def _prompt_record(rid: str, text: str, item: dict) -> dict:
