@@ -17,6 +17,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -63,6 +64,8 @@ class TrainConfig:
     num_workers: int = 2
     seed: int = 0
     log_every: int = 10
+    save_every: int = 0  # steps between resumable training states (out_dir/checkpoints/step-N); 0: none
+    resume: str = ""  # "auto": continue from the newest complete state in out_dir/checkpoints; or a state dir
     out_dir: str = "out/demo"
     demo_images: int = 4000  # demo recipe: how many shapes training images to generate
 
@@ -184,6 +187,81 @@ def lr_lambda(warmup: int, total: int):
 
 
 # -----------------------------------------------------------------------------
+# Resumable training state: model, optimizer, scheduler, RNG, data position
+
+
+class ResumableSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler that can start its next epoch part-way through (after a resume)."""
+    start = 0  # indices of this process to skip, once
+
+    def __iter__(self):
+        indices = list(super().__iter__())[self.start:]
+        self.start = 0
+        return iter(indices)
+
+
+def latest_training_state(state_dir: str) -> str:
+    """The newest complete state in state_dir ('' if none); half-written '.tmp' dirs are ignored."""
+    if not os.path.isdir(state_dir):
+        return ""
+    steps = [int(d[5:]) for d in os.listdir(state_dir) if d.startswith("step-") and d[5:].isdigit()]
+    return os.path.join(state_dir, f"step-{max(steps)}") if steps else ""
+
+
+def save_training_state(state_dir: str, progress: dict, model, optimizer, scheduler, select_gen, rank: int,
+                        keep: int = 2):
+    """Write state_dir/step-N atomically: into step-N.tmp, then one rename, so a run killed while
+    saving leaves the previous state intact. Model and optimizer are the same on every DDP process;
+    the random generators are per process."""
+    from safetensors.torch import save_model
+    final = os.path.join(state_dir, f"step-{progress['step']}")
+    tmp = final + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier()
+    torch.save({"torch": torch.get_rng_state(), "select": select_gen.get_state(),
+                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
+               os.path.join(tmp, f"rng-{rank}.pt"))
+    if rank == 0:
+        save_model(model, os.path.join(tmp, "model.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                   os.path.join(tmp, "optimizer.pt"))
+        with open(os.path.join(tmp, "progress.json"), "w") as f:
+            json.dump(progress, f)
+    barrier()
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in sorted((d for d in os.listdir(state_dir) if d.startswith("step-") and d[5:].isdigit()),
+                          key=lambda d: int(d[5:]))[:-keep]:
+            shutil.rmtree(os.path.join(state_dir, old), ignore_errors=True)
+    barrier()
+
+
+def load_training_state(path: str, model, optimizer, scheduler, select_gen, rank: int) -> dict:
+    from safetensors.torch import load_model
+    if not os.path.isfile(os.path.join(path, "progress.json")):
+        raise FileNotFoundError(f"{path}: not a training state (no progress.json)")
+    load_model(model, os.path.join(path, "model.safetensors"))
+    opt = torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(opt["optimizer"])
+    scheduler.load_state_dict(opt["scheduler"])
+    rng = torch.load(os.path.join(path, f"rng-{rank}.pt"), map_location="cpu", weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    select_gen.set_state(rng["select"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    with open(os.path.join(path, "progress.json")) as f:
+        return json.load(f)
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# -----------------------------------------------------------------------------
 # One stage
 
 
@@ -235,8 +313,7 @@ def train_stage(cfg: TrainConfig, stage: str) -> str:
     dataset = D.LlavaDataset(records, cfg.image_folder, tokenizer, image_processor, template,
                              model.num_image_tokens, cfg.max_length, model.cfg.image_token_id)
     # one sampler for 1 or many processes: the same global order either way
-    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
-                                                  seed=cfg.seed, drop_last=True)
+    sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
                                          collate_fn=D.Collator(tokenizer.pad_token_id),
                                          num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
@@ -249,6 +326,16 @@ def train_stage(cfg: TrainConfig, stage: str) -> str:
     optimizer = torch.optim.AdamW(groups, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay,
                                   fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, total_steps))
+    # stage 1.5's token selection draws from its own generator, so a resumed run draws the same
+    select_gen = torch.Generator(device=device).manual_seed(cfg.seed + rank)
+    progress = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "skipped": []}
+    state_dir = os.path.join(cfg.out_dir, "checkpoints")
+    resume_from = latest_training_state(state_dir) if cfg.resume == "auto" else cfg.resume
+    if resume_from:
+        progress = load_training_state(resume_from, model, optimizer, scheduler, select_gen, rank)
+        sampler.start = progress["batches_in_epoch"] * cfg.batch_size
+        if master:
+            print(f"stage {stage}: resuming from {resume_from} at step {progress['step']}")
 
     train_model = model
     if world > 1:  # DDP; text-only records leave the vision side unused in some steps, and a trained
@@ -262,20 +349,21 @@ def train_stage(cfg: TrainConfig, stage: str) -> str:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
-    skipped: list[tuple[str, str]] = []
-    epoch, batches = 0, None
+    skipped: list[tuple[str, str]] = [tuple(x) for x in progress["skipped"]]
+    batches = None
 
     def next_batch():
-        nonlocal epoch, batches
+        nonlocal batches
         while True:
             if batches is None:
-                sampler.set_epoch(epoch)
+                sampler.set_epoch(progress["epoch"])
                 batches = iter(loader)
             try:
                 b = next(batches)
             except StopIteration:
-                epoch, batches = epoch + 1, None
+                progress["epoch"], progress["batches_in_epoch"], batches = progress["epoch"] + 1, 0, None
                 continue
+            progress["batches_in_epoch"] += 1
             if cfg.strict and b["skipped"]:
                 rid, why = b["skipped"][0]
                 raise ValueError(f"{cfg.data}: record {rid}: {why} (strict: not skipping it)")
@@ -284,8 +372,9 @@ def train_stage(cfg: TrainConfig, stage: str) -> str:
                 return b
 
     os.makedirs(cfg.out_dir, exist_ok=True)
-    metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "w") if master else None  # a fresh log per run
-    bar = tqdm(range(total_steps), desc=f"stage {stage}", disable=not master, dynamic_ncols=True)
+    metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a" if resume_from else "w") if master else None
+    bar = tqdm(range(progress["step"], total_steps), initial=progress["step"], total=total_steps,
+               desc=f"stage {stage}", disable=not master, dynamic_ncols=True)
     model.train()
     t0, samples_seen = time.time(), 0
     for step in bar:
@@ -299,7 +388,7 @@ def train_stage(cfg: TrainConfig, stage: str) -> str:
             sync = contextlib.nullcontext() if (world == 1 or i == grad_accum - 1) else train_model.no_sync()
             with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 out = train_model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
-                                  labels=b["labels"].to(device), stage=stage,
+                                  labels=b["labels"].to(device), stage=stage, generator=select_gen,
                                   pixel_values=None if b["pixel_values"] is None else b["pixel_values"].to(device))
                 lm = out.lm_loss * (out.num_label_tokens / max(n_label, 1))
                 recon = (out.recon_loss * (out.num_recon_tokens / max(n_recon, 1))
@@ -324,6 +413,9 @@ def train_stage(cfg: TrainConfig, stage: str) -> str:
             if (step + 1) % cfg.log_every == 0 or step + 1 == total_steps:
                 metrics.write(json.dumps({"stage": stage, **log}) + "\n")
                 metrics.flush()
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
+            progress.update(step=step + 1, skipped=skipped)
+            save_training_state(state_dir, progress, model, optimizer, scheduler, select_gen, rank)
 
     # the end-of-run report: every skipped record, from every process
     if world > 1:

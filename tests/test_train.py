@@ -8,6 +8,7 @@ right chance levels; bad records are skipped and reported (or fail under strict)
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -475,3 +476,56 @@ def test_global_batch_must_divide(base, tmp_path, global_batch, batch):
     cfg = stage_config(base, "2", tmp_path, global_batch_size=global_batch, batch_size=batch)
     with pytest.raises(ValueError, match=f"global_batch_size {global_batch} is not a multiple of batch_size {batch}"):
         T.train_stage(cfg, "2")
+
+
+# -----------------------------------------------------------------------------
+# 8. Resume: a run killed with SIGKILL and resumed ends with the same weights, bitwise
+
+
+def stage15_overrides(base, out_dir, **overrides):
+    values = dict(recipe="demo", stage="1.5", data=base.data["1.5"], image_folder=base.shapes, init=base.init,
+                  model_overrides={"pool_size": 32}, lr=LR, vision_lr=0.0, pool_lr=POOL_LR, max_steps=40,
+                  warmup_steps=2, global_batch_size=4, batch_size=4, num_workers=0, log_every=1, max_length=256,
+                  seed=0, bf16=False, out_dir=str(out_dir))
+    values.update(overrides)
+    return values
+
+
+def test_latest_training_state_ignores_half_written(tmp_path):
+    assert T.latest_training_state(str(tmp_path / "none")) == ""
+    for d in ("step-5", "step-10", "step-15.tmp"):
+        (tmp_path / d).mkdir()
+    assert T.latest_training_state(str(tmp_path)) == str(tmp_path / "step-10")
+
+
+def test_killed_and_resumed_run_equals_uninterrupted(base, tmp_path):
+    """Stage 1.5 (random token selection, pool, optimizer state), 40 steps crossing two epochs of
+    the 64-image set: SIGKILL right after the first saved state, then --resume auto."""
+    import signal
+    import time
+    ref, run = tmp_path / "ref", tmp_path / "killed"
+    cmd = [sys.executable, "train.py"]
+    done = subprocess.run(cmd + cli_flags(stage15_overrides(base, ref)), cwd=MAIN, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    proc = subprocess.Popen(cmd + cli_flags(stage15_overrides(base, run, save_every=5)), cwd=MAIN,
+                            env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (run / "checkpoints" / "step-5").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (run / "model.safetensors").exists()
+    resumed = subprocess.run(cmd + cli_flags(stage15_overrides(base, run, save_every=5, resume="auto")), cwd=MAIN,
+                             env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    m = re.search(r"resuming from \S+step-(\d+) at step (\d+)", resumed.stdout + resumed.stderr)
+    assert m and 5 <= int(m.group(2)) < 40, (resumed.stdout + resumed.stderr)[-2000:]
+    a, b = load_file(str(ref / "model.safetensors")), load_file(str(run / "model.safetensors"))
+    assert set(a) == set(b)
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+    # the metrics log of the resumed run continues where the killed one left off
+    rows, _ = read_metrics(str(run))
+    ref_rows, _ = read_metrics(str(ref))
+    assert rows[-1]["step"] == ref_rows[-1]["step"] == 40
+    assert rows[-1]["loss"] == ref_rows[-1]["loss"]
