@@ -18,7 +18,9 @@ import json
 import os
 import random
 import re
+import warnings
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -133,17 +135,21 @@ def check_record(rec) -> str | None:
     return None
 
 
-def load_records(path: str, strict: bool = False) -> tuple[list[dict], list[tuple[str, str]]]:
-    """Read a LLaVA JSON list or JSONL file and check every record.
+def load_records(path: str, strict: bool = False, image_folder: str | None = None
+                 ) -> tuple[list[dict], list[tuple[str, str]]]:
+    """Read a LLaVA JSON list or JSONL file and check every record (the validation pass).
 
-    Returns (good records, [(record id, reason), ...] for the bad ones). strict=True raises on the first.
+    Returns (good records, [(where, reason), ...] for every bad one), where names the record by
+    its id and position: "000123 (line 7)" in JSONL, "000123 ([6])" in a list, "line 7" without id.
+    With image_folder, a record whose image file does not exist is bad too.
+    strict=True raises, listing every bad record.
     """
     with open(path, encoding="utf-8") as f:
         text = f.read()
-    raw = []  # (index, record or parse error)
+    raw = []  # (position, record or parse error)
     if text.lstrip().startswith("["):
         try:
-            raw = list(enumerate(json.loads(text)))
+            raw = [(f"[{i}]", rec) for i, rec in enumerate(json.loads(text))]
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: invalid JSON: {e}") from None
     else:
@@ -151,19 +157,28 @@ def load_records(path: str, strict: bool = False) -> tuple[list[dict], list[tupl
             if not line.strip():
                 continue
             try:
-                raw.append((line_no, json.loads(line)))
+                raw.append((f"line {line_no}", json.loads(line)))
             except json.JSONDecodeError as e:
-                raw.append((line_no, SampleError(f"line {line_no}: invalid JSON ({e.msg})")))
+                raw.append((f"line {line_no}", SampleError(f"invalid JSON ({e.msg})")))
+    checks = [str(rec) if isinstance(rec, SampleError) else check_record(rec) for _, rec in raw]
+    if image_folder is not None:  # one stat per image; threads, since network file systems are slow
+        todo = [(i, p) for i, (_, rec) in enumerate(raw) if checks[i] is None for p in record_images(rec)]
+        with ThreadPoolExecutor(16) as ex:
+            found = list(ex.map(lambda ip: os.path.isfile(os.path.join(image_folder, ip[1])), todo))
+        for (i, p), ok in zip(todo, found):
+            if not ok and checks[i] is None:
+                checks[i] = f"image not found: {os.path.join(image_folder, p)}"
     records, bad = [], []
-    for index, rec in raw:
-        why = str(rec) if isinstance(rec, SampleError) else check_record(rec)
+    for (where, rec), why in zip(raw, checks):
         if why is None:
             records.append(rec)
-            continue
-        rid = record_id(rec, index) if not isinstance(rec, SampleError) else f"line {index}"
-        if strict:
-            raise ValueError(f"{path}: record {rid}: {why}")
-        bad.append((rid, why))
+        else:
+            has_id = isinstance(rec, dict) and "id" in rec
+            bad.append((f"{rec['id']} ({where})" if has_id else where, why))
+    if strict and bad:
+        raise ValueError(f"{path}: {len(bad)} bad records (strict):\n" +
+                         "\n".join(f"  {where}: {why}" for where, why in bad[:50]) +
+                         ("\n  ..." if len(bad) > 50 else ""))
     return records, bad
 
 
@@ -240,13 +255,40 @@ def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Im
     return out
 
 
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB: CMYK and palette convert, transparency is composited on white,
+    16/32-bit integer and float greyscale are rescaled (a plain convert would clip them to white)."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        if im.mode.startswith("I;16") or (im.mode == "I" and a.max() > 255):
+            a = a / 257.0  # 16-bit range -> 8-bit
+        elif im.mode == "F":
+            lo, hi = float(a.min()), float(a.max())
+            a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+        im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+    if im.mode == "P" or im.mode == "PA":
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "La", "RGBa"):
+        im = im.convert("RGBA")
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, im).convert("RGB")
+    return im.convert("RGB")
+
+
 def load_image(path: str) -> Image.Image:
+    """Open and fully decode an image as RGB; SampleError (skip) for missing, corrupt or truncated
+    files and for decompression bombs (more than PIL's Image.MAX_IMAGE_PIXELS pixels)."""
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL only warns below 2x the limit
+            with Image.open(path) as im:
+                im.load()  # decode now: a truncated file fails here, not later in a worker
+                return to_rgb(im)
     except FileNotFoundError:
         raise SampleError(f"image not found: {path}") from None
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise SampleError(f"image too large (decompression bomb): {path}: {e}") from None
+    except (OSError, ValueError, SyntaxError) as e:  # PIL raises SyntaxError for some broken headers
         raise SampleError(f"image unreadable: {path}: {e}") from None
 
 
@@ -287,7 +329,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         except SampleError as e:
             return {"skipped": (rid, str(e))}
         pixel_values = preprocess_images(images, self.image_processor) if images else None
-        return {"id": rid, "input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels),
+        return {"id": rid, "index": i, "input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels),
                 "pixel_values": pixel_values}
 
 
@@ -312,7 +354,10 @@ class Collator:
             cols = slice(longest - n, longest) if self.padding_side == "left" else slice(0, n)
             ids[row, cols], labels[row, cols], mask[row, cols] = s["input_ids"], s["labels"], 1
         pixels = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
-        batch.update(input_ids=ids, labels=labels, attention_mask=mask,
+        # (record index, k) for the k-th image of each record: a stable name for each image
+        image_keys = [(s.get("index", -1), k) for s in samples if s["pixel_values"] is not None
+                      for k in range(len(s["pixel_values"]))]
+        batch.update(input_ids=ids, labels=labels, attention_mask=mask, image_keys=image_keys,
                      pixel_values=torch.cat(pixels) if pixels else None)
         return batch
 

@@ -59,19 +59,21 @@ class TrainConfig:
     global_batch_size: int = 128  # = batch_size x grad_accum x world size
     batch_size: int = 16  # per device
     # systems
-    bf16: bool = True  # autocast on CUDA
+    bf16: bool = True  # autocast on CUDA (under --fsdp: bf16 parameters, fp32 gradient reduction)
     gradient_checkpointing: bool = False
+    fsdp: bool = False  # shard with FSDP2 (fully_shard per decoder / vision layer) instead of DDP
     num_workers: int = 2
     seed: int = 0
     log_every: int = 10
     save_every: int = 0  # steps between resumable training states (out_dir/checkpoints/step-N); 0: none
     resume: str = ""  # "auto": continue from the newest complete state in out_dir/checkpoints; or a state dir
+    max_bad_steps: int = 5  # non-finite loss/gradient: skip the step; this many in a row stop the run
     out_dir: str = "out/demo"
     demo_images: int = 4000  # demo recipe: how many shapes training images to generate
 
 
 PAPER = dict(warmup_ratio=0.03, weight_decay=0.0, epochs=1.0, bf16=True, gradient_checkpointing=True,
-             max_length=2048, batch_size=16, num_workers=8)
+             max_length=2048, batch_size=16, num_workers=8, save_every=500, resume="auto")
 RECIPES = {
     # the published settings (DESIGN.md §1); per-stage global batch 256 / 128 / 128
     "llava15-vicuna7b": dict(
@@ -208,25 +210,25 @@ def latest_training_state(state_dir: str) -> str:
     return os.path.join(state_dir, f"step-{max(steps)}") if steps else ""
 
 
-def save_training_state(state_dir: str, progress: dict, model, optimizer, scheduler, select_gen, rank: int,
-                        keep: int = 2):
+def save_training_state(state_dir: str, progress: dict, model, optimizer, scheduler, rank: int, keep: int = 2):
     """Write state_dir/step-N atomically: into step-N.tmp, then one rename, so a run killed while
-    saving leaves the previous state intact. Model and optimizer are the same on every DDP process;
-    the random generators are per process."""
-    from safetensors.torch import save_model
+    saving leaves the previous state intact. Model and optimizer go through torch.distributed.checkpoint:
+    each process writes its own shard under FSDP, replicated (DDP) state is written once, and a
+    state can be loaded by a different number of processes. RNG states are per process."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
     final = os.path.join(state_dir, f"step-{progress['step']}")
     tmp = final + ".tmp"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     barrier()
-    torch.save({"torch": torch.get_rng_state(), "select": select_gen.get_state(),
-                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=os.path.join(tmp, "model_optimizer"))
+    torch.save({"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
                os.path.join(tmp, f"rng-{rank}.pt"))
     if rank == 0:
-        save_model(model, os.path.join(tmp, "model.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                   os.path.join(tmp, "optimizer.pt"))
+        torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
         with open(os.path.join(tmp, "progress.json"), "w") as f:
             json.dump(progress, f)
     barrier()
@@ -239,19 +241,22 @@ def save_training_state(state_dir: str, progress: dict, model, optimizer, schedu
     barrier()
 
 
-def load_training_state(path: str, model, optimizer, scheduler, select_gen, rank: int) -> dict:
-    from safetensors.torch import load_model
+def load_training_state(path: str, model, optimizer, scheduler, rank: int) -> dict:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     if not os.path.isfile(os.path.join(path, "progress.json")):
         raise FileNotFoundError(f"{path}: not a training state (no progress.json)")
-    load_model(model, os.path.join(path, "model.safetensors"))
-    opt = torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(opt["optimizer"])
-    scheduler.load_state_dict(opt["scheduler"])
-    rng = torch.load(os.path.join(path, f"rng-{rank}.pt"), map_location="cpu", weights_only=True)
-    torch.set_rng_state(rng["torch"])
-    select_gen.set_state(rng["select"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
+    model_state, optim_state = get_state_dict(model, optimizer)  # the layout to load into (sharded or not)
+    state = {"model": model_state, "optimizer": optim_state}
+    dcp.load(state, checkpoint_id=os.path.join(path, "model_optimizer"))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=True))
+    rng_file = os.path.join(path, f"rng-{rank}.pt")
+    if os.path.isfile(rng_file):  # absent when resuming with more processes than saved
+        rng = torch.load(rng_file, map_location="cpu", weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
     with open(os.path.join(path, "progress.json")) as f:
         return json.load(f)
 
@@ -263,6 +268,19 @@ def barrier():
 
 # -----------------------------------------------------------------------------
 # One stage
+
+
+def shard_with_fsdp(model: VictorModel, use_bf16: bool) -> VictorModel:
+    """FSDP2: every vision encoder layer and LLM decoder layer is its own unit, gathered just before
+    it runs and freed after. The root unit holds the rest (embeddings, lm_head, projector, recon head
+    and the token pool); it stays gathered through the forward, so matching sees the whole pool."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if use_bf16
+          else MixedPrecisionPolicy())
+    for layer in [*model.vision_tower.vision_model.encoder.layers, *model.llm.get_decoder().layers]:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
 
 
 def build_model(cfg: TrainConfig, stage: str):
@@ -285,6 +303,35 @@ def build_model(cfg: TrainConfig, stage: str):
     return model, tokenizer, image_processor
 
 
+def selection_seeds(image_keys, seed: int, epoch: int) -> list[int]:
+    """Stage 1.5's random choice of tokens (step 2) per image, from (seed, epoch, record, k) alone:
+    1 or N processes, any batch size, and a resumed run all replace the same tokens."""
+    return [((seed * 1_000_003 + epoch) * 1_000_000_007 + index) * 1009 + k for index, k in image_keys]
+
+
+def validate_data(cfg: TrainConfig, stage: str, master: bool) -> list[dict]:
+    """The validation pass, before any training: every structurally bad record (and every record
+    whose image file is missing) is reported with its position and reason, and written to
+    out_dir/bad_records.json; --strict fails on any. Rank 0 checks, the others receive its answer."""
+    result = [None]
+    if master:
+        records, bad = D.load_records(cfg.data, strict=cfg.strict, image_folder=cfg.image_folder)
+        result = [(records, bad)]
+        if bad:
+            print(f"{cfg.data}: {len(bad)} bad records will be skipped (all listed in "
+                  f"{os.path.join(cfg.out_dir, 'bad_records.json')}):")
+            for where, why in bad[:20]:
+                print(f"  {where}: {why}")
+            if len(bad) > 20:
+                print(f"  ... and {len(bad) - 20} more")
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        with open(os.path.join(cfg.out_dir, "bad_records.json"), "w") as f:
+            json.dump([{"record": where, "reason": why} for where, why in bad], f, indent=1)
+    if dist.is_initialized():
+        dist.broadcast_object_list(result, src=0)
+    return result[0]
+
+
 def train_stage(cfg: TrainConfig, stage: str) -> str:
     """Train one stage and save its checkpoint to cfg.out_dir; returns cfg.out_dir."""
     assert stage in STAGES
@@ -296,19 +343,34 @@ def train_stage(cfg: TrainConfig, stage: str) -> str:
     grad_accum = cfg.global_batch_size // (cfg.batch_size * world)
     if not cfg.data or not os.path.isfile(cfg.data):
         raise FileNotFoundError(f"stage {stage}: data file {cfg.data!r} not found (--data)")
+    records, bad_records = validate_data(cfg, stage, master)
     torch.manual_seed(cfg.seed + rank)
 
     model, tokenizer, image_processor = build_model(cfg, stage)
-    model.to(device)
     groups = trainable_param_groups(model, stage, cfg)
     if cfg.gradient_checkpointing:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.vision_lr > 0 and stage != "1":
             model.vision_tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    use_bf16 = cfg.bf16 and device.type == "cuda"
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    train_model = model
+    if cfg.fsdp:  # shards move to the device; the optimizer is built on the sharded parameters
+        if world == 1:
+            print("note: --fsdp with one process: nothing to shard over")
+        model = train_model = shard_with_fsdp(model, use_bf16)
+        groups = trainable_param_groups(model, stage, cfg)  # the same parts, now sharded parameters
+    else:
+        model.to(device)
+        if world > 1:  # DDP; text-only records leave the vision side unused in some steps, and a trained
+            # vision tower's layers after vision_feature_layer (and its post-layernorm) never get a gradient
+            text_only = any(not D.record_images(r) for r in records)
+            vision_trained = any(g["name"] == "vision_tower" for g in groups)
+            train_model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=text_only or vision_trained)
 
-    records, bad_records = D.load_records(cfg.data, strict=cfg.strict)
-    if master and bad_records:
-        print(f"{cfg.data}: {len(bad_records)} bad records will be skipped\n{D.skip_report(bad_records)}")
     template = D.resolve_template(cfg.template, tokenizer, stage)
     dataset = D.LlavaDataset(records, cfg.image_folder, tokenizer, image_processor, template,
                              model.num_image_tokens, cfg.max_length, model.cfg.image_token_id)
@@ -326,31 +388,19 @@ def train_stage(cfg: TrainConfig, stage: str) -> str:
     optimizer = torch.optim.AdamW(groups, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay,
                                   fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, total_steps))
-    # stage 1.5's token selection draws from its own generator, so a resumed run draws the same
-    select_gen = torch.Generator(device=device).manual_seed(cfg.seed + rank)
     progress = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "skipped": []}
     state_dir = os.path.join(cfg.out_dir, "checkpoints")
     resume_from = latest_training_state(state_dir) if cfg.resume == "auto" else cfg.resume
     if resume_from:
-        progress = load_training_state(resume_from, model, optimizer, scheduler, select_gen, rank)
+        progress = load_training_state(resume_from, model, optimizer, scheduler, rank)
         sampler.start = progress["batches_in_epoch"] * cfg.batch_size
         if master:
             print(f"stage {stage}: resuming from {resume_from} at step {progress['step']}")
 
-    train_model = model
-    if world > 1:  # DDP; text-only records leave the vision side unused in some steps, and a trained
-        # vision tower's layers after vision_feature_layer (and its post-layernorm) never get a gradient
-        text_only = any(not D.record_images(r) for r in records)
-        vision_trained = any(g["name"] == "vision_tower" for g in groups)
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=text_only or vision_trained)
-    use_bf16 = cfg.bf16 and device.type == "cuda"
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-
     skipped: list[tuple[str, str]] = [tuple(x) for x in progress["skipped"]]
     batches = None
+    # under FSDP a text-only batch still runs the vision layers (on a blank image, with weight 0)
+    blank = torch.zeros(1, 3, *([model.vision_tower.config.image_size] * 2))
 
     def next_batch():
         nonlocal batches
@@ -369,68 +419,103 @@ def train_stage(cfg: TrainConfig, stage: str) -> str:
                 raise ValueError(f"{cfg.data}: record {rid}: {why} (strict: not skipping it)")
             skipped.extend(b["skipped"])
             if "input_ids" in b:  # an all-skipped batch is simply passed over
+                b["seeds"] = selection_seeds(b["image_keys"], cfg.seed, progress["epoch"])
+                if cfg.fsdp and b["pixel_values"] is None:
+                    b["pixel_values"] = blank
                 return b
+
+    def forward_backward(b, n_label, n_recon, sync):
+        if cfg.fsdp:
+            model.set_requires_gradient_sync(sync)
+        context = train_model.no_sync() if (world > 1 and not cfg.fsdp and not sync) else contextlib.nullcontext()
+        with context, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            out = train_model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
+                              labels=b["labels"].to(device), stage=stage, selection_seeds=b["seeds"],
+                              pixel_values=None if b["pixel_values"] is None else b["pixel_values"].to(device))
+            # normalise by the whole global batch, so that 1 or N processes and any accumulation
+            # give the same loss and gradient: sum over tokens / global token count
+            lm = out.lm_loss * (out.num_label_tokens / max(n_label, 1))
+            recon = (out.recon_loss * (out.num_recon_tokens / max(n_recon, 1))
+                     if out.recon_loss is not None else torch.zeros((), device=device))
+            (world * (lm + recon)).backward()  # DDP / FSDP average gradients over processes
+        return lm.item(), recon.item()
 
     os.makedirs(cfg.out_dir, exist_ok=True)
     metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a" if resume_from else "w") if master else None
     bar = tqdm(range(progress["step"], total_steps), initial=progress["step"], total=total_steps,
                desc=f"stage {stage}", disable=not master, dynamic_ncols=True)
     model.train()
-    t0, samples_seen = time.time(), 0
+    t0, samples_seen, bad_in_a_row, logged_skips = time.time(), 0, 0, len(skipped)
     for step in bar:
         micro = [next_batch() for _ in range(grad_accum)]
-        # normalise by the whole global batch, so that 1 or N processes and any accumulation
-        # give the same loss and gradient: sum over tokens / global token count
         n_label = all_reduce_sum(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro), device)
         n_recon = all_reduce_sum(sum(int((b["input_ids"] == model.cfg.image_token_id).sum()) for b in micro), device)
-        log = {"loss": 0.0, "lm_loss": 0.0, "recon_loss": 0.0}
+        log = {"lm_loss": 0.0, "recon_loss": 0.0}
         for i, b in enumerate(micro):
-            sync = contextlib.nullcontext() if (world == 1 or i == grad_accum - 1) else train_model.no_sync()
-            with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                out = train_model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
-                                  labels=b["labels"].to(device), stage=stage, generator=select_gen,
-                                  pixel_values=None if b["pixel_values"] is None else b["pixel_values"].to(device))
-                lm = out.lm_loss * (out.num_label_tokens / max(n_label, 1))
-                recon = (out.recon_loss * (out.num_recon_tokens / max(n_recon, 1))
-                         if out.recon_loss is not None else torch.zeros((), device=device))
-                (world * (lm + recon)).backward()  # DDP averages gradients over processes
-            log["lm_loss"] += lm.item()
-            log["recon_loss"] += recon.item()
+            lm, recon = forward_backward(b, n_label, n_recon, sync=i == grad_accum - 1)
+            log["lm_loss"] += lm
+            log["recon_loss"] += recon
         grad_norm = torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)  # FSDP: DTensor
+        log = {k: all_reduce_sum(v, device) for k, v in log.items()}  # the same numbers on every process
+        log["loss"] = log["lm_loss"] + log["recon_loss"]
         step_lr = optimizer.param_groups[0]["lr"]  # the lr this step uses (scheduler.step() moves it on)
-        optimizer.step()
+        finite = math.isfinite(log["loss"]) and math.isfinite(grad_norm)
+        if finite:
+            optimizer.step()
+            bad_in_a_row = 0
+        else:  # a non-finite loss or gradient: no update (the batch is still consumed, the schedule moves on)
+            bad_in_a_row += 1
+            if master:
+                tqdm.write(f"warning: step {step + 1}: non-finite loss {log['loss']} / grad norm {grad_norm}: "
+                           f"optimizer step skipped ({bad_in_a_row} in a row, stop at {cfg.max_bad_steps})")
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
         samples_seen += cfg.global_batch_size
-        log = {k: all_reduce_sum(v, device) for k, v in log.items()}
-        log["loss"] = log["lm_loss"] + log["recon_loss"]
-        log.update(step=step + 1, lr=step_lr, grad_norm=float(grad_norm),
+        log.update(step=step + 1, lr=step_lr, grad_norm=grad_norm,
                    samples_per_s=samples_seen / (time.time() - t0), skipped=len(skipped))
+        if not finite:
+            log["nonfinite"] = True
         if master:
             bar.set_postfix(loss=f"{log['loss']:.3f}", lm=f"{log['lm_loss']:.3f}", rec=f"{log['recon_loss']:.3f}",
                             lr=f"{log['lr']:.1e}", sps=f"{log['samples_per_s']:.0f}")
-            if (step + 1) % cfg.log_every == 0 or step + 1 == total_steps:
+            if (step + 1) % cfg.log_every == 0 or step + 1 == total_steps or not finite:
+                if len(skipped) > logged_skips:  # this process's newly skipped records, by id
+                    log["skipped_ids"] = [rid for rid, _ in skipped[logged_skips:]]
+                    logged_skips = len(skipped)
                 metrics.write(json.dumps({"stage": stage, **log}) + "\n")
                 metrics.flush()
+        if bad_in_a_row >= cfg.max_bad_steps:
+            progress.update(step=step + 1, skipped=skipped)
+            save_training_state(state_dir, progress, model, optimizer, scheduler, rank)
+            raise RuntimeError(f"stage {stage}: {bad_in_a_row} steps in a row had a non-finite loss or gradient "
+                               f"(last: step {step + 1}); stopped. The state before them is saved in "
+                               f"{latest_training_state(state_dir)}: lower the learning rate or look at the data, "
+                               f"then --resume auto")
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
             progress.update(step=step + 1, skipped=skipped)
-            save_training_state(state_dir, progress, model, optimizer, scheduler, select_gen, rank)
+            save_training_state(state_dir, progress, model, optimizer, scheduler, rank)
 
     # the end-of-run report: every skipped record, from every process
     if world > 1:
         gathered = [None] * world
         dist.all_gather_object(gathered, skipped)
         skipped = [s for part in gathered for s in part]
+    full_state = None
+    if cfg.fsdp:  # gather the full weights (every process takes part), to write the usual checkpoint once
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        full_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if master:
         all_skipped = [(rid, why) for rid, why in bad_records] + skipped
         print(D.skip_report(all_skipped))
         with open(os.path.join(cfg.out_dir, "skipped.json"), "w") as f:
             json.dump([{"id": rid, "reason": why} for rid, why in all_skipped], f, indent=1)
-        metrics.write(json.dumps({"stage": stage, "done": True, "skipped": len(all_skipped)}) + "\n")
+        metrics.write(json.dumps({"stage": stage, "done": True, "skipped": len(all_skipped),
+                                  "skipped_ids": [rid for rid, _ in all_skipped]}) + "\n")
         metrics.close()
         save_checkpoint(model, cfg.out_dir, tokenizer, image_processor, parts="projector" if stage == "1" else "all",
-                        extra={"train_config": {**dataclasses.asdict(cfg), "stage": stage}})
+                        extra={"train_config": {**dataclasses.asdict(cfg), "stage": stage}}, state_dict=full_state)
         print(f"stage {stage}: saved {cfg.out_dir} ({total_steps} steps, {time.time() - t0:.0f}s)")
     if world > 1:
         dist.barrier()

@@ -119,11 +119,21 @@ def project_visual_tokens(projector: nn.Module, features: torch.Tensor, normaliz
     return F.normalize(v, dim=-1) if normalize else v
 
 
-def select_tokens_to_replace(num_images: int, num_tokens: int, replace_ratio: float,
-                             device=None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Step 2: choose uniformly at random which tokens to replace; bool [images, N]."""
+def select_tokens_to_replace(num_images: int, num_tokens: int, replace_ratio: float, device=None,
+                             generator: torch.Generator | None = None, seeds=None) -> torch.Tensor:
+    """Step 2: choose uniformly at random which tokens to replace; bool [images, N].
+
+    seeds (optional, one int per image) makes each image's choice a function of its seed alone,
+    so one process or many, and a resumed run, replace the same tokens of the same image.
+    """
     r = num_replaced(num_tokens, replace_ratio)
-    scores = torch.rand(num_images, num_tokens, device=device, generator=generator)
+    if seeds is None:
+        scores = torch.rand(num_images, num_tokens, device=device, generator=generator)
+    else:
+        if len(seeds) != num_images:
+            raise ValueError(f"{len(seeds)} selection seeds for {num_images} images")
+        scores = torch.stack([torch.rand(num_tokens, generator=torch.Generator().manual_seed(int(s)))
+                              for s in seeds]).to(device)
     chosen = scores.topk(r, dim=1).indices  # a uniformly random r-subset per image
     return torch.zeros(num_images, num_tokens, dtype=torch.bool, device=device).scatter_(1, chosen, True)
 
@@ -325,6 +335,9 @@ class VictorModel(nn.Module):
             return embeds, image_positions, None
         visual = project_visual_tokens(self.projector, self.encode_images(pixel_values),
                                        self.cfg.normalize_visual_tokens)  # step 1 (every stage)
+        if n_slots == 0:  # a text-only batch given a stand-in image (FSDP: every process must run the
+            # same layers in the same order): the vision side runs and contributes exactly zero
+            return embeds + 0.0 * visual.sum(), image_positions, None
         if n_slots != visual.shape[0] * visual.shape[1]:
             raise ValueError(f"input_ids hold {n_slots} image tokens, but {visual.shape[0]} images x "
                              f"{visual.shape[1]} tokens were encoded")
@@ -332,8 +345,9 @@ class VictorModel(nn.Module):
         return embeds, image_positions, visual
 
     def forward(self, input_ids, attention_mask=None, labels=None, pixel_values=None, stage: str = "2",
-                generator: torch.Generator | None = None) -> VictorOutput:
-        """One training forward. stage "1.5" adds replacement and reconstruction; "1" and "2" do not."""
+                generator: torch.Generator | None = None, selection_seeds=None) -> VictorOutput:
+        """One training forward. stage "1.5" adds replacement and reconstruction; "1" and "2" do not.
+        generator / selection_seeds (one int per image) drive stage 1.5's random choice (step 2)."""
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
         embeds, image_positions, visual = self.embed_inputs(input_ids, pixel_values)
@@ -341,7 +355,8 @@ class VictorModel(nn.Module):
         reconstruct = stage == "1.5" and visual is not None
         if reconstruct:
             n_img, n_tok, _ = visual.shape
-            replaced = select_tokens_to_replace(n_img, n_tok, self.cfg.replace_ratio, visual.device, generator)  # step 2
+            replaced = select_tokens_to_replace(n_img, n_tok, self.cfg.replace_ratio, visual.device,
+                                                generator, selection_seeds)  # step 2
             selected = visual.detach()[replaced].view(n_img, -1, visual.shape[-1])
             pool_indices = hungarian_match(selected, self.token_pool, MATCHERS[self.cfg.matcher])  # step 3
             replace_positions = image_positions.clone()
@@ -353,6 +368,9 @@ class VictorModel(nn.Module):
         out.lm_loss, out.num_label_tokens = (lm_loss(hidden, labels, self.llm.get_output_embeddings())
                                              if labels is not None else (hidden.sum() * 0.0, 0))  # step 7
         out.loss = out.lm_loss
+        if stage == "1.5" and not reconstruct and self.training:  # (FSDP) no images in this batch: the pool
+            # and head still take part, with weight 0, so every process reduces the same gradients
+            out.loss = out.loss + 0.0 * (self.token_pool.sum() + sum(p.sum() for p in self.recon_head.parameters()))
         if reconstruct:  # step 6: every image position, replaced or kept, reconstructs its original token
             predicted = self.recon_head(hidden[image_positions])
             target = visual.reshape(-1, visual.shape[-1])
@@ -382,9 +400,10 @@ class VictorModel(nn.Module):
 
 
 def save_checkpoint(model: VictorModel, path: str, tokenizer=None, image_processor=None,
-                    parts: str = "all", extra: dict | None = None):
+                    parts: str = "all", extra: dict | None = None, state_dict: dict | None = None):
     """Write a checkpoint directory. parts="projector" (stage 1) saves only the projector and
-    refers to the base models by name/path; parts="all" saves the whole model."""
+    refers to the base models by name/path; parts="all" saves the whole model.
+    state_dict: the model's full state when the model itself holds only a shard (FSDP, gathered)."""
     from safetensors.torch import save_file, save_model
     if parts not in ("all", "projector"):
         raise ValueError(f"parts must be 'all' or 'projector', got {parts!r}")
@@ -392,11 +411,20 @@ def save_checkpoint(model: VictorModel, path: str, tokenizer=None, image_process
     meta = {"victor": model.cfg.to_dict(), "saved_parts": parts, **(extra or {})}
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(meta, f, indent=2)
-    if parts == "projector":
-        state = {f"projector.{k}": v.detach().cpu().contiguous() for k, v in model.projector.state_dict().items()}
-        save_file(state, os.path.join(path, "model.safetensors"))
-    else:
+    if state_dict is None and parts == "all":
         save_model(model, os.path.join(path, "model.safetensors"))  # handles tied embeddings
+    else:
+        if state_dict is None:
+            state_dict = model.state_dict()
+        if parts == "projector":
+            state_dict = {k: v for k, v in state_dict.items() if k.startswith("projector.")}
+        # tied weights (e.g. embeddings = lm_head) are stored once, under their first name
+        names = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            names.setdefault(id(p), []).append(name)
+        tied = {n for group in names.values() for n in group[1:]}
+        save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items() if k not in tied},
+                  os.path.join(path, "model.safetensors"))
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     if image_processor is not None:

@@ -435,9 +435,10 @@ def test_load_records_reports_bad_records_jsonl(tmp_path):
     assert records == [GOOD[0], GOOD[1]]
     assert len(bad) == len(BAD) + 1
     assert bad[0][0] == "line 2" and "invalid JSON" in bad[0][1]
-    for line_no, ((rid, why), (_, want_id, want_why)) in enumerate(zip(bad[1:], BAD), start=3):
-        assert rid == (want_id if want_id is not None else f"#{line_no}")  # the id, or the line number
-        assert want_why in why, (rid, why)
+    for line_no, ((where, why), (_, want_id, want_why)) in enumerate(zip(bad[1:], BAD), start=3):
+        # every bad record is named by its line, and by its id when it has one
+        assert where == (f"{want_id} (line {line_no})" if want_id is not None else f"line {line_no}")
+        assert want_why in why, (where, why)
 
 
 def test_load_records_reports_bad_records_json_list(tmp_path):
@@ -445,10 +446,12 @@ def test_load_records_reports_bad_records_json_list(tmp_path):
     path.write_text(json.dumps([GOOD[0]] + [r for r, _, _ in BAD]))
     records, bad = D.load_records(str(path))
     assert records == [GOOD[0]]
-    assert [rid for rid, _ in bad] == [w if w is not None else f"#{i}" for i, (_, w, _) in enumerate(BAD, 1)]
+    assert [where for where, _ in bad] == [f"{w} ([{i}])" if w is not None else f"[{i}]"
+                                           for i, (_, w, _) in enumerate(BAD, 1)]
     assert all(want in why for (_, why), (_, _, want) in zip(bad, BAD))
-    with pytest.raises(ValueError, match="record no-conv: missing or empty 'conversations'"):
-        D.load_records(str(path), strict=True)
+    with pytest.raises(ValueError, match=r"10 bad records \(strict\):\n  no-conv \(\[1\]\): missing or empty "
+                                         r"'conversations'\n  role \(\[2\]\): turn 1 has unknown role 'bot'"):
+        D.load_records(str(path), strict=True)  # strict lists every bad record, then fails
     path.write_text(json.dumps(GOOD) + "\n" + "]")
     with pytest.raises(ValueError, match="invalid JSON"):
         D.load_records(str(path))
@@ -457,9 +460,20 @@ def test_load_records_reports_bad_records_json_list(tmp_path):
 def test_load_records_strict_names_the_jsonl_line(tmp_path):
     path = tmp_path / "r.jsonl"
     path.write_text(json.dumps(GOOD[0]) + "\n{oops\n")
-    with pytest.raises(ValueError, match="record line 2: line 2: invalid JSON"):
+    with pytest.raises(ValueError, match="line 2: invalid JSON"):
         D.load_records(str(path), strict=True)
     assert D.load_records(str(path))[0] == [GOOD[0]]
+
+
+def test_load_records_with_image_folder_reports_missing_images(tmp_path):
+    (tmp_path / "x.png").write_bytes(b"not checked here: only existence")
+    (tmp_path / "1.png").write_bytes(b"")
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(GOOD))  # a: x.png (exists), b: text-only, 7: 1.png (exists) + 2.png (missing)
+    records, bad = D.load_records(str(path), image_folder=str(tmp_path))
+    assert records == GOOD[:2]
+    assert bad == [("7 ([2])", f"image not found: {tmp_path / '2.png'}")]
+    assert D.load_records(str(path)) == (GOOD, [])  # without an image folder, images are not looked at
 
 
 def test_resolve_template(qwen, shapes_tokenizer):

@@ -398,19 +398,23 @@ def bad_data(base, tmp_path):
 
 def test_bad_records_are_skipped_and_reported(base, bad_data, tmp_path, capsys):
     path, _, _, _ = bad_data
-    # 7 good + 1 missing image = 8 usable records = 2 steps of 4: every record is visited once
+    # 7 good records = 1 step of 4; the two bad ones are found by the validation pass, before training
     cfg = stage_config(base, "2", tmp_path / "out", data=path, max_steps=2)
     T.train_stage(cfg, "2")
     printed = capsys.readouterr()
     text = printed.out + printed.err
-    assert "skipped records: 2" in text and "missing-image" in text and "no-answer" in text
+    assert "2 bad records will be skipped" in text
+    assert "missing-image ([3]): image not found" in text and "no-answer ([8]): no 'gpt' turn" in text
+    assert "skipped records: 2" in text
     with open(os.path.join(cfg.out_dir, "skipped.json")) as f:
         skipped = {s["id"]: s["reason"] for s in json.load(f)}
-    assert set(skipped) == {"missing-image", "no-answer"}
-    assert "image not found" in skipped["missing-image"] and "does_not_exist.png" in skipped["missing-image"]
-    assert "gpt" in skipped["no-answer"]
+    assert set(skipped) == {"missing-image ([3])", "no-answer ([8])"}
+    assert "image not found" in skipped["missing-image ([3])"] and "does_not_exist.png" in skipped["missing-image ([3])"]
+    with open(os.path.join(cfg.out_dir, "bad_records.json")) as f:
+        assert [r["record"] for r in json.load(f)] == ["missing-image ([3])", "no-answer ([8])"]
     rows, done = read_metrics(cfg.out_dir)
-    assert done[0]["skipped"] == 2 and rows[-1]["skipped"] == 1  # the loop's own count: the missing image
+    assert done[0]["skipped"] == 2 and rows[-1]["skipped"] == 0  # the loop itself skipped nothing
+    assert done[0]["skipped_ids"] == ["missing-image ([3])", "no-answer ([8])"]
     assert os.path.isfile(os.path.join(cfg.out_dir, "model.safetensors"))
 
 
@@ -420,12 +424,13 @@ def test_strict_fails_on_a_malformed_record(base, bad_data, tmp_path):
         T.train_stage(stage_config(base, "2", tmp_path / "out", data=path, strict=True), "2")
 
 
-def test_strict_fails_on_a_missing_image(base, bad_data, tmp_path):
+def test_strict_fails_on_a_missing_image_before_training(base, bad_data, tmp_path, monkeypatch):
     _, missing, _, good = bad_data
     path = str(tmp_path / "missing_only.json")
     with open(path, "w") as f:
         json.dump([missing] + good, f)
-    with pytest.raises(ValueError, match="missing-image.*image not found"):
+    monkeypatch.setattr(T, "build_model", lambda *a: pytest.fail("a model was built before validation failed"))
+    with pytest.raises(ValueError, match=r"missing-image \(\[0\]\): image not found"):
         T.train_stage(stage_config(base, "2", tmp_path / "out", data=path, strict=True, max_steps=2), "2")
     assert not os.path.exists(os.path.join(tmp_path, "out", "model.safetensors"))
 
