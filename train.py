@@ -142,7 +142,14 @@ def setup_distributed():
     else:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        store, restart = None, os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        if restart != "0" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # a group restarted by torchrun --max-restarts: torchrun keeps its store, and the keys the
+            # dead group left in it would send the new group's connections to dead processes
+            store = dist.PrefixStore(f"victor/restart-{restart}/", dist.TCPStore(
+                os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store,
+                                rank=rank if store else -1, world_size=world if store else -1)
     return rank, world, device
 
 
@@ -165,7 +172,7 @@ def trainable_param_groups(model: VictorModel, stage: str, cfg: TrainConfig) -> 
     if stage in ("1.5", "2"):
         groups.append(("llm", model.llm.parameters(), cfg.lr))
         if cfg.vision_lr > 0:
-            groups.append(("vision_tower", model.vision_tower.parameters(), cfg.vision_lr))
+            groups.append(("vision_tower", model.vision_parameters_in_use(), cfg.vision_lr))
     if stage == "1.5":
         groups.append(("token_pool", [model.token_pool], cfg.pool_lr))
         groups.append(("recon_head", model.recon_head.parameters(), cfg.lr))
@@ -277,7 +284,7 @@ def shard_with_fsdp(model: VictorModel, use_bf16: bool) -> VictorModel:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if use_bf16
           else MixedPrecisionPolicy())
-    for layer in [*model.vision_tower.vision_model.encoder.layers, *model.llm.get_decoder().layers]:
+    for layer in [*model.vision_tower.encoder.layers, *model.llm.get_decoder().layers]:
         fully_shard(layer, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
     return model
@@ -363,13 +370,10 @@ def train_stage(cfg: TrainConfig, stage: str) -> str:
         groups = trainable_param_groups(model, stage, cfg)  # the same parts, now sharded parameters
     else:
         model.to(device)
-        if world > 1:  # DDP; text-only records leave the vision side unused in some steps, and a trained
-            # vision tower's layers after vision_feature_layer (and its post-layernorm) never get a gradient
+        if world > 1:  # DDP; text-only records leave the vision side unused in some steps
             text_only = any(not D.record_images(r) for r in records)
-            vision_trained = any(g["name"] == "vision_tower" for g in groups)
             train_model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None,
-                find_unused_parameters=text_only or vision_trained)
+                model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=text_only)
 
     template = D.resolve_template(cfg.template, tokenizer, stage)
     dataset = D.LlavaDataset(records, cfg.image_folder, tokenizer, image_processor, template,

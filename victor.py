@@ -24,7 +24,7 @@ import json
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
@@ -306,6 +306,16 @@ class VictorModel(nn.Module):
         self.recon_head = nn.Linear(llm_dim, llm_dim)
         if cfg.projector_path:
             load_llava_projector(self, cfg.projector_path)
+
+    def vision_parameters_in_use(self) -> list[nn.Parameter]:
+        """The vision tower's parameters that reach the chosen feature layer. The layers after it (and
+        the final norm / pooling head) never get a gradient, so they are not trained."""
+        tower, layers = self.vision_tower, self.vision_tower.encoder.layers
+        k = self.cfg.vision_feature_layer
+        used = k if k >= 0 else len(layers) + 1 + k  # hidden_states[0] is the embedding output
+        unused = [*layers[used:], getattr(tower, "post_layernorm", None), getattr(tower, "head", None)]
+        skip = {id(p) for m in unused if m is not None for p in m.parameters()}
+        return [p for p in tower.parameters() if id(p) not in skip]
 
     # -- the pieces of the forward pass --
 

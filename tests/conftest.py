@@ -1,6 +1,8 @@
 """Shared fixtures: tiny random models (the same classes as the paper's), the shapes tokenizer, data."""
+import json
 import os
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,7 +11,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 torch.set_num_threads(2)
 
 import data as D  # noqa: E402
-from victor import VictorConfig, VictorModel  # noqa: E402
+from victor import VictorConfig, VictorModel, save_checkpoint  # noqa: E402
+
+MAIN = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STAGE_DATA = {"1": "stage1.json", "1.5": "stage1_5.json", "2": "stage2.json"}
 
 
 def tiny_config(vision="clip", **overrides) -> VictorConfig:
@@ -55,3 +60,56 @@ def shapes_dir(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("shapes"))
     D.make_shapes_dataset(root, D.ShapesSpec(image_size=32, num_train_images=64, num_test_images=20))
     return root
+
+
+@pytest.fixture(scope="session")
+def base(tmp_path_factory, shapes_dir, shapes_tokenizer, tiny_image_processor):
+    """A tiny CLIP tower + processor ("vision"), a tiny Llama + shapes tokenizer ("llm"), and a
+    full victor checkpoint built from them ("init": the common starting point of the stage runs)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+    root = tmp_path_factory.mktemp("base")
+    vision_dir, llm_dir, init_dir = str(root / "vision"), str(root / "llm"), str(root / "init")
+    torch.manual_seed(0)
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=2, image_size=32, patch_size=8)).save_pretrained(vision_dir)
+    tiny_image_processor.save_pretrained(vision_dir)
+    tok = shapes_tokenizer
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+                                 tie_word_embeddings=False, bos_token_id=None, eos_token_id=tok.eos_token_id,
+                                 pad_token_id=tok.pad_token_id)).save_pretrained(llm_dir)
+    tok.save_pretrained(llm_dir)
+    torch.manual_seed(1)
+    model = VictorModel(VictorConfig(vision_model=vision_dir, llm=llm_dir, pool_size=32))
+    save_checkpoint(model, init_dir, tok, tiny_image_processor)
+    return SimpleNamespace(shapes=shapes_dir, vision=vision_dir, llm=llm_dir, init=init_dir,
+                           data={s: os.path.join(shapes_dir, f) for s, f in STAGE_DATA.items()})
+
+
+# -----------------------------------------------------------------------------
+# Running train.py as a subprocess (torchrun tests)
+
+
+def subprocess_env():
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def read_metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [r for r in rows if not r.get("done")], [r for r in rows if r.get("done")]
+
+
+def cli_flags(values: dict) -> list[str]:
+    """TrainConfig overrides as train.py flags (dicts as JSON, bools as --x / --no-x)."""
+    flags = []
+    for k, v in values.items():
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            flags.append(flag if v else "--no-" + k.replace("_", "-"))
+        else:
+            flags += [flag, json.dumps(v) if isinstance(v, dict) else str(v)]
+    return flags

@@ -66,7 +66,7 @@ def mc_rows(tmp_path):
 
 def yn_rows():
     answers = ["yes", "no", "Yes", "No", "yes", "no"]
-    return [{"index": i, "question": f"Is there a circle in the image?", "answer": a, "image": png_b64(COLOURS[i % 4]),
+    return [{"index": i, "question": "Is there a circle in the image?", "answer": a, "image": png_b64(COLOURS[i % 4]),
              "category": "adversarial" if i < 3 else "random"} for i, a in enumerate(answers)]
 
 

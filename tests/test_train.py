@@ -20,25 +20,11 @@ from safetensors.torch import load_file
 import data as D
 import eval as E
 import train as T
-from victor import VictorConfig, VictorModel, load_checkpoint, save_checkpoint
+from conftest import MAIN, cli_flags, read_metrics, subprocess_env
+from victor import VictorModel, load_checkpoint
 
-MAIN = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGE_DATA = {"1": "stage1.json", "1.5": "stage1_5.json", "2": "stage2.json"}
 PARTS = ("projector", "llm", "vision_tower", "token_pool", "recon_head")
 LR, VISION_LR, POOL_LR = 1e-3, 3e-4, 1e-2  # distinct, so each group's lr is recognisable
-
-
-def subprocess_env():
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    return env
-
-
-def read_metrics(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return [r for r in rows if not r.get("done")], [r for r in rows if r.get("done")]
 
 
 def part_of(key):
@@ -47,30 +33,6 @@ def part_of(key):
 
 # -----------------------------------------------------------------------------
 # Fixtures: tiny base models saved like Hugging Face checkpoints, and a full victor checkpoint
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory, shapes_dir, shapes_tokenizer, tiny_image_processor):
-    """A tiny CLIP tower + processor ("vision"), a tiny Llama + shapes tokenizer ("llm"), and a
-    full victor checkpoint built from them ("init": the common starting point of the stage runs)."""
-    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
-    root = tmp_path_factory.mktemp("base")
-    vision_dir, llm_dir, init_dir = str(root / "vision"), str(root / "llm"), str(root / "init")
-    torch.manual_seed(0)
-    CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                     num_attention_heads=2, image_size=32, patch_size=8)).save_pretrained(vision_dir)
-    tiny_image_processor.save_pretrained(vision_dir)
-    tok = shapes_tokenizer
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
-                                 tie_word_embeddings=False, bos_token_id=None, eos_token_id=tok.eos_token_id,
-                                 pad_token_id=tok.pad_token_id)).save_pretrained(llm_dir)
-    tok.save_pretrained(llm_dir)
-    torch.manual_seed(1)
-    model = VictorModel(VictorConfig(vision_model=vision_dir, llm=llm_dir, pool_size=32))
-    save_checkpoint(model, init_dir, tok, tiny_image_processor)
-    return SimpleNamespace(shapes=shapes_dir, vision=vision_dir, llm=llm_dir, init=init_dir,
-                           data={s: os.path.join(shapes_dir, f) for s, f in STAGE_DATA.items()})
 
 
 def stage_config(base, stage, out_dir, **overrides) -> T.TrainConfig:
@@ -126,14 +88,19 @@ def test_trainable_param_groups(model, stage, vision_lr):
     want = expected_groups(stage, vision_lr)
     assert {g["name"]: g["lr"] for g in groups} == want
     assert all(g["weight_decay"] == 0.05 for g in groups)
-    for g in groups:  # each group is exactly its module's parameters
+    # the vision tower's layers after the feature layer (-2), and its final norm, never get a gradient
+    unused_vision = {n for n, _ in model.named_parameters()
+                     if n.startswith(("vision_tower.encoder.layers.1.", "vision_tower.post_layernorm."))}
+    assert unused_vision
+    for g in groups:  # each group is exactly its module's parameters (the tower: those in use)
         module = getattr(model, g["name"])
-        module_params = [module] if isinstance(module, torch.nn.Parameter) else list(module.parameters())
+        module_params = ([module] if isinstance(module, torch.nn.Parameter) else
+                         [p for n, p in module.named_parameters(prefix=g["name"]) if n not in unused_vision])
         assert {id(p) for p in g["params"]} == {id(p) for p in module_params}
     in_groups = {id(p) for g in groups for p in g["params"]}
     for name, p in model.named_parameters():  # requires_grad on exactly the grouped parameters
         assert p.requires_grad == (id(p) in in_groups), name
-        assert (part_of(name) in want) == p.requires_grad, name
+        assert (part_of(name) in want and name not in unused_vision) == p.requires_grad, name
 
 
 @pytest.mark.parametrize("stage,vision_lr", [
@@ -166,6 +133,9 @@ def test_stage_trains_only_its_parts(base, tmp_path, capture, stage, vision_lr):
             # features come from the second-to-last layer, so the tower's input side must move
             assert any(k.endswith("embeddings.patch_embedding.weight") for k in changed)
             assert any(".encoder.layers.0." in k for k in changed)
+            # and what lies after it is not trained at all (no optimizer state, no change)
+            assert not {k for k in changed if k.startswith(("vision_tower.encoder.layers.1.",
+                                                              "vision_tower.post_layernorm."))}
         else:  # every tensor of a trained part gets a gradient and moves
             assert keys <= changed, f"stage {stage}: {part} not updated: {sorted(keys - changed)[:3]}"
     if stage == "1":  # stage 1 saves only what it trained
@@ -225,18 +195,6 @@ def test_grad_accumulation_matches_one_big_batch(base, stage2_reference, tmp_pat
     init = load_file(os.path.join(base.init, "model.safetensors"))
     final = load_file(os.path.join(str(out), "model.safetensors"))
     assert max(float((init[k] - final[k]).abs().max()) for k in init) > 100 * WEIGHT_TOL
-
-
-def cli_flags(values: dict) -> list[str]:
-    """TrainConfig overrides as train.py flags (dicts as JSON, bools as --x / --no-x)."""
-    flags = []
-    for k, v in values.items():
-        flag = "--" + k.replace("_", "-")
-        if isinstance(v, bool):
-            flags.append(flag if v else "--no-" + k.replace("_", "-"))
-        else:
-            flags += [flag, json.dumps(v) if isinstance(v, dict) else str(v)]
-    return flags
 
 
 def test_ddp_two_processes_match_one(base, stage2_reference, tmp_path):
