@@ -231,12 +231,20 @@ def tokenize_conversation(messages: list[dict], tokenizer, template: str, num_im
             input_ids.append(tok)
             labels.append(tok if in_answer else IGNORE_INDEX)
         offset += len(piece)
-    if max_length is not None and len(input_ids) > max_length:
-        if image_token_id in input_ids[max_length:]:
-            raise SampleError(f"{len(input_ids)} tokens with images do not fit max_length={max_length}")
-        input_ids, labels = input_ids[:max_length], labels[:max_length]
-        if not prompt_only and all(x == IGNORE_INDEX for x in labels):
-            raise SampleError(f"no answer tokens left after truncation to max_length={max_length}")
+    return truncate(input_ids, labels, max_length, image_token_id, need_labels=not prompt_only)
+
+
+def truncate(input_ids: list[int], labels: list[int], max_length: int | None, image_token_id: int = IMAGE_TOKEN_ID,
+             need_labels: bool = True) -> tuple[list[int], list[int]]:
+    """Cut a sample to max_length tokens, never through its image tokens (SampleError then), and
+    never down to no answer at all (SampleError)."""
+    if max_length is None or len(input_ids) <= max_length:
+        return input_ids, labels
+    if image_token_id in input_ids[max_length:]:
+        raise SampleError(f"{len(input_ids)} tokens with images do not fit max_length={max_length}")
+    input_ids, labels = input_ids[:max_length], labels[:max_length]
+    if need_labels and all(x == IGNORE_INDEX for x in labels):
+        raise SampleError(f"no answer tokens left after truncation to max_length={max_length}")
     return input_ids, labels
 
 
@@ -322,15 +330,16 @@ class LlavaDataset(torch.utils.data.Dataset):
         rec = self.records[i]
         rid = record_id(rec, i)
         try:
-            input_ids, labels = tokenize_conversation(
+            full_ids, full_labels = tokenize_conversation(
                 to_messages(rec["conversations"]), self.tokenizer, self.template, self.num_image_tokens,
-                self.max_length, self.image_token_id)
+                None, self.image_token_id)
+            input_ids, labels = truncate(full_ids, full_labels, self.max_length, self.image_token_id)
             images = [load_image(os.path.join(self.image_folder, p)) for p in record_images(rec)]
         except SampleError as e:
             return {"skipped": (rid, str(e))}
         pixel_values = preprocess_images(images, self.image_processor) if images else None
         return {"id": rid, "index": i, "input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels),
-                "pixel_values": pixel_values}
+                "pixel_values": pixel_values, "tokens_cut": len(full_ids) - len(input_ids)}
 
 
 @dataclass
@@ -342,7 +351,8 @@ class Collator:
     def __call__(self, samples):
         skipped = [s["skipped"] for s in samples if "skipped" in s]
         samples = [s for s in samples if "skipped" not in s]
-        batch = {"skipped": skipped, "ids": [s["id"] for s in samples]}
+        batch = {"skipped": skipped, "ids": [s["id"] for s in samples],
+                 "truncated": [(s["id"], s["tokens_cut"]) for s in samples if s.get("tokens_cut")]}
         if not samples:
             return batch
         longest = max(len(s["input_ids"]) for s in samples)

@@ -20,6 +20,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -231,7 +232,9 @@ def save_training_state(state_dir: str, progress: dict, model, optimizer, schedu
         os.makedirs(tmp)
     barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=os.path.join(tmp, "model_optimizer"))
+    with warnings.catch_warnings():  # one process writing through torch.distributed.checkpoint is intended
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=os.path.join(tmp, "model_optimizer"))
     torch.save({"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
                os.path.join(tmp, f"rng-{rank}.pt"))
     if rank == 0:
@@ -255,7 +258,9 @@ def load_training_state(path: str, model, optimizer, scheduler, rank: int) -> di
         raise FileNotFoundError(f"{path}: not a training state (no progress.json)")
     model_state, optim_state = get_state_dict(model, optimizer)  # the layout to load into (sharded or not)
     state = {"model": model_state, "optimizer": optim_state}
-    dcp.load(state, checkpoint_id=os.path.join(path, "model_optimizer"))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=os.path.join(path, "model_optimizer"))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=True))
     rng_file = os.path.join(path, f"rng-{rank}.pt")
@@ -392,7 +397,7 @@ def train_stage(cfg: TrainConfig, stage: str) -> str:
     optimizer = torch.optim.AdamW(groups, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay,
                                   fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, total_steps))
-    progress = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "skipped": []}
+    progress = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "skipped": [], "truncated": []}
     state_dir = os.path.join(cfg.out_dir, "checkpoints")
     resume_from = latest_training_state(state_dir) if cfg.resume == "auto" else cfg.resume
     if resume_from:
@@ -401,7 +406,8 @@ def train_stage(cfg: TrainConfig, stage: str) -> str:
         if master:
             print(f"stage {stage}: resuming from {resume_from} at step {progress['step']}")
 
-    skipped: list[tuple[str, str]] = [tuple(x) for x in progress["skipped"]]
+    skipped: list[tuple[str, str]] = [tuple(x) for x in progress["skipped"]]  # (id, reason)
+    truncated: list[tuple[str, int]] = [tuple(x) for x in progress.get("truncated", [])]  # (id, tokens cut)
     batches = None
     # under FSDP a text-only batch still runs the vision layers (on a blank image, with weight 0)
     blank = torch.zeros(1, 3, *([model.vision_tower.config.image_size] * 2))
@@ -422,6 +428,7 @@ def train_stage(cfg: TrainConfig, stage: str) -> str:
                 rid, why = b["skipped"][0]
                 raise ValueError(f"{cfg.data}: record {rid}: {why} (strict: not skipping it)")
             skipped.extend(b["skipped"])
+            truncated.extend(b["truncated"])
             if "input_ids" in b:  # an all-skipped batch is simply passed over
                 b["seeds"] = selection_seeds(b["image_keys"], cfg.seed, progress["epoch"])
                 if cfg.fsdp and b["pixel_values"] is None:
@@ -473,12 +480,14 @@ def train_stage(cfg: TrainConfig, stage: str) -> str:
             if master:
                 tqdm.write(f"warning: step {step + 1}: non-finite loss {log['loss']} / grad norm {grad_norm}: "
                            f"optimizer step skipped ({bad_in_a_row} in a row, stop at {cfg.max_bad_steps})")
-        scheduler.step()
+        with warnings.catch_warnings():  # after a skipped step torch warns that the optimizer did not step
+            warnings.simplefilter("ignore", UserWarning)
+            scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
         samples_seen += cfg.global_batch_size
         log.update(step=step + 1, lr=step_lr, grad_norm=grad_norm,
-                   samples_per_s=samples_seen / (time.time() - t0), skipped=len(skipped))
+                   samples_per_s=samples_seen / (time.time() - t0), skipped=len(skipped), truncated=len(truncated))
         if not finite:
             log["nonfinite"] = True
         if master:
@@ -491,21 +500,22 @@ def train_stage(cfg: TrainConfig, stage: str) -> str:
                 metrics.write(json.dumps({"stage": stage, **log}) + "\n")
                 metrics.flush()
         if bad_in_a_row >= cfg.max_bad_steps:
-            progress.update(step=step + 1, skipped=skipped)
+            progress.update(step=step + 1, skipped=skipped, truncated=truncated)
             save_training_state(state_dir, progress, model, optimizer, scheduler, rank)
             raise RuntimeError(f"stage {stage}: {bad_in_a_row} steps in a row had a non-finite loss or gradient "
                                f"(last: step {step + 1}); stopped. The state before them is saved in "
                                f"{latest_training_state(state_dir)}: lower the learning rate or look at the data, "
                                f"then --resume auto")
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
-            progress.update(step=step + 1, skipped=skipped)
+            progress.update(step=step + 1, skipped=skipped, truncated=truncated)
             save_training_state(state_dir, progress, model, optimizer, scheduler, rank)
 
     # the end-of-run report: every skipped record, from every process
     if world > 1:
         gathered = [None] * world
-        dist.all_gather_object(gathered, skipped)
-        skipped = [s for part in gathered for s in part]
+        dist.all_gather_object(gathered, (skipped, truncated))
+        skipped = [s for part, _ in gathered for s in part]
+        truncated = [t for _, part in gathered for t in part]
     full_state = None
     if cfg.fsdp:  # gather the full weights (every process takes part), to write the usual checkpoint once
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -515,7 +525,12 @@ def train_stage(cfg: TrainConfig, stage: str) -> str:
         print(D.skip_report(all_skipped))
         with open(os.path.join(cfg.out_dir, "skipped.json"), "w") as f:
             json.dump([{"id": rid, "reason": why} for rid, why in all_skipped], f, indent=1)
-        metrics.write(json.dumps({"stage": stage, "done": True, "skipped": len(all_skipped),
+        if truncated:  # kept, but cut to max_length (never through image tokens): said, not silent
+            print(f"truncated to max_length={cfg.max_length}: {len(truncated)} samples, "
+                  f"{sum(n for _, n in truncated)} tokens cut (listed in truncated.json)")
+        with open(os.path.join(cfg.out_dir, "truncated.json"), "w") as f:
+            json.dump([{"id": rid, "tokens_cut": n} for rid, n in truncated], f, indent=1)
+        metrics.write(json.dumps({"stage": stage, "done": True, "skipped": len(all_skipped), "truncated": len(truncated),
                                   "skipped_ids": [rid for rid, _ in all_skipped]}) + "\n")
         metrics.close()
         save_checkpoint(model, cfg.out_dir, tokenizer, image_processor, parts="projector" if stage == "1" else "all",

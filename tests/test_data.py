@@ -601,7 +601,7 @@ def test_collator_pads_and_concatenates(image_folder, shapes_tokenizer, tiny_ima
     pv = batch["pixel_values"]  # red, green (of sample 1), then blue (sample 3), in order
     assert pv.shape == (3, 3, 32, 32)
     assert [int(pv[i].mean(dim=(1, 2)).argmax()) for i in range(3)] == [0, 1, 2]
-    assert D.Collator(tok.pad_token_id)([samples[1]]) == {"skipped": [samples[1]["skipped"]], "ids": []}
+    assert D.Collator(tok.pad_token_id)([samples[1]]) == {"skipped": [samples[1]["skipped"]], "ids": [], "truncated": []}
 
 
 def test_skip_report_counts():
