@@ -8,6 +8,8 @@ One stage of a paper recipe, on 8 GPUs:
     torchrun --nproc_per_node 8 train.py --recipe llava15-vicuna7b --stage 1.5 \\
         --init out/llava15/stage1 --data recap_cc3m.json --image-folder images/ --out-dir out/llava15/stage1.5
 Every TrainConfig field is a flag (--lr, --max-steps, --batch-size, ...) and overrides the recipe.
+Models that do not fit one GPU: add --fsdp. Surviving failures: --save-every N --resume auto (the
+paper recipes' default) under `torchrun --max-restarts K`, which restarts a group whose worker died.
 """
 from __future__ import annotations
 

@@ -264,7 +264,8 @@ def build_base_models(cfg: VictorConfig, load_weights: bool = True):
     if cfg.vision_model and (load_weights or cfg.vision_config is None):
         vconf = AutoConfig.from_pretrained(cfg.vision_model)
         vconf = getattr(vconf, "vision_config", vconf)  # a full CLIP/SigLIP checkpoint: take its tower
-        vision = _vision_class(vconf.model_type).from_pretrained(cfg.vision_model, config=vconf, attn_implementation="sdpa")
+        vision = _vision_class(vconf.model_type).from_pretrained(cfg.vision_model, config=vconf, attn_implementation="sdpa",
+                                                             dtype=torch.float32)  # fp32 master weights
     else:
         vconf = AutoConfig.for_model(**cfg.vision_config)
         vision = _vision_class(vconf.model_type)._from_config(vconf, attn_implementation="sdpa")
