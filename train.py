@@ -369,10 +369,10 @@ def train_stage(cfg: TrainConfig, stage: str) -> str:
     use_bf16 = cfg.bf16 and device.type == "cuda"
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    train_model = model
-    if cfg.fsdp:  # shards move to the device; the optimizer is built on the sharded parameters
-        if world == 1:
-            print("note: --fsdp with one process: nothing to shard over")
+    train_model, fsdp = model, cfg.fsdp and world > 1
+    if cfg.fsdp and world == 1 and master:
+        print("note: --fsdp with one process: nothing to shard over, training unsharded")
+    if fsdp:  # shards move to the device; the optimizer is built on the sharded parameters
         model = train_model = shard_with_fsdp(model, use_bf16)
         groups = trainable_param_groups(model, stage, cfg)  # the same parts, now sharded parameters
     else:
@@ -433,14 +433,14 @@ def train_stage(cfg: TrainConfig, stage: str) -> str:
             truncated.extend(b["truncated"])
             if "input_ids" in b:  # an all-skipped batch is simply passed over
                 b["seeds"] = selection_seeds(b["image_keys"], cfg.seed, progress["epoch"])
-                if cfg.fsdp and b["pixel_values"] is None:
+                if fsdp and b["pixel_values"] is None:
                     b["pixel_values"] = blank
                 return b
 
     def forward_backward(b, n_label, n_recon, sync):
-        if cfg.fsdp:
+        if fsdp:
             model.set_requires_gradient_sync(sync)
-        context = train_model.no_sync() if (world > 1 and not cfg.fsdp and not sync) else contextlib.nullcontext()
+        context = train_model.no_sync() if (world > 1 and not fsdp and not sync) else contextlib.nullcontext()
         with context, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             out = train_model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
                               labels=b["labels"].to(device), stage=stage, selection_seeds=b["seeds"],
@@ -519,7 +519,7 @@ def train_stage(cfg: TrainConfig, stage: str) -> str:
         skipped = [s for part, _ in gathered for s in part]
         truncated = [t for _, part in gathered for t in part]
     full_state = None
-    if cfg.fsdp:  # gather the full weights (every process takes part), to write the usual checkpoint once
+    if fsdp:  # gather the full weights (every process takes part), to write the usual checkpoint once
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         full_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if master:
