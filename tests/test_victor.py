@@ -196,6 +196,27 @@ def test_select_tokens_to_replace_counts_and_randomness(n):
     assert len(rows) == images if n > 16 else len(rows) >= images - 6
 
 
+def test_select_tokens_with_per_image_seeds_ignores_the_batch():
+    """With seeds, an image's choice depends on its seed alone: not on its batch or position in it
+    (what makes 1 or N processes, and a resumed run, replace the same tokens)."""
+    together = select_tokens_to_replace(3, 576, 0.75, seeds=[11, 22, 33])
+    alone = [select_tokens_to_replace(1, 576, 0.75, seeds=[s])[0] for s in (33, 11, 22)]
+    assert torch.equal(together[0], alone[1]) and torch.equal(together[1], alone[2])
+    assert torch.equal(together[2], alone[0])
+    assert together.sum(1).tolist() == [576 - 576 // 4] * 3
+    assert not torch.equal(together[0], together[1])
+    with pytest.raises(ValueError, match="2 selection seeds for 3 images"):
+        select_tokens_to_replace(3, 576, 0.75, seeds=[1, 2])
+
+
+def test_train_selection_seeds_name_each_image():
+    import train as T
+    seeds = T.selection_seeds([(0, 0), (0, 1), (1, 0)], seed=0, epoch=0)
+    assert len(set(seeds)) == 3
+    assert T.selection_seeds([(0, 0)], seed=0, epoch=1) != seeds[:1]  # a new epoch draws anew
+    assert T.selection_seeds([(0, 0)], seed=1, epoch=0) != seeds[:1]
+
+
 def test_select_tokens_to_replace_reproducible_and_uniform():
     a = select_tokens_to_replace(3, 576, 0.75, generator=torch.Generator().manual_seed(7))
     b = select_tokens_to_replace(3, 576, 0.75, generator=torch.Generator().manual_seed(7))
