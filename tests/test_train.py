@@ -461,6 +461,32 @@ def test_latest_training_state_ignores_half_written(tmp_path):
     assert T.latest_training_state(str(tmp_path)) == str(tmp_path / "step-10")
 
 
+def test_a_crash_while_saving_keeps_the_previous_state(base, tmp_path, monkeypatch):
+    """The process dies between writing step-4.tmp and renaming it: step-2 stays the newest
+    complete state, and resuming from it ends bitwise where an uninterrupted run does."""
+    def cfg(out, **kw):
+        return T.TrainConfig(**{**stage15_overrides(base, out, max_steps=6, save_every=2), **kw})
+    T.train_stage(cfg(tmp_path / "ref"), "1.5")
+    real_replace, calls = os.replace, []
+
+    def crash_on_second_rename(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed while saving")
+        return real_replace(src, dst)
+    monkeypatch.setattr(T.os, "replace", crash_on_second_rename)
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        T.train_stage(cfg(run), "1.5")
+    monkeypatch.undo()
+    states = run / "checkpoints"
+    assert sorted(os.listdir(states)) == ["step-2", "step-4.tmp"]
+    assert T.latest_training_state(str(states)) == str(states / "step-2")
+    T.train_stage(cfg(run, resume="auto"), "1.5")
+    a, b = load_file(str(tmp_path / "ref" / "model.safetensors")), load_file(str(run / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_killed_and_resumed_run_equals_uninterrupted(base, tmp_path):
     """Stage 1.5 (random token selection, pool, optimizer state), 40 steps crossing two epochs of
     the 64-image set: SIGKILL right after the first saved state, then --resume auto."""
