@@ -415,27 +415,24 @@ def save_checkpoint(model: VictorModel, path: str, tokenizer=None, image_process
     """Write a checkpoint directory. parts="projector" (stage 1) saves only the projector and
     refers to the base models by name/path; parts="all" saves the whole model.
     state_dict: the model's full state when the model itself holds only a shard (FSDP, gathered)."""
-    from safetensors.torch import save_file, save_model
+    from safetensors.torch import save_file
     if parts not in ("all", "projector"):
         raise ValueError(f"parts must be 'all' or 'projector', got {parts!r}")
     os.makedirs(path, exist_ok=True)
     meta = {"victor": model.cfg.to_dict(), "saved_parts": parts, **(extra or {})}
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(meta, f, indent=2)
-    if state_dict is None and parts == "all":
-        save_model(model, os.path.join(path, "model.safetensors"))  # handles tied embeddings
-    else:
-        if state_dict is None:
-            state_dict = model.state_dict()
-        if parts == "projector":
-            state_dict = {k: v for k, v in state_dict.items() if k.startswith("projector.")}
-        # tied weights (e.g. embeddings = lm_head) are stored once, under their first name
-        names = {}
-        for name, p in model.named_parameters(remove_duplicate=False):
-            names.setdefault(id(p), []).append(name)
-        tied = {n for group in names.values() for n in group[1:]}
-        save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items() if k not in tied},
-                  os.path.join(path, "model.safetensors"))
+    if state_dict is None:
+        state_dict = model.state_dict()
+    if parts == "projector":
+        state_dict = {k: v for k, v in state_dict.items() if k.startswith("projector.")}
+    # tied weights (e.g. embeddings = lm_head) are stored once, under their first name
+    names = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    tied = {n for group in names.values() for n in group[1:]}
+    save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items() if k not in tied},
+              os.path.join(path, "model.safetensors"))
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     if image_processor is not None:

@@ -706,6 +706,26 @@ def test_save_load_all_round_trip(tmp_path, shapes_tokenizer, tiny_image_process
     assert loaded.cfg.to_dict() == model.cfg.to_dict()
 
 
+def test_save_load_tied_embeddings(tmp_path, shapes_tokenizer, tiny_image_processor):
+    """An LLM whose lm_head is its input embedding (e.g. Qwen2.5-0.5B) is stored once and loads tied."""
+    from safetensors.torch import load_file
+    cfg = tiny_config()
+    cfg.llm_config["tie_word_embeddings"] = True
+    torch.manual_seed(4)
+    model = victor.VictorModel(cfg)
+    assert model.llm.lm_head.weight is model.llm.get_input_embeddings().weight
+    batch = make_batch(model)
+    loss, logits = _stage2(model, batch)
+    victor.save_checkpoint(model, str(tmp_path / "ck"), tokenizer=shapes_tokenizer,
+                           image_processor=tiny_image_processor)
+    stored = load_file(str(tmp_path / "ck" / "model.safetensors"))
+    assert "llm.model.embed_tokens.weight" in stored and "llm.lm_head.weight" not in stored
+    loaded, _, _ = victor.load_checkpoint(str(tmp_path / "ck"))
+    assert loaded.llm.lm_head.weight is loaded.llm.get_input_embeddings().weight
+    loss2, logits2 = _stage2(loaded, batch)
+    assert torch.equal(loss, loss2) and torch.equal(logits, logits2)
+
+
 def test_save_load_projector_only(tmp_path, shapes_tokenizer, tiny_image_processor):
     from safetensors.torch import load_file
     base = tiny_model(seed=4)
