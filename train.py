@@ -323,7 +323,7 @@ def selection_seeds(image_keys, seed: int, epoch: int) -> list[int]:
     return [((seed * 1_000_003 + epoch) * 1_000_000_007 + index) * 1009 + k for index, k in image_keys]
 
 
-def validate_data(cfg: TrainConfig, stage: str, master: bool) -> list[dict]:
+def validate_data(cfg: TrainConfig, master: bool) -> tuple[list[dict], list[tuple[str, str]]]:
     """The validation pass, before any training: every structurally bad record (and every record
     whose image file is missing) is reported with its position and reason, and written to
     out_dir/bad_records.json; --strict fails on any. Rank 0 checks, the others receive its answer."""
@@ -357,7 +357,7 @@ def train_stage(cfg: TrainConfig, stage: str) -> str:
     grad_accum = cfg.global_batch_size // (cfg.batch_size * world)
     if not cfg.data or not os.path.isfile(cfg.data):
         raise FileNotFoundError(f"stage {stage}: data file {cfg.data!r} not found (--data)")
-    records, bad_records = validate_data(cfg, stage, master)
+    records, bad_records = validate_data(cfg, master)
     torch.manual_seed(cfg.seed + rank)
 
     model, tokenizer, image_processor = build_model(cfg, stage)
