@@ -109,36 +109,46 @@ RECIPES = {
 # The demo's base models: random-init, tiny, the same classes as the paper's 7B models
 
 
+# What build_demo_base builds. A base folder built from other values (by an older version) is rebuilt.
+DEMO_VISION = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4, patch_size=32)
+# A trained tower's patch features say where each patch is. A random one at CLIP's init barely does
+# (position embeddings std 0.02, far below the patch content: a linear probe reads a token's cell 31 %
+# of the time, chance 11 %), and the LLM cannot find "the object at the top left". At std 0.4: 100 %.
+DEMO_POSITION_SCALE = 20
+# 8 heads of 16, init std 1/sqrt(width) and RoPE base 1e6: each made the random LLM learn to look up
+# one visual token by its cell or colour sooner (README, "Demo results"; with 4 heads, std 0.02
+# and base 1e4 it learned mostly what the whole image holds)
+DEMO_LLM = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=8,
+                num_key_value_heads=8, head_dim=16, initializer_range=128 ** -0.5, rope_theta=1e6,
+                max_position_embeddings=512)
+
+
 def build_demo_base(out_dir: str) -> tuple[str, str]:
     """Save a tiny CLIP vision tower (+ image processor) and a tiny Llama (+ shapes tokenizer)."""
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
     vision_dir, llm_dir = os.path.join(out_dir, "base", "vision"), os.path.join(out_dir, "base", "llm")
-    if os.path.isfile(os.path.join(llm_dir, "config.json")) and os.path.isfile(os.path.join(vision_dir, "config.json")):
-        return vision_dir, llm_dir
+    recipe_file = os.path.join(out_dir, "base", "demo_base.json")
+    recipe = {"vision": DEMO_VISION, "position_scale": DEMO_POSITION_SCALE, "llm": DEMO_LLM}
+    if os.path.isfile(recipe_file):
+        with open(recipe_file) as f:
+            if json.load(f) == recipe:
+                return vision_dir, llm_dir
+    if os.path.isdir(os.path.join(out_dir, "base")):
+        print(f"note: {os.path.join(out_dir, 'base')} was built by another version of the demo: rebuilding it")
     torch.manual_seed(0)
     size = D.ShapesSpec().image_size
-    vision = CLIPVisionModel(CLIPVisionConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=3,
-                                              num_attention_heads=4, image_size=size, patch_size=32))
-    # A trained tower's patch features say where each patch is. A random one at CLIP's init barely does
-    # (position embeddings std 0.02, far below the patch content: a linear probe reads a token's cell 31 %
-    # of the time, chance 11 %), and the LLM cannot find "the object at the top left". At std 0.4: 100 %.
+    vision = CLIPVisionModel(CLIPVisionConfig(**DEMO_VISION, image_size=size))
     with torch.no_grad():
-        vision.embeddings.position_embedding.weight.mul_(20)
+        vision.embeddings.position_embedding.weight.mul_(DEMO_POSITION_SCALE)
     vision.save_pretrained(vision_dir)
     CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(vision_dir)
     tok = D.build_shapes_tokenizer()
-    # 8 heads of 16, init std 1/sqrt(width) and RoPE base 1e6: each made the random LLM learn to look up
-    # one visual token by its cell or colour sooner (README, "Demo results"; with 4 heads, std 0.02
-    # and base 1e4 it learned mostly what the whole image holds)
-    llm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=384,
-                                       num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=8,
-                                       head_dim=16, initializer_range=128 ** -0.5,
-                                       rope_parameters=dict(rope_type="default", rope_theta=1e6),
-                                       max_position_embeddings=512, tie_word_embeddings=False,
-                                       bos_token_id=None, eos_token_id=tok.eos_token_id,
-                                       pad_token_id=tok.pad_token_id))
+    llm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), **DEMO_LLM, tie_word_embeddings=False, bos_token_id=None,
+                                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
     llm.save_pretrained(llm_dir)
     tok.save_pretrained(llm_dir)
+    with open(recipe_file, "w") as f:  # last: a build cut short is redone
+        json.dump(recipe, f)
     return vision_dir, llm_dir
 
 

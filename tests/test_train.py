@@ -518,3 +518,24 @@ def test_killed_and_resumed_run_equals_uninterrupted(base, tmp_path):
     ref_rows, _ = read_metrics(str(ref))
     assert rows[-1]["step"] == ref_rows[-1]["step"] == 40
     assert rows[-1]["loss"] == ref_rows[-1]["loss"]
+
+
+def test_demo_base_is_rebuilt_when_built_by_another_version(tmp_path, capsys):
+    vision_dir, llm_dir = T.build_demo_base(str(tmp_path))
+    llm = json.load(open(os.path.join(llm_dir, "config.json")))
+    assert llm["num_attention_heads"] == T.DEMO_LLM["num_attention_heads"]
+    assert llm["rope_parameters"]["rope_theta"] == T.DEMO_LLM["rope_theta"]
+    first = load_file(os.path.join(vision_dir, "model.safetensors"))["embeddings.position_embedding.weight"]
+    assert 0.3 < first.std() < 0.5  # CLIP's init (0.02) x DEMO_POSITION_SCALE
+    weights = os.path.join(llm_dir, "model.safetensors")
+    stamp = os.stat(weights).st_mtime_ns
+    T.build_demo_base(str(tmp_path))  # the same recipe: kept as it is
+    assert os.stat(weights).st_mtime_ns == stamp
+    # an older version's base (4 heads, no recipe file) is rebuilt, not silently reused
+    os.remove(os.path.join(tmp_path, "base", "demo_base.json"))
+    json.dump({**llm, "num_attention_heads": 4}, open(os.path.join(llm_dir, "config.json"), "w"))
+    T.build_demo_base(str(tmp_path))
+    assert "rebuilding" in capsys.readouterr().out
+    assert json.load(open(os.path.join(llm_dir, "config.json")))["num_attention_heads"] == 8
+    again = load_file(os.path.join(vision_dir, "model.safetensors"))["embeddings.position_embedding.weight"]
+    assert torch.equal(first, again)  # deterministic: the same models as a fresh build
