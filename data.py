@@ -403,6 +403,7 @@ class ShapesSpec:
     max_objects: int = 3
     num_train_images: int = 8000
     num_test_images: int = 500
+    questions_per_image: int = 4  # stage 2: one record per question, of distinct kinds
     seed: int = 0
 
 
@@ -487,6 +488,9 @@ QUESTION_KINDS = ("colour", "shape", "position", "count", "exists")
 
 def make_shapes_dataset(root: str, spec: ShapesSpec = ShapesSpec()) -> dict:
     """Generate the shapes dataset into root (deterministic from spec.seed). Returns the file paths."""
+    if not 1 <= spec.questions_per_image <= len(QUESTION_KINDS):
+        raise ValueError(f"questions_per_image must be 1..{len(QUESTION_KINDS)} (one per kind), "
+                         f"got {spec.questions_per_image}")
     os.makedirs(os.path.join(root, "images"), exist_ok=True)
     rng = random.Random(spec.seed)
     stage1, stage15, stage2, test = [], [], [], []
@@ -507,12 +511,13 @@ def make_shapes_dataset(root: str, spec: ShapesSpec = ShapesSpec()) -> dict:
         stage15.append({"id": rid, "image": name, "conversations": [
             {"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{DETAIL_PROMPT}"},
             {"from": "gpt", "value": detailed_caption(objects)}]})
-        turns = []
-        for t, kind in enumerate(rng.sample(QUESTION_KINDS, 4)):
+        # four questions of different kinds per image, one per record: each question then sits
+        # right after its image, as in the test set (as 4-turn conversations the demo learned less
+        # in the same minutes: README, "Demo results")
+        for t, kind in enumerate(rng.sample(QUESTION_KINDS, spec.questions_per_image)):
             q, a, _ = make_question(rng, objects, kind, multiple_choice=rng.random() < 0.5)
-            turns += [{"from": "human", "value": (f"{IMAGE_PLACEHOLDER}\n" if t == 0 else "") + q},
-                      {"from": "gpt", "value": a}]
-        stage2.append({"id": rid, "image": name, "conversations": turns})
+            stage2.append({"id": f"{rid}-q{t}", "image": name, "conversations": [
+                {"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{q}"}, {"from": "gpt", "value": a}]})
     files = {"stage1": "stage1.json", "stage1.5": "stage1_5.json", "stage2": "stage2.json", "test": "test.jsonl"}
     for key, recs in (("stage1", stage1), ("stage1.5", stage15), ("stage2", stage2)):
         with open(os.path.join(root, files[key]), "w") as f:

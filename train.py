@@ -100,8 +100,8 @@ RECIPES = {
                           batch_size=32, template="plain", max_length=256, num_workers=0),
                 "1.5": dict(lr=1e-3, vision_lr=0.0, pool_lr=1e-2, max_steps=150, warmup_steps=20, adam_beta2=0.95,
                             global_batch_size=8, batch_size=8, max_length=256, num_workers=0),
-                "2": dict(lr=1e-3, vision_lr=0.0, max_steps=1800, warmup_steps=30, adam_beta2=0.95, global_batch_size=8,
-                          batch_size=8, max_length=256, num_workers=0)}),
+                "2": dict(lr=5e-4, vision_lr=0.0, max_steps=2000, warmup_steps=30, adam_beta2=0.95, global_batch_size=16,
+                          batch_size=16, max_length=256, num_workers=0)}),
 }
 
 

@@ -56,9 +56,10 @@ def tiny_image_processor():
 
 @pytest.fixture(scope="session")
 def shapes_dir(tmp_path_factory):
-    """A small shapes dataset (32 px images to match the tiny model)."""
+    """A small shapes dataset (32 px images to match the tiny model); one stage-2 record per image."""
     root = str(tmp_path_factory.mktemp("shapes"))
-    D.make_shapes_dataset(root, D.ShapesSpec(image_size=32, num_train_images=64, num_test_images=20))
+    D.make_shapes_dataset(root, D.ShapesSpec(image_size=32, num_train_images=64, num_test_images=20,
+                                             questions_per_image=1))
     return root
 
 

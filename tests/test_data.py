@@ -654,13 +654,27 @@ def test_shapes_same_seed_same_image_bytes(shapes_runs):
 def test_shapes_records_are_valid(shapes_runs, shapes_dir):
     (a, _, _), files = shapes_runs
     n_train, n_test = SMALL["num_train_images"], SMALL["num_test_images"]
-    for key, count in (("stage1", n_train), ("stage1.5", n_train), ("stage2", n_train), ("test", n_test)):
+    per_image = D.ShapesSpec().questions_per_image
+    for key, count in (("stage1", n_train), ("stage1.5", n_train), ("stage2", n_train * per_image),
+                       ("test", n_test)):
         records, bad = D.load_records(files[0][key], strict=True)
         assert bad == [] and len(records) == count
         assert all(D.check_record(r) is None for r in records)
         assert all(os.path.isfile(os.path.join(a, p)) for r in records for p in D.record_images(r))
+    # stage 2: one question per record, right after its image; an image's questions are of distinct kinds
     stage2, _ = D.load_records(files[0]["stage2"])
-    assert all(len(r["conversations"]) == 8 for r in stage2)
+    assert all(len(r["conversations"]) == 2 and r["conversations"][0]["value"].startswith(D.IMAGE_PLACEHOLDER + "\n")
+               for r in stage2)
+    by_image = {}
+    for r in stage2:
+        by_image.setdefault(r["image"], []).append(r["conversations"][0]["value"].split("\n")[1].split(" ")[:2])
+    assert len(by_image) == n_train and all(len(q) == per_image for q in by_image.values())
+    assert all(len({tuple(w) for w in q}) == per_image for q in by_image.values())  # distinct question kinds
+
+
+def test_shapes_questions_per_image_is_checked(tmp_path):
+    with pytest.raises(ValueError, match="questions_per_image must be 1..5"):
+        D.make_shapes_dataset(str(tmp_path), D.ShapesSpec(questions_per_image=6, num_train_images=1, num_test_images=1))
 
 
 def _objects_from_caption(caption):
@@ -696,22 +710,22 @@ def _true_answer(question, objects):
 def test_shapes_answers_agree_with_captions(shapes_runs):
     _, files = shapes_runs
     s1, s15, s2 = (D.load_records(files[0][k])[0] for k in ("stage1", "stage1.5", "stage2"))
-    objects = {r["id"]: _objects_from_caption(r["conversations"][1]["value"]) for r in s15}
+    objects = {r["image"]: _objects_from_caption(r["conversations"][1]["value"]) for r in s15}
     for r in s1:
-        assert r["conversations"][1]["value"] == D.short_caption(objects[r["id"]])
+        assert r["conversations"][1]["value"] == D.short_caption(objects[r["image"]])
     n_mc = 0
     for r in s2:
         conv = r["conversations"]
         for q, a in zip(conv[0::2], conv[1::2]):
             question, options = _parse_mc(q["value"].replace("<image>\n", ""))
-            truth = _true_answer(question, objects[r["id"]])
+            truth = _true_answer(question, objects[r["image"]])
             if options:  # the answer is the option's text
                 n_mc += 1
                 assert a["value"] == truth and truth in options
                 assert len(set(options)) == len(options)
             else:
                 assert a["value"] == truth
-    assert 0 < n_mc < 4 * len(s2)
+    assert 0 < n_mc < len(s2)
 
 
 def test_shapes_test_set_kinds_and_options(shapes_runs):
@@ -754,4 +768,5 @@ def test_shapes_tokenizer_has_no_unk_on_the_dataset(shapes_runs, shapes_dir, sha
             ids, _ = D.tokenize_conversation(msgs[:1], tok, D.CHATML_TEMPLATE, 2)  # the eval prompt
             assert unk not in ids
             n += 1
-    assert n == 3 * 30 + 100 + 3 * 64 + 20  # stage1/1.5/2 + test, both datasets
+    per_image = D.ShapesSpec().questions_per_image  # stage 2 of the first dataset; the second has 1
+    assert n == (2 + per_image) * 30 + 100 + 3 * 64 + 20  # stage1/1.5/2 + test, both datasets

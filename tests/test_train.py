@@ -300,8 +300,16 @@ def test_eval_end_to_end(all_stages, tmp_path):
     assert res["num_questions"] == len(records) == 20
     assert 0.0 <= res["accuracy"] <= 1.0
     assert len(res["predictions"]) == 20
-    assert res["accuracy"] == pytest.approx(
-        sum(p["prediction"].lower() == p["answer"].lower() for p in res["predictions"]) / 20)
+    # a multiple-choice prediction is the option's letter, a yes/no one the word
+    by_id = {r["id"]: r for r in records}
+
+    def right(p):
+        options = by_id[p["id"]]["options"]
+        if options is None:
+            return p["prediction"].lower() == p["answer"].lower()
+        letters = list(D.LETTERS[:len(options)])
+        return p["prediction"] in letters and options[letters.index(p["prediction"])] == p["answer"]
+    assert res["accuracy"] == pytest.approx(sum(map(right, res["predictions"])) / 20)
     # chance: 1/len(options) for multiple choice, 0.5 for yes/no; per type and overall
     chance = {}
     for r in records:
