@@ -642,4 +642,5 @@ if __name__ == "__main__":
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"done in {time.time() - t:.0f}s")
     if dist.is_initialized():
+        dist.barrier()  # every rank past its last collective before gloo tears down (a rare abort at exit)
         dist.destroy_process_group()
