@@ -511,9 +511,9 @@ def make_shapes_dataset(root: str, spec: ShapesSpec = ShapesSpec()) -> dict:
         stage15.append({"id": rid, "image": name, "conversations": [
             {"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{DETAIL_PROMPT}"},
             {"from": "gpt", "value": detailed_caption(objects)}]})
-        # four questions of different kinds per image, one per record: each question then sits
-        # right after its image, as in the test set (as 4-turn conversations the demo learned less
-        # in the same minutes: README, "Demo results")
+        # questions_per_image questions of distinct kinds per image, one per record: each question
+        # then sits right after its image, as in the test set (as 4-turn conversations the demo
+        # learned less in the same minutes: README, "Demo results")
         for t, kind in enumerate(rng.sample(QUESTION_KINDS, spec.questions_per_image)):
             q, a, _ = make_question(rng, objects, kind, multiple_choice=rng.random() < 0.5)
             stage2.append({"id": f"{rid}-q{t}", "image": name, "conversations": [
