@@ -272,7 +272,6 @@ def visualize_pool(checkpoint_or_model, image_path: str, out_png: str | None = N
     row, so similar regions can share a row and a colour).
     """
     from victor import hungarian_match
-    import torch.nn.functional as F
     if isinstance(checkpoint_or_model, str):
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model, tok, proc = load_checkpoint(checkpoint_or_model, device)
@@ -307,22 +306,22 @@ def visualize_pool(checkpoint_or_model, image_path: str, out_png: str | None = N
     else:  # (a pool smaller than N cannot give every token its own row) each token's nearest row
         assignment = "nearest"
         rows = torch.cdist(visual[0].float(), model.token_pool.float()).argmin(-1)
-    # the stage-1.5 forward, with the reconstruction head's output caught on the way
-    caught = []
-    hook = model.recon_head.register_forward_hook(lambda m, i, o: caught.append(o.detach()))
+    # the stage-1.5 forward; it returns each token's reconstruction error (step 6)
     try:
         gen = torch.Generator(device=visual.device).manual_seed(seed)
-        out = model(input_ids, torch.ones_like(input_ids), pixel_values=pixel_values, stage="1.5", generator=gen)
+        out = model(input_ids, torch.ones_like(input_ids), pixel_values=pixel_values, stage="1.5", generator=gen,
+                    return_token_errors=True)
     finally:
-        hook.remove()
         model.train(was_training)
-    errors = F.smooth_l1_loss(caught[-1].float(), visual[0].float(), beta=model.cfg.recon_beta,
-                              reduction="none").mean(-1)
+    errors = torch.zeros(n)
+    if out.token_errors is not None:  # shown at the token reconstructed (recon_target_offset: VDEP's next token)
+        errors[model.cfg.recon_target_offset:] = out.token_errors[0].float().cpu()
+    replaced = out.replaced_mask[0] if out.replaced_mask is not None else torch.zeros(n, dtype=torch.bool)
     fill = tuple(int(255 * m) for m in image_processor.image_mean)
     title = (f"checkpoint {name} (stage {stage}): {os.path.basename(image_path)}, "
              f"pool {model.token_pool.shape[0]} rows, {assignment} match, replacement seed {seed}")
     picture = draw_pool_picture(D.expand_to_square(image, fill), rows.cpu().numpy(), errors.cpu().numpy(),
-                                out.replaced_mask[0].cpu().numpy(), panel=panel, title=title)
+                                replaced.cpu().numpy(), panel=panel, title=title)
     if out_png:
         os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
         picture.save(out_png)

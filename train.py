@@ -30,7 +30,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data as D
-from victor import STAGES, VictorConfig, VictorModel, load_checkpoint, save_checkpoint
+from victor import IGNORE_INDEX, STAGES, VictorConfig, VictorModel, load_checkpoint, save_checkpoint
 
 
 @dataclass
@@ -48,6 +48,7 @@ class TrainConfig:
     vision_model: str = ""
     llm: str = ""
     model_overrides: dict = field(default_factory=dict)  # extra VictorConfig fields (pool_size, ...)
+    variant: str = ""  # victor | croc | vdep | captions | llava: a preset of VictorConfig fields (VARIANTS)
     # optimisation (DESIGN.md §1: lr / vision_lr / pool_lr per stage; vision_lr 0 = frozen tower)
     lr: float = 1e-5
     vision_lr: float = 2e-6
@@ -68,6 +69,7 @@ class TrainConfig:
     num_workers: int = 2
     seed: int = 0
     log_every: int = 10
+    snapshot_steps: str = ""  # e.g. "250,500": also save the model at these steps (out_dir/snapshots/step-N)
     save_every: int = 0  # steps between resumable training states (out_dir/checkpoints/step-N); 0: none
     resume: str = ""  # "auto": continue from the newest complete state in out_dir/checkpoints; or a state dir
     max_bad_steps: int = 5  # non-finite loss/gradient: skip the step; this many in a row stop the run
@@ -103,6 +105,33 @@ RECIPES = {
                 "2": dict(lr=5e-4, vision_lr=0.0, max_steps=2000, warmup_steps=30, adam_beta2=0.95, global_batch_size=16,
                           batch_size=16, max_length=256, num_workers=0)}),
 }
+
+
+# The family as presets of VictorConfig's stage-1.5 fields (README, "The family"). --model-overrides
+# still sets any field on its own, and wins over the preset.
+VARIANTS = {
+    # ViCToR: 75 % of the visual tokens replaced by Hungarian-matched pool rows, causal attention,
+    # every image position reconstructs its own token
+    "victor": dict(replace_ratio=0.75, matcher="hungarian", stage15_attention="causal", recon_weight=10.0,
+                   recon_target_offset=0, recon_image_ratio=1.0),
+    # Croc, ViCToR's first version: each replaced token takes its nearest pool row (rows may repeat),
+    # and the prefix (system, image, prompt) attends bidirectionally in stage 1.5
+    "croc": dict(replace_ratio=0.75, matcher="nearest", stage15_attention="mixed", recon_weight=10.0,
+                 recon_target_offset=0, recon_image_ratio=1.0),
+    # VDEP (arXiv 2502.09093): nothing replaced; the hidden state at image position i reconstructs the
+    # projector's (current) output for token i + 1, on half the images; the other half are ordinary
+    # text-supervised samples. Offset 1 because in a causal LLM with nothing replaced, position i's own
+    # input reaches its hidden state through the residual stream, so reconstructing it tests little;
+    # recon_target_offset=0 is the other reading. α = recon_weight, ViCToR's 10, so that the arms differ
+    # only in what defines them (the paper tunes α).
+    "vdep": dict(replace_ratio=0.0, stage15_attention="causal", recon_weight=10.0, recon_target_offset=1,
+                 recon_image_ratio=0.5),
+    # the control: stage 1.5 on the same captions with the LM loss alone (no pool, no reconstruction)
+    "captions": dict(replace_ratio=0.0, stage15_attention="causal", recon_weight=0.0),
+    # LLaVA: no stage 1.5 at all
+    "llava": {},
+}
+CROC_LR = 2e-5  # Croc's learning rate in stages 1.5 and 2 (the paper recipes; ViCToR's is 1e-5)
 
 
 # -----------------------------------------------------------------------------
@@ -189,23 +218,8 @@ def all_reduce_sum(x: float, device) -> float:
 
 
 def trainable_param_groups(model: VictorModel, stage: str, cfg: TrainConfig) -> list[dict]:
-    """Freeze everything, then unfreeze this stage's parts, each group with its learning rate."""
-    model.requires_grad_(False)
-    groups = [("projector", model.projector.parameters(), cfg.lr)]
-    if stage in ("1.5", "2"):
-        groups.append(("llm", model.llm.parameters(), cfg.lr))
-        if cfg.vision_lr > 0:
-            groups.append(("vision_tower", model.vision_parameters_in_use(), cfg.vision_lr))
-    if stage == "1.5":
-        groups.append(("token_pool", [model.token_pool], cfg.pool_lr))
-        groups.append(("recon_head", model.recon_head.parameters(), cfg.lr))
-    out = []
-    for name, params, lr in groups:
-        params = list(params)
-        for p in params:
-            p.requires_grad_(True)
-        out.append({"name": name, "params": params, "lr": lr, "weight_decay": cfg.weight_decay})
-    return out
+    """This stage's optimizer groups (VictorModel.param_groups) with the run's learning rates."""
+    return model.param_groups(stage, cfg.lr, cfg.vision_lr, cfg.pool_lr, cfg.weight_decay)
 
 
 def lr_lambda(warmup: int, total: int):
@@ -320,11 +334,16 @@ def shard_with_fsdp(model: VictorModel, use_bf16: bool) -> VictorModel:
 def build_model(cfg: TrainConfig, stage: str):
     from transformers import AutoImageProcessor, AutoTokenizer
     if cfg.init:
-        model, tokenizer, image_processor = load_checkpoint(cfg.init)
+        model, tokenizer, image_processor = load_checkpoint(cfg.init, overrides=cfg.model_overrides)
+        for key in ("vision_model", "llm"):  # named on the command line: must be the checkpoint's own
+            given, held = getattr(cfg, key), getattr(model.cfg, key)
+            if given and (os.path.abspath(given) if os.path.isdir(given) else given) != held:
+                raise ValueError(f"--{key.replace('_', '-')} {given!r}: with --init the base models come from "
+                                 f"{cfg.init} ({key} {held!r}); drop the flag")
     else:
         if stage != "1":
             print(f"note: stage {stage} without --init starts from the base models (no stage-1 projector)")
-        vcfg = VictorConfig(vision_model=cfg.vision_model, llm=cfg.llm, **cfg.model_overrides)
+        vcfg = VictorConfig.from_dict({"vision_model": cfg.vision_model, "llm": cfg.llm, **cfg.model_overrides})
         for key in ("vision_model", "llm"):  # local dirs by absolute path, so checkpoints can refer to them
             if os.path.isdir(getattr(vcfg, key)):
                 setattr(vcfg, key, os.path.abspath(getattr(vcfg, key)))
@@ -332,6 +351,12 @@ def build_model(cfg: TrainConfig, stage: str):
         model = VictorModel(vcfg)
         tokenizer = AutoTokenizer.from_pretrained(cfg.llm)
         image_processor = AutoImageProcessor.from_pretrained(cfg.vision_model)
+    attn = model.llm.config._attn_implementation
+    if stage == "1.5" and model.cfg.stage15_attention == "mixed" and attn not in ("sdpa", "eager"):
+        # Croc's mask is 4-D, which flash-attention cannot take: this stage runs on SDPA
+        print(f"note: stage15_attention='mixed' needs a 4-D attention mask, which {attn} cannot take: "
+              f"stage 1.5 runs with sdpa")
+        model.llm.set_attn_implementation("sdpa")
     if tokenizer.pad_token is None:  # Llama/Vicuna have none; LLaVA pads with unk
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     return model, tokenizer, image_processor
@@ -364,6 +389,29 @@ def validate_data(cfg: TrainConfig, master: bool) -> tuple[list[dict], list[tupl
     if dist.is_initialized():
         dist.broadcast_object_list(result, src=0)
     return result[0]
+
+
+def parse_steps(text: str) -> set[int]:
+    """'250,500' -> {250, 500} (--snapshot-steps)."""
+    try:
+        steps = {int(x) for x in text.replace(" ", "").split(",") if x}
+    except ValueError:
+        raise ValueError(f"--snapshot-steps: comma-separated step numbers, got {text!r}") from None
+    if any(k <= 0 for k in steps):
+        raise ValueError(f"--snapshot-steps: steps must be positive, got {text!r}")
+    return steps
+
+
+def save_model(model, cfg: TrainConfig, stage: str, path: str, tokenizer, image_processor, fsdp: bool, master: bool):
+    """Write the model as a checkpoint directory (victor.save_checkpoint): stage 1 its projector, later
+    stages everything. Under FSDP every process takes part in gathering the full weights."""
+    full_state = None
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        full_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if master:
+        save_checkpoint(model, path, tokenizer, image_processor, parts="projector" if stage == "1" else "all",
+                        extra={"train_config": {**dataclasses.asdict(cfg), "stage": stage}}, state_dict=full_state)
 
 
 def train_stage(cfg: TrainConfig, stage: str) -> str:
@@ -474,6 +522,9 @@ def train_stage(cfg: TrainConfig, stage: str) -> str:
             (world * (lm + recon)).backward()  # DDP / FSDP average gradients over processes
         return lm.item(), recon.item()
 
+    snapshots = parse_steps(cfg.snapshot_steps)
+    if snapshots and max(snapshots) > total_steps:
+        raise ValueError(f"--snapshot-steps {cfg.snapshot_steps}: this run has only {total_steps} steps")
     os.makedirs(cfg.out_dir, exist_ok=True)
     metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a" if resume_from else "w") if master else None
     bar = tqdm(range(progress["step"], total_steps), initial=progress["step"], total=total_steps,
@@ -482,8 +533,9 @@ def train_stage(cfg: TrainConfig, stage: str) -> str:
     t0, samples_seen, bad_in_a_row, logged_skips = time.time(), 0, 0, len(skipped)
     for step in bar:
         micro = [next_batch() for _ in range(grad_accum)]
-        n_label = all_reduce_sum(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro), device)
-        n_recon = all_reduce_sum(sum(int((b["input_ids"] == model.cfg.image_token_id).sum()) for b in micro), device)
+        n_label = all_reduce_sum(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro), device)
+        n_recon = all_reduce_sum(sum(model.num_reconstruction_targets(len(b["seeds"]), b["seeds"]) for b in micro)
+                                 if stage == "1.5" else 0, device)
         log = {"lm_loss": 0.0, "recon_loss": 0.0}
         for i, b in enumerate(micro):
             lm, recon = forward_backward(b, n_label, n_recon, sync=i == grad_accum - 1)
@@ -529,6 +581,9 @@ def train_stage(cfg: TrainConfig, stage: str) -> str:
                                f"(last: step {step + 1}); stopped. The state before them is saved in "
                                f"{latest_training_state(state_dir)}: lower the learning rate or look at the data, "
                                f"then --resume auto")
+        if step + 1 in snapshots and step + 1 < total_steps:  # a model checkpoint part-way, e.g. for learning curves
+            save_model(model, cfg, stage, os.path.join(cfg.out_dir, "snapshots", f"step-{step + 1}"), tokenizer,
+                       image_processor, fsdp, master)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
             progress.update(step=step + 1, skipped=skipped, truncated=truncated)
             save_training_state(state_dir, progress, model, optimizer, scheduler, rank)
@@ -539,10 +594,6 @@ def train_stage(cfg: TrainConfig, stage: str) -> str:
         dist.all_gather_object(gathered, (skipped, truncated))
         skipped = [s for part, _ in gathered for s in part]
         truncated = [t for _, part in gathered for t in part]
-    full_state = None
-    if fsdp:  # gather the full weights (every process takes part), to write the usual checkpoint once
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        full_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if master:
         all_skipped = [(rid, why) for rid, why in bad_records] + skipped
         print(D.skip_report(all_skipped))
@@ -556,8 +607,8 @@ def train_stage(cfg: TrainConfig, stage: str) -> str:
         metrics.write(json.dumps({"stage": stage, "done": True, "skipped": len(all_skipped), "truncated": len(truncated),
                                   "skipped_ids": [rid for rid, _ in all_skipped]}) + "\n")
         metrics.close()
-        save_checkpoint(model, cfg.out_dir, tokenizer, image_processor, parts="projector" if stage == "1" else "all",
-                        extra={"train_config": {**dataclasses.asdict(cfg), "stage": stage}}, state_dict=full_state)
+    save_model(model, cfg, stage, cfg.out_dir, tokenizer, image_processor, fsdp, master)
+    if master:
         print(f"stage {stage}: saved {cfg.out_dir} ({total_steps} steps, {time.time() - t0:.0f}s)")
     if world > 1:
         dist.barrier()
@@ -568,27 +619,70 @@ def train_stage(cfg: TrainConfig, stage: str) -> str:
 # Recipes and the command line
 
 
-def stage_config(recipe: str, stage: str, overrides: dict) -> TrainConfig:
-    """Recipe defaults for one stage, then the command line's overrides."""
+def stage_config(recipe: str, stage: str, overrides: dict, init: str = "") -> TrainConfig:
+    """Recipe defaults for one stage, then the variant's preset, then the command line's overrides.
+    With --init the checkpoint holds the model's settings: only the variant's and the command line's
+    model settings apply, and each takes effect or is refused (victor.config_with_overrides)."""
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; choose from {sorted(RECIPES)}")
+    variant = overrides.get("variant", "")
+    if variant and variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose from {sorted(VARIANTS)}")
     r = RECIPES[recipe]
-    values = {**r["model"], **r["stages"][stage], **overrides, "recipe": recipe, "stage": stage}
+    base = {} if init else {k: v for k, v in r["model"].items() if k != "model_overrides"}
+    model_overrides = {**({} if init else r["model"].get("model_overrides", {})), **VARIANTS.get(variant, {}),
+                       **overrides.get("model_overrides", {})}
+    stage_values = dict(r["stages"][stage])
+    if variant == "croc" and stage in ("1.5", "2") and recipe != "demo":
+        stage_values["lr"] = CROC_LR
+    values = {**base, **stage_values, **overrides, "model_overrides": model_overrides,
+              "recipe": recipe, "stage": stage, "init": init}
     return TrainConfig(**values)
+
+
+def check_knobs(given: dict, recipe: str, stages: list[str]):
+    """Refuse a flag that contradicts another; say so when a flag has no effect in this stage (a flag
+    set shared by all stages of an experiment is common, so that is a note, not an error)."""
+    def off(flag, why, refuse):
+        if refuse:
+            raise ValueError(f"--{flag} {why}")
+        print(f"note: --{flag} {why}")
+    if "demo_images" in given and recipe != "demo":
+        off("demo-images", f"applies to the demo recipe only (this is {recipe!r})", True)
+    if given.get("max_steps") and "epochs" in given:
+        off("epochs", "has no effect with --max-steps", True)
+    if given.get("warmup_steps") and "warmup_ratio" in given:
+        off("warmup-ratio", "has no effect with --warmup-steps", True)
+    if given.get("vision_lr") and "1" in stages:
+        off("vision-lr", "has no effect in stage 1 (it trains the projector only)", False)
+    if "pool_lr" in given and set(stages) - {"1.5"}:
+        off("pool-lr", "has no effect outside stage 1.5 (the only stage that trains the token pool)", False)
+    if given.get("bf16") and not torch.cuda.is_available():
+        off("bf16", "has no effect without CUDA: this run trains in float32", False)
+    if given.get("variant") == "croc" and recipe == "demo" and set(stages) & {"1.5", "2"}:
+        print(f"note: --variant croc: Croc's learning rate {CROC_LR} (stages 1.5 and 2) belongs to the paper "
+              f"recipes; the demo recipe keeps its own learning rates")
 
 
 def run(overrides: dict) -> list[str]:
     """Run one stage, or all three in a row (each initialised from the one before)."""
+    given = dict(overrides)
     recipe, stage = overrides.pop("recipe", "demo"), overrides.pop("stage", "all")
     out_root = overrides.pop("out_dir", "out/demo" if recipe == "demo" else f"out/{recipe}")
+    variant = overrides.get("variant", "")
     stages = list(STAGES) if stage == "all" else [stage]
+    if variant == "llava":  # LLaVA has no stage 1.5
+        if stage == "1.5":
+            raise ValueError("--variant llava has no stage 1.5 (it trains stage 1, then stage 2)")
+        stages = [s for s in stages if s != "1.5"]
+    check_knobs(given, recipe, stages)
     if stage == "all" and "data" in overrides and recipe != "demo":
         raise ValueError("--stage all needs different data per stage: run the stages one by one with --data")
     demo_data = {}
     if recipe == "demo":  # generate the data and the tiny base models on first use, unless they were given
-        given = {k for k, v in overrides.items() if v}
-        need_data = not {"data", "image_folder"} <= given
-        need_base = not ("init" in given or {"vision_model", "llm"} <= given)
+        given_values = {k for k, v in overrides.items() if v}
+        need_data = not {"data", "image_folder"} <= given_values
+        need_base = not ("init" in given_values or {"vision_model", "llm"} <= given_values)
         rank, _, _ = setup_distributed()
         spec = D.ShapesSpec(num_train_images=overrides.get("demo_images", TrainConfig.demo_images))
         if rank == 0:
@@ -610,8 +704,9 @@ def run(overrides: dict) -> list[str]:
         o = dict(overrides)
         if s in demo_data:
             o.setdefault("data", demo_data[s])
-        cfg = stage_config(recipe, s, o)
-        cfg.init = init
+        if init and s != stages[0]:  # the base models come with the previous stage's checkpoint
+            o.pop("vision_model", None), o.pop("llm", None)
+        cfg = stage_config(recipe, s, o, init)
         cfg.out_dir = os.path.join(out_root, f"stage{s}") if stage == "all" else out_root
         init = train_stage(cfg, s)
         outs.append(init)

@@ -20,6 +20,7 @@ then checkpoint I/O. Training lives in train.py, data in data.py.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -54,12 +55,15 @@ class VictorConfig:
     vision_feature_downsample: int = 1  # k>1 average-pools k x k patches into one token (demo)
     projector_type: str = "mlp2x_gelu"  # mlp2x_gelu | linear
     normalize_visual_tokens: bool = True  # the public code L2-normalises every projected token
-    # stage 1.5
+    # stage 1.5: ViCToR's values; the relatives (README, "The family") are other settings of these fields
     pool_size: int = 2048
-    replace_ratio: float = 0.75  # replace N - N//4 tokens, as the public code's "keep N // 4"
-    matcher: str = "hungarian"  # hungarian (exact, reduced: solve_assignment_fast) | scipy (the plain reference)
-    recon_weight: float = 10.0
+    replace_ratio: float = 0.75  # replace N - N//4 tokens, as the public code's "keep N // 4"; 0: no pool
+    matcher: str = "hungarian"  # hungarian (exact, reduced) | scipy (exact, plain) | nearest (Croc: rows may repeat)
+    recon_weight: float = 10.0  # 0: no reconstruction (replacement only, or captions alone)
     recon_beta: float = 0.01
+    recon_target_offset: int = 0  # hidden state at image position i reconstructs visual token i + offset
+    recon_image_ratio: float = 1.0  # share of images whose positions are reconstructed (VDEP's hybrid: 0.5)
+    stage15_attention: str = "causal"  # causal | mixed (Croc: bidirectional before the first supervised token)
     # misc
     image_token_id: int = IMAGE_TOKEN_ID
     attn_implementation: str = "auto"  # auto: flash_attention_2 on CUDA when installed, else sdpa
@@ -90,6 +94,14 @@ class VictorConfig:
             raise ValueError(f"matcher must be one of {sorted(MATCHERS)}, got {self.matcher!r}")
         if not 0.0 <= self.replace_ratio < 1.0:
             raise ValueError(f"replace_ratio must be in [0, 1), got {self.replace_ratio}")
+        if self.recon_weight < 0:
+            raise ValueError(f"recon_weight must be >= 0, got {self.recon_weight}")
+        if self.recon_target_offset not in (0, 1):
+            raise ValueError(f"recon_target_offset must be 0 (own token) or 1 (next token), got {self.recon_target_offset}")
+        if not 0.0 < self.recon_image_ratio <= 1.0:
+            raise ValueError(f"recon_image_ratio must be in (0, 1], got {self.recon_image_ratio}")
+        if self.stage15_attention not in ("causal", "mixed"):
+            raise ValueError(f"stage15_attention must be 'causal' or 'mixed', got {self.stage15_attention!r}")
         if self.vision_feature_downsample < 1:
             raise ValueError("vision_feature_downsample must be >= 1")
         if self.image_token_id >= 0:
@@ -189,7 +201,25 @@ def hungarian_match(tokens: torch.Tensor, token_pool: torch.Tensor, solver=solve
     return torch.from_numpy(np.stack(cols)).to(tokens.device)
 
 
-MATCHERS = {"hungarian": solve_assignment_fast, "scipy": solve_assignment}
+@torch.no_grad()
+def nearest_match(tokens: torch.Tensor, token_pool: torch.Tensor) -> torch.Tensor:
+    """Step 3 as Croc does it: each selected token takes its nearest pool row (rows may repeat).
+
+    tokens [images, R, D], token_pool [P, D] -> pool row indices [images, R]; no assignment problem.
+    """
+    n, r, d = tokens.shape
+    return torch.cdist(tokens.reshape(n * r, d).float(), token_pool.float()).argmin(dim=1).view(n, r)
+
+
+ASSIGNMENT_SOLVERS = {"hungarian": solve_assignment_fast, "scipy": solve_assignment}  # both exact
+MATCHERS = (*ASSIGNMENT_SOLVERS, "nearest")
+
+
+def match_tokens_to_pool(tokens: torch.Tensor, token_pool: torch.Tensor, matcher: str) -> torch.Tensor:
+    """Step 3 by the configured matcher: one-to-one Hungarian (ViCToR) or nearest row (Croc)."""
+    if matcher == "nearest":
+        return nearest_match(tokens, token_pool)
+    return hungarian_match(tokens, token_pool, ASSIGNMENT_SOLVERS[matcher])
 
 
 def replace_with_pool_rows(embeds: torch.Tensor, replace_positions: torch.Tensor,
@@ -201,6 +231,46 @@ def replace_with_pool_rows(embeds: torch.Tensor, replace_positions: torch.Tensor
     """
     rows = token_pool[pool_indices.flatten()].to(embeds.dtype)
     return embeds.masked_scatter(replace_positions.unsqueeze(-1), rows)
+
+
+def mixed_attention_mask(attention_mask: torch.Tensor, labels: torch.Tensor, dtype: torch.dtype | None = None
+                         ) -> torch.Tensor:
+    """Step 5 as Croc does it in stage 1.5: the positions before a sample's first supervised token
+    (system, image, prompt) attend to each other in both directions; from that token on attention
+    is causal; padding is never attended. -> [batch, 1, seq, seq], True (or 0.0 with dtype) = attend.
+
+    The last prefix position predicts the first supervised token and sees only the prefix, so no
+    answer token leaks backwards.
+    """
+    batch, seq = labels.shape
+    pos = torch.arange(seq, device=labels.device)
+    supervised = labels != IGNORE_INDEX
+    first = torch.where(supervised.any(dim=1), supervised.int().argmax(dim=1), seq)  # [batch]
+    in_prefix = pos[None, :] < first[:, None]  # [batch, seq]
+    allowed = (pos[None, None, :] <= pos[None, :, None]) | (in_prefix[:, :, None] & in_prefix[:, None, :])
+    if attention_mask is not None:
+        allowed = allowed & attention_mask.bool()[:, None, :]
+    allowed = allowed | torch.eye(seq, dtype=torch.bool, device=labels.device)  # a padded query attends itself: no empty row
+    allowed = allowed[:, None]
+    if dtype is None:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=labels.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def images_to_reconstruct(num_images: int, ratio: float, seeds=None, generator: torch.Generator | None = None,
+                          device=None) -> torch.Tensor:
+    """Which images' positions step 6 supervises, bool [images]: all of them (ViCToR), or a random
+    share (VDEP's hybrid batches: the others are ordinary text-supervised samples). With seeds, each
+    image's draw is a function of its seed alone, as in step 2."""
+    if ratio >= 1.0:
+        return torch.ones(num_images, dtype=torch.bool, device=device)
+    if seeds is None:
+        draws = torch.rand(num_images, generator=generator)
+    else:  # numpy's SeedSequence([seed, 1]): a stream independent of step 2's torch generator
+        if len(seeds) != num_images:
+            raise ValueError(f"{len(seeds)} selection seeds for {num_images} images")
+        draws = torch.tensor([np.random.default_rng([int(s), 1]).random() for s in seeds])
+    return (draws < ratio).to(device)
 
 
 def reconstruction_loss(predicted: torch.Tensor, target: torch.Tensor, beta: float) -> torch.Tensor:
@@ -236,6 +306,7 @@ class VictorOutput:
     num_recon_tokens: int = 0
     replaced_mask: torch.Tensor | None = None  # bool [images, N]: which visual tokens were replaced
     pool_indices: torch.Tensor | None = None  # long [images, R]: the pool row each one got
+    token_errors: torch.Tensor | None = None  # [images, N]: step 6's error per token (return_token_errors)
 
 
 def default_attn_implementation() -> str:
@@ -282,7 +353,7 @@ class VictorModel(nn.Module):
     def __init__(self, cfg: VictorConfig, load_weights: bool = True):
         super().__init__()
         cfg.validate()
-        self.cfg = cfg
+        self.cfg = cfg = VictorConfig.from_dict(copy.deepcopy(cfg.to_dict()))  # the caller's config stays as it was
         self.vision_tower, self.llm = build_base_models(cfg, load_weights)
         # record the resolved configs, so a saved full checkpoint can be rebuilt without the hub
         cfg.vision_config = self.vision_tower.config.to_dict()
@@ -298,7 +369,7 @@ class VictorModel(nn.Module):
         self.num_image_tokens = self.grid ** 2  # N
         llm_dim = self.llm.config.get_text_config().hidden_size
         r = num_replaced(self.num_image_tokens, cfg.replace_ratio)
-        if cfg.pool_size < r:
+        if cfg.pool_size < r and cfg.matcher in ASSIGNMENT_SOLVERS:
             raise ValueError(f"pool_size={cfg.pool_size} is smaller than the {r} visual tokens replaced per image "
                              f"(N={self.num_image_tokens}, replace_ratio={cfg.replace_ratio}): one-to-one "
                              f"matching needs pool_size >= {r}")
@@ -307,6 +378,47 @@ class VictorModel(nn.Module):
         self.recon_head = nn.Linear(llm_dim, llm_dim)
         if cfg.projector_path:
             load_llava_projector(self, cfg.projector_path)
+
+    @property
+    def replaces_tokens(self) -> bool:
+        """Stage 1.5 replaces visual tokens by pool rows (steps 2-4): ViCToR and Croc, not VDEP or captions."""
+        return num_replaced(self.num_image_tokens, self.cfg.replace_ratio) > 0
+
+    @property
+    def reconstructs(self) -> bool:
+        """Stage 1.5 has a reconstruction loss (step 6)."""
+        return self.cfg.recon_weight > 0
+
+    def param_groups(self, stage: str, lr: float, vision_lr: float = 0.0, pool_lr: float = 0.0,
+                     weight_decay: float = 0.0) -> list[dict]:
+        """What each stage trains (the README's stage table), as optimizer groups with their learning
+        rates; everything else is frozen. vision_lr 0 keeps the tower frozen. The pool and the head
+        are trained only where this configuration uses them."""
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        self.requires_grad_(False)
+        groups = [("projector", list(self.projector.parameters()), lr)]
+        if stage in ("1.5", "2"):
+            groups.append(("llm", list(self.llm.parameters()), lr))
+            if vision_lr > 0:
+                groups.append(("vision_tower", self.vision_parameters_in_use(), vision_lr))
+        if stage == "1.5" and self.replaces_tokens:
+            groups.append(("token_pool", [self.token_pool], pool_lr))
+        if stage == "1.5" and self.reconstructs:
+            groups.append(("recon_head", list(self.recon_head.parameters()), lr))
+        for _, params, _ in groups:
+            for p in params:
+                p.requires_grad_(True)
+        return [{"name": name, "params": params, "lr": group_lr, "weight_decay": weight_decay}
+                for name, params, group_lr in groups]
+
+    def num_reconstruction_targets(self, num_images: int, selection_seeds=None) -> int:
+        """How many visual tokens step 6 reconstructs for these images (the loss is normalised by the
+        global count). Needs the same selection_seeds as forward."""
+        if not self.reconstructs or num_images == 0:
+            return 0
+        chosen = images_to_reconstruct(num_images, self.cfg.recon_image_ratio, selection_seeds)
+        return int(chosen.sum()) * (self.num_image_tokens - self.cfg.recon_target_offset)
 
     def vision_parameters_in_use(self) -> list[nn.Parameter]:
         """The vision tower's parameters that reach the chosen feature layer. The layers after it (and
@@ -356,39 +468,69 @@ class VictorModel(nn.Module):
         return embeds, image_positions, visual
 
     def forward(self, input_ids, attention_mask=None, labels=None, pixel_values=None, stage: str = "2",
-                generator: torch.Generator | None = None, selection_seeds=None) -> VictorOutput:
-        """One training forward. stage "1.5" adds replacement and reconstruction; "1" and "2" do not.
-        generator / selection_seeds (one int per image) drive stage 1.5's random choice (step 2)."""
+                generator: torch.Generator | None = None, selection_seeds=None,
+                return_token_errors: bool = False) -> VictorOutput:
+        """One training forward, the steps in the paper's order. stage "1.5" adds the configured
+        replacement (2-4) and reconstruction (6); "1" and "2" do neither. generator / selection_seeds
+        (one int per image) drive stage 1.5's random draws."""
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
-        embeds, image_positions, visual = self.embed_inputs(input_ids, pixel_values)
+        embeds, image_positions, visual = self.embed_inputs(input_ids, pixel_values)  # step 1
         out = VictorOutput(loss=None, lm_loss=None)
-        reconstruct = stage == "1.5" and visual is not None
-        if reconstruct:
-            n_img, n_tok, _ = visual.shape
+        stage15 = stage == "1.5" and visual is not None
+        if stage15 and self.replaces_tokens:
+            n_img, n_tok, dim = visual.shape
             replaced = select_tokens_to_replace(n_img, n_tok, self.cfg.replace_ratio, visual.device,
                                                 generator, selection_seeds)  # step 2
-            selected = visual.detach()[replaced].view(n_img, -1, visual.shape[-1])
-            pool_indices = hungarian_match(selected, self.token_pool, MATCHERS[self.cfg.matcher])  # step 3
+            selected = visual.detach()[replaced].view(n_img, -1, dim)
+            pool_indices = match_tokens_to_pool(selected, self.token_pool, self.cfg.matcher)  # step 3
             replace_positions = image_positions.clone()
             replace_positions[image_positions] = replaced.flatten()
             embeds = replace_with_pool_rows(embeds, replace_positions, self.token_pool, pool_indices)  # step 4
             out.replaced_mask, out.pool_indices = replaced, pool_indices
-        hidden = self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask,
+        mask = attention_mask
+        if stage == "1.5" and self.cfg.stage15_attention == "mixed" and labels is not None:
+            mask = self.mixed_mask(attention_mask, labels)
+        hidden = self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=mask,
                                         use_cache=False).last_hidden_state  # step 5
+        if stage15 and self.reconstructs:  # step 6
+            chosen = images_to_reconstruct(visual.shape[0], self.cfg.recon_image_ratio, selection_seeds,
+                                           generator, visual.device)
+            k = self.cfg.recon_target_offset  # 0: position i -> token i; 1: position i -> token i + 1
+            at_images = hidden[image_positions].view(visual.shape)[chosen]
+            predicted = self.recon_head(at_images[:, :visual.shape[1] - k])
+            target = visual[chosen][:, k:]
+            if target.numel():
+                out.recon_loss = self.cfg.recon_weight * reconstruction_loss(predicted, target, self.cfg.recon_beta)
+                out.num_recon_tokens = target.shape[0] * target.shape[1]
+                if return_token_errors:  # per-token SmoothL1, [chosen images, N - k], e.g. for pictures
+                    out.token_errors = F.smooth_l1_loss(predicted.float(), target.detach().float(),
+                                                        beta=self.cfg.recon_beta, reduction="none").mean(-1)
         out.lm_loss, out.num_label_tokens = (lm_loss(hidden, labels, self.llm.get_output_embeddings())
                                              if labels is not None else (hidden.sum() * 0.0, 0))  # step 7
-        out.loss = out.lm_loss
-        if stage == "1.5" and not reconstruct and self.training:  # (FSDP) no images in this batch: the pool
-            # and head still take part, with weight 0, so every process reduces the same gradients
-            out.loss = out.loss + 0.0 * (self.token_pool.sum() + sum(p.sum() for p in self.recon_head.parameters()))
-        if reconstruct:  # step 6: every image position, replaced or kept, reconstructs its original token
-            predicted = self.recon_head(hidden[image_positions])
-            target = visual.reshape(-1, visual.shape[-1])
-            out.recon_loss = self.cfg.recon_weight * reconstruction_loss(predicted, target, self.cfg.recon_beta)
-            out.num_recon_tokens = target.shape[0]
-            out.loss = out.lm_loss + out.recon_loss
+        out.loss = out.lm_loss if out.recon_loss is None else out.lm_loss + out.recon_loss
+        if stage == "1.5" and self.training:
+            out.loss = out.loss + self._unused_stage15_parts(out)
         return out
+
+    def mixed_mask(self, attention_mask, labels) -> torch.Tensor:
+        """Croc's stage-1.5 mask (mixed_attention_mask) in the form this LLM's attention takes."""
+        impl = self.llm.config._attn_implementation
+        if impl not in ("sdpa", "eager"):
+            raise ValueError(f"stage15_attention='mixed' needs a 4-D attention mask, which {impl} cannot take: "
+                             f"build the model with attn_implementation='sdpa' (or 'eager')")
+        dtype = None if impl == "sdpa" else self.llm.get_input_embeddings().weight.dtype
+        return mixed_attention_mask(attention_mask, labels, dtype)
+
+    def _unused_stage15_parts(self, out: VictorOutput) -> torch.Tensor:
+        """Zero times the trained stage-1.5 parts that this batch did not use (a text-only batch, or no
+        image drawn for reconstruction): under DDP and FSDP every process must reduce the same gradients."""
+        unused = []
+        if self.token_pool.requires_grad and out.pool_indices is None:
+            unused.append(self.token_pool)
+        if self.recon_head.weight.requires_grad and out.recon_loss is None:
+            unused.extend(self.recon_head.parameters())
+        return 0.0 * sum(p.sum() for p in unused) if unused else 0.0
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, pixel_values=None, max_new_tokens: int = 32,
@@ -439,8 +581,34 @@ def save_checkpoint(model: VictorModel, path: str, tokenizer=None, image_process
         image_processor.save_pretrained(path)
 
 
-def load_checkpoint(path: str, device="cpu"):
-    """Load (model, tokenizer, image_processor) from a directory written by save_checkpoint."""
+# fields that a checkpoint's weights fix: an override that changes one is refused
+FIXED_BY_WEIGHTS = ("vision_model", "vision_config", "llm", "llm_config", "projector_type", "projector_path")
+
+
+def config_with_overrides(cfg: VictorConfig, overrides: dict, projector_only: bool, source: str) -> VictorConfig:
+    """cfg with overrides applied, each taking effect or refused with a message naming it. Settings of
+    the method (matcher, replace_ratio, recon_*, attention, ...) take effect; the base models and the
+    projector come from the checkpoint; pool_size can change only where no pool was saved (stage 1)."""
+    unknown = sorted(set(overrides) - {f.name for f in fields(VictorConfig)})
+    if unknown:
+        raise ValueError(f"unknown model override(s) {unknown}: not VictorConfig fields")
+    for key, value in overrides.items():
+        if getattr(cfg, key) == value:
+            continue
+        if key in FIXED_BY_WEIGHTS:
+            raise ValueError(f"model override {key}={value!r} cannot apply to {source}: its weights fix "
+                             f"{key} ({getattr(cfg, key)!r})")
+        if key == "pool_size" and not projector_only:
+            raise ValueError(f"model override pool_size={value} cannot apply to {source}: its token pool has "
+                             f"{cfg.pool_size} trained rows (only a projector-only stage-1 checkpoint gets a fresh pool)")
+    new = VictorConfig.from_dict({**cfg.to_dict(), **overrides})
+    new.validate()
+    return new
+
+
+def load_checkpoint(path: str, device="cpu", overrides: dict | None = None):
+    """Load (model, tokenizer, image_processor) from a directory written by save_checkpoint.
+    overrides: VictorConfig fields to change (config_with_overrides says which may change)."""
     from safetensors.torch import load_file, load_model
     from transformers import AutoImageProcessor, AutoTokenizer
     cfg_file = os.path.join(path, "config.json")
@@ -452,8 +620,10 @@ def load_checkpoint(path: str, device="cpu"):
         raise ValueError(f"{cfg_file}: not a victor checkpoint (no 'victor' section)")
     cfg = VictorConfig.from_dict(meta["victor"])
     cfg.projector_path = ""  # the checkpoint's own projector wins
+    projector_only = meta.get("saved_parts") == "projector"
+    cfg = config_with_overrides(cfg, overrides or {}, projector_only, path)
     weights = os.path.join(path, "model.safetensors")
-    if meta.get("saved_parts") == "projector":
+    if projector_only:
         model = VictorModel(cfg, load_weights=True)  # base models by name/path
         state = load_file(weights)
         model.projector.load_state_dict({k.removeprefix("projector."): v for k, v in state.items()})
