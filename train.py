@@ -152,19 +152,20 @@ DEMO_LLM = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=3, num
                 max_position_embeddings=512)
 
 
-def build_demo_base(out_dir: str) -> tuple[str, str]:
-    """Save a tiny CLIP vision tower (+ image processor) and a tiny Llama (+ shapes tokenizer)."""
+def build_demo_base(out_dir: str, seed: int = 0) -> tuple[str, str]:
+    """Save a tiny CLIP vision tower (+ image processor) and a tiny Llama (+ shapes tokenizer),
+    random-initialised from seed."""
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
     vision_dir, llm_dir = os.path.join(out_dir, "base", "vision"), os.path.join(out_dir, "base", "llm")
     recipe_file = os.path.join(out_dir, "base", "demo_base.json")
-    recipe = {"vision": DEMO_VISION, "position_scale": DEMO_POSITION_SCALE, "llm": DEMO_LLM}
+    recipe = {"vision": DEMO_VISION, "position_scale": DEMO_POSITION_SCALE, "llm": DEMO_LLM, "seed": seed}
     if os.path.isfile(recipe_file):
         with open(recipe_file) as f:
             if json.load(f) == recipe:
                 return vision_dir, llm_dir
     if os.path.isdir(os.path.join(out_dir, "base")):
         print(f"note: {os.path.join(out_dir, 'base')} was built by another version of the demo: rebuilding it")
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     size = D.ShapesSpec().image_size
     vision = CLIPVisionModel(CLIPVisionConfig(**DEMO_VISION, image_size=size))
     with torch.no_grad():
