@@ -15,6 +15,10 @@ Pictures (PIL only):
 
     python eval.py out/demo/stage1.5 --visualize IMAGE.png     # pool row per patch + reconstruction error
     python eval.py --curves out/demo/stage1.5/metrics.jsonl out/demo/stage2/metrics.jsonl  # training curves
+
+CHECKPOINT may be victor's own, the original LLaVA code's (LLaVA-1.5, Croc) or llava-hf's. Export:
+
+    python eval.py CKPT --export-llava-hf OUT                 # a transformers LlavaForConditionalGeneration dir
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import argparse
 import base64
 import binascii
 import csv
+import hashlib
 import io
 import json
 import os
@@ -36,7 +41,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import data as D
-from victor import load_checkpoint
+from victor import export_llava_hf, load_checkpoint
 
 
 def extract_answer(text: str, options: list[str] | None) -> str:
@@ -307,11 +312,15 @@ def visualize_pool(checkpoint_or_model, image_path: str, out_png: str | None = N
         assignment = "nearest"
         rows = torch.cdist(visual[0].float(), model.token_pool.float()).argmin(-1)
     # the stage-1.5 forward; it returns each token's reconstruction error (step 6)
+    # every token's error is shown, also where training reconstructs a share of the images (VDEP); the
+    # labels (none supervised) give Croc's mixed attention its prefix, as in training
+    ratio, model.cfg.recon_image_ratio = model.cfg.recon_image_ratio, 1.0
     try:
         gen = torch.Generator(device=visual.device).manual_seed(seed)
-        out = model(input_ids, torch.ones_like(input_ids), pixel_values=pixel_values, stage="1.5", generator=gen,
-                    return_token_errors=True)
+        out = model(input_ids, torch.ones_like(input_ids), labels=torch.full_like(input_ids, D.IGNORE_INDEX),
+                    pixel_values=pixel_values, stage="1.5", generator=gen, return_token_errors=True)
     finally:
+        model.cfg.recon_image_ratio = ratio
         model.train(was_training)
     errors = torch.zeros(n)
     if out.token_errors is not None:  # shown at the token reconstructed (recon_target_offset: VDEP's next token)
@@ -503,6 +512,59 @@ def pope_metrics(predictions: list[str], answers: list[str]) -> dict:
             "unparsed": sum(p not in ("yes", "no") for p, _ in pairs)}
 
 
+def circular_accuracy(predictions: list[dict]) -> dict | None:
+    """MMBench's circular evaluation (as VLMEvalKit): the copies of a question with its options rotated
+    share index mod 1e6, and the question counts as right only if every copy is answered right.
+    None when the file has no copies (or indices that are not numbers)."""
+    try:
+        keys = [int(float(p["index"])) % 1_000_000 for p in predictions]
+    except ValueError:
+        return None
+    groups = defaultdict(list)
+    for key, p in zip(keys, predictions):
+        groups[key].append(p)
+    if all(len(g) == 1 for g in groups.values()):
+        return None
+    right = {key: all(p["correct"] for p in g) for key, g in groups.items()}
+    per_category = defaultdict(list)
+    for key, g in groups.items():
+        per_category[g[0]["category"]].append(right[key])
+    return {"accuracy": sum(right.values()) / len(right), "n": len(right),
+            "per_category": {k: {"accuracy": sum(v) / len(v), "n": len(v)} for k, v in sorted(per_category.items())}}
+
+
+MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork", "ocr")
+MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
+
+
+def mme_scores(items: list[dict], predictions: list[dict]) -> dict | None:
+    """MME's leaderboard score. Per sub-task (category): accuracy over its questions plus accuracy+ over its
+    images (an image counts when every question about it, two in MME, is right), each x100, so at most
+    200; perception and cognition are the sums over their sub-tasks. None unless every category is an
+    MME sub-task."""
+    name = lambda c: c.strip().lower().replace(" ", "_")  # noqa: E731  ("OCR", "code reasoning")
+    tasks = {name(p["category"]) for p in predictions}
+    if not tasks or not tasks <= set(MME_PERCEPTION + MME_COGNITION):
+        return None
+    per_task = {}
+    for task in sorted(tasks):
+        rows = [(it, p) for it, p in zip(items, predictions) if name(p["category"]) == task]
+        if any("image_key" not in it for it, _ in rows):
+            raise ValueError(f"MME sub-task {task}: every row needs an image (image or image_path) to pair "
+                             f"its questions for accuracy+")
+        by_image = defaultdict(list)
+        for it, p in rows:
+            by_image[it["image_key"]].append(p["correct"])
+        acc = 100 * sum(p["correct"] for _, p in rows) / len(rows)
+        acc_plus = 100 * sum(all(v) for v in by_image.values()) / len(by_image)
+        per_task[task] = {"accuracy": acc, "accuracy_plus": acc_plus, "score": acc + acc_plus,
+                          "questions": len(rows), "images": len(by_image)}
+    perception = sum(per_task[t]["score"] for t in MME_PERCEPTION if t in per_task)
+    cognition = sum(per_task[t]["score"] for t in MME_COGNITION if t in per_task)
+    return {"perception": perception, "cognition": cognition, "total": perception + cognition,
+            "per_subtask": per_task, "missing": [t for t in MME_PERCEPTION + MME_COGNITION if t not in per_task]}
+
+
 def short_uuid() -> str:
     """A shortuuid-like id (22 characters of base 57) for LLaVA answer files."""
     alphabet = "23456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
@@ -575,8 +637,9 @@ def load_bench(path: str, image_folder: str = "") -> tuple[str, list[dict]]:
             question += "\n" + BENCH_YN_SUFFIX
         item = {"index": idx, "question": question, "options": options, "answer": answer,
                 "category": str(row.get("category")) if not _is_none(row.get("category")) else "all"}
-        if not _is_none(row.get("l2-category")):
-            item["l2-category"] = str(row["l2-category"])
+        l2 = row.get("l2-category", row.get("l2_category"))  # MMBench writes l2-category, MMStar l2_category
+        if not _is_none(l2):
+            item["l2-category"] = str(l2)
         image = row.get("image")
         if not _is_none(image):
             image = str(image).strip()
@@ -593,6 +656,10 @@ def load_bench(path: str, image_folder: str = "") -> tuple[str, list[dict]]:
             if not os.path.isfile(p):
                 raise ValueError(f"{where}: image_path {p} not found")
             item["image_path"] = p
+        if not _is_none(row.get("image_path")):  # which image a row asks about (MME: two questions per image)
+            item["image_key"] = str(row["image_path"]).strip()
+        elif "image_b64" in item:
+            item["image_key"] = hashlib.sha1(item["image_b64"].encode()).hexdigest()[:16]
         items.append(item)
     if len(kinds) > 1:
         raise ValueError(f"{path}: mixes multiple-choice rows and yes/no rows")
@@ -685,7 +752,8 @@ def _prompt_record(rid: str, text: str, item: dict) -> dict:
 def evaluate_bench(checkpoint: str, bench_file: str, image_folder: str = "", batch_size: int = 32, limit: int = 0,
                    max_new_tokens: int = 16, device: str | None = None) -> dict:
     """Accuracy (overall, per category and per l2-category) on a multiple-choice benchmark TSV, or
-    POPE's metrics on a yes/no one."""
+    POPE's metrics on a yes/no one; with the leaderboards' own scores where the file calls for them:
+    MMBench's circular accuracy (circular copies present) and MME's score (MME's sub-tasks)."""
     kind, items = load_bench(bench_file, image_folder)
     if limit:
         items = items[:limit]
@@ -720,6 +788,12 @@ def evaluate_bench(checkpoint: str, bench_file: str, image_folder: str = "", bat
         results["per_l2_category"] = grouped("l2-category")
     if kind == "yes_no":
         results["pope"] = pope_metrics([p["prediction"] for p in predictions], [p["answer"] for p in predictions])
+    circular = circular_accuracy(predictions)
+    if circular:
+        results["circular"] = circular
+    mme = mme_scores(items, predictions) if kind == "yes_no" else None
+    if mme:
+        results["mme"] = mme
     results["predictions"] = predictions
     return results
 
@@ -730,8 +804,16 @@ def format_bench_table(results: dict) -> str:
         for k, t in results.get(key, {}).items():
             rows.append(f"{(title + k)[:28]:<28} {t['n']:>6} {t['accuracy']:>9.3f}")
     rows.append(f"{'overall':<28} {results['num_questions']:>6} {results['accuracy']:>9.3f}")
+    if "circular" in results:
+        c = results["circular"]
+        rows.append(f"{'circular (MMBench)':<28} {c['n']:>6} {c['accuracy']:>9.3f}")
     if "pope" in results:
         rows.append(format_pope(results["pope"]))
+    if "mme" in results:
+        m = results["mme"]
+        rows.append(f"MME score: perception {m['perception']:.2f}  cognition {m['cognition']:.2f}  "
+                    f"total {m['total']:.2f}" + (f"  (sub-tasks missing: {', '.join(m['missing'])})"
+                                                 if m["missing"] else ""))
     return "\n".join(rows)
 
 
@@ -802,6 +884,19 @@ def bench_main(args) -> dict | list:
     return results
 
 
+def export_main(args) -> str:
+    """--export-llava-hf OUT: the checkpoint (any format load_checkpoint reads) as a llava-hf directory."""
+    if not os.path.isdir(args.checkpoint):
+        raise SystemExit(f"{args.checkpoint}: no such checkpoint directory")
+    model, tokenizer, image_processor = load_checkpoint(args.checkpoint)
+    try:
+        out = export_llava_hf(model, tokenizer, image_processor, args.export_llava_hf)
+    except ValueError as e:  # where llava-hf would compute something else: the reason, no directory
+        raise SystemExit(f"{args.checkpoint}: {e}") from None
+    print(f"wrote a LlavaForConditionalGeneration directory to {out} (transformers, vLLM and lmms-eval load it)")
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", nargs="?", default="out/demo/stage2")
@@ -824,7 +919,11 @@ def main(argv=None):
     ap.add_argument("--answers-file", default="", help="with --question-file: the LLaVA answers JSONL to write")
     ap.add_argument("--max-new-tokens", type=int, default=0, help="benchmarks: 16 (TSV) / 128 (question file)")
     # --- end benchmarks ---
+    ap.add_argument("--export-llava-hf", default="", metavar="OUT",
+                    help="write CHECKPOINT as a transformers LlavaForConditionalGeneration directory, no evaluation")
     args = ap.parse_args(argv)
+    if args.export_llava_hf:
+        return export_main(args)
     if args.visualize or args.curves:  # pictures (issue 4): write a PNG, no evaluation
         return pictures_main(args)
     if not os.path.isdir(args.checkpoint):

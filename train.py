@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -30,7 +31,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data as D
-from victor import IGNORE_INDEX, STAGES, VictorConfig, VictorModel, load_checkpoint, save_checkpoint
+from victor import (IGNORE_INDEX, STAGES, VictorConfig, VictorModel, config_with_overrides, load_checkpoint,
+                    save_checkpoint)
 
 
 @dataclass
@@ -69,6 +71,7 @@ class TrainConfig:
     num_workers: int = 2
     seed: int = 0
     log_every: int = 10
+    report_to: str = ""  # tensorboard | wandb | "tensorboard,wandb": metrics.jsonl's rows go there too
     snapshot_steps: str = ""  # e.g. "250,500": also save the model at these steps (out_dir/snapshots/step-N)
     save_every: int = 0  # steps between resumable training states (out_dir/checkpoints/step-N); 0: none
     resume: str = ""  # "auto": continue from the newest complete state in out_dir/checkpoints; or a state dir
@@ -80,20 +83,24 @@ class TrainConfig:
 PAPER = dict(warmup_ratio=0.03, weight_decay=0.0, epochs=1.0, bf16=True, gradient_checkpointing=True,
              max_length=2048, batch_size=16, num_workers=8, save_every=500, resume="auto")
 RECIPES = {
-    # the published settings (DESIGN.md §1); per-stage global batch 256 / 128 / 128
+    # the published settings (DESIGN.md §1); per-stage global batch 256 / 128 / 128. Stages 1.5 and 2
+    # train the whole 7B LLM: ~16 bytes per parameter of fp32 weights, gradients and AdamW state, more
+    # than one GPU holds, so they shard it (FSDP; the paper used ZeRO-3). Stage 1 trains the projector
+    # alone and fits replicated (DDP). `--plan` prints the figures.
     "llava15-vicuna7b": dict(
         model=dict(vision_model="openai/clip-vit-large-patch14-336", llm="lmsys/vicuna-7b-v1.5",
                    model_overrides=dict(pool_size=2048)),
         stages={"1": dict(PAPER, lr=1e-3, vision_lr=0.0, global_batch_size=256, batch_size=32, template="plain"),
                 "1.5": dict(PAPER, lr=1e-5, vision_lr=2e-6, pool_lr=1.5e-4, global_batch_size=128,
-                            template="vicuna_v1"),
-                "2": dict(PAPER, lr=1e-5, vision_lr=2e-6, global_batch_size=128, template="vicuna_v1")}),
+                            template="vicuna_v1", fsdp=True),
+                "2": dict(PAPER, lr=1e-5, vision_lr=2e-6, global_batch_size=128, template="vicuna_v1", fsdp=True)}),
     "siglip-qwen25-7b": dict(
         model=dict(vision_model="google/siglip-so400m-patch14-384", llm="Qwen/Qwen2.5-7B-Instruct",
                    model_overrides=dict(pool_size=2048)),
         stages={"1": dict(PAPER, lr=1e-3, vision_lr=0.0, global_batch_size=256, batch_size=32, template="plain"),
-                "1.5": dict(PAPER, lr=1e-5, vision_lr=2e-6, pool_lr=1.5e-4, global_batch_size=128, template="chat"),
-                "2": dict(PAPER, lr=1e-5, vision_lr=2e-6, global_batch_size=128, template="chat")}),
+                "1.5": dict(PAPER, lr=1e-5, vision_lr=2e-6, pool_lr=1.5e-4, global_batch_size=128, template="chat",
+                            fsdp=True),
+                "2": dict(PAPER, lr=1e-5, vision_lr=2e-6, global_batch_size=128, template="chat", fsdp=True)}),
     # tiny random models on the shapes data: all three stages in a few CPU minutes.
     # The vision tower stays frozen (vision_lr 0): a random tower learns as fast and runs faster (DESIGN §5).
     "demo": dict(
@@ -104,6 +111,28 @@ RECIPES = {
                             global_batch_size=8, batch_size=8, max_length=256, num_workers=0),
                 "2": dict(lr=5e-4, vision_lr=0.0, max_steps=2000, warmup_steps=30, adam_beta2=0.95, global_batch_size=16,
                           batch_size=16, max_length=256, num_workers=0)}),
+}
+# The paper recipes' base models, by name: their architecture as in each model's published config.json
+# on the Hugging Face hub (for CLIP and SigLIP its vision_config), so that --plan works offline.
+# Vicuna-7B v1.5 is LLaMA-7B's architecture. Training itself loads the models (and their configs).
+PAPER_MODELS = {
+    "openai/clip-vit-large-patch14-336": dict(
+        model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+        num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu",
+        layer_norm_eps=1e-5),
+    "google/siglip-so400m-patch14-384": dict(
+        model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+        num_attention_heads=16, image_size=384, patch_size=14, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6),
+    "lmsys/vicuna-7b-v1.5": dict(
+        model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
+        rope_theta=10000.0, hidden_act="silu", tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0),
+    "Qwen/Qwen2.5-7B-Instruct": dict(
+        model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+        num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768, rms_norm_eps=1e-6,
+        rope_theta=1000000.0, hidden_act="silu", tie_word_embeddings=False, bos_token_id=151643,
+        eos_token_id=151645),
 }
 
 
@@ -152,10 +181,19 @@ DEMO_LLM = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=3, num
                 max_position_embeddings=512)
 
 
+def demo_base_configs():
+    """The demo's tiny CLIP tower and Llama, as transformers configs (for build_demo_base and --plan)."""
+    from transformers import CLIPVisionConfig, LlamaConfig
+    tok = D.build_shapes_tokenizer()
+    return (CLIPVisionConfig(**DEMO_VISION, image_size=D.ShapesSpec().image_size),
+            LlamaConfig(vocab_size=len(tok), **DEMO_LLM, tie_word_embeddings=False, bos_token_id=None,
+                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+
+
 def build_demo_base(out_dir: str, seed: int = 0) -> tuple[str, str]:
     """Save a tiny CLIP vision tower (+ image processor) and a tiny Llama (+ shapes tokenizer),
     random-initialised from seed."""
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+    from transformers import CLIPImageProcessor, CLIPVisionModel, LlamaForCausalLM
     vision_dir, llm_dir = os.path.join(out_dir, "base", "vision"), os.path.join(out_dir, "base", "llm")
     recipe_file = os.path.join(out_dir, "base", "demo_base.json")
     recipe = {"vision": DEMO_VISION, "position_scale": DEMO_POSITION_SCALE, "llm": DEMO_LLM, "seed": seed}
@@ -165,16 +203,16 @@ def build_demo_base(out_dir: str, seed: int = 0) -> tuple[str, str]:
                 return vision_dir, llm_dir
     if os.path.isdir(os.path.join(out_dir, "base")):
         print(f"note: {os.path.join(out_dir, 'base')} was built by another version of the demo: rebuilding it")
+    vision_config, llm_config = demo_base_configs()
     torch.manual_seed(seed)
     size = D.ShapesSpec().image_size
-    vision = CLIPVisionModel(CLIPVisionConfig(**DEMO_VISION, image_size=size))
+    vision = CLIPVisionModel(vision_config)
     with torch.no_grad():
         vision.embeddings.position_embedding.weight.mul_(DEMO_POSITION_SCALE)
     vision.save_pretrained(vision_dir)
     CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(vision_dir)
     tok = D.build_shapes_tokenizer()
-    llm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), **DEMO_LLM, tie_word_embeddings=False, bos_token_id=None,
-                                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    llm = LlamaForCausalLM(llm_config)
     llm.save_pretrained(llm_dir)
     tok.save_pretrained(llm_dir)
     with open(recipe_file, "w") as f:  # last: a build cut short is redone
@@ -231,6 +269,227 @@ def lr_lambda(warmup: int, total: int):
         progress = (step - warmup) / max(1, total - warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     return f
+
+
+# -----------------------------------------------------------------------------
+# The memory plan: what each GPU will hold, from the model configs alone (--plan). A run on CUDA
+# whose plan cannot fit its GPU is refused before anything is loaded (check_memory_fits).
+
+
+PLAN_PARTS = ("projector", "llm", "vision_tower", "token_pool", "recon_head")  # VictorModel's parts
+GIB = 2 ** 30
+
+
+def base_model_config(name: str, vision: bool, offline: bool) -> dict:
+    """A base model's architecture as a config dict, by name: PAPER_MODELS, a local directory, or the
+    Hugging Face cache (offline) / hub. No weights are read."""
+    if name in PAPER_MODELS:
+        return dict(PAPER_MODELS[name])
+    from transformers import AutoConfig
+    try:
+        conf = AutoConfig.from_pretrained(name, local_files_only=offline)
+    except (OSError, ValueError):
+        if not offline:
+            raise
+        raise ValueError(f"no architecture for {name!r} offline: not in train.PAPER_MODELS, not a local "
+                         f"directory, not in the Hugging Face cache") from None
+    return (getattr(conf, "vision_config", conf) if vision else conf).to_dict()
+
+
+def planned_model_settings(cfg: TrainConfig, offline: bool) -> VictorConfig:
+    """The VictorConfig this run would build (from --init's config.json, or the base models and
+    --model-overrides), with both base models as config dicts: nothing to download or load."""
+    if cfg.init:
+        path = os.path.join(cfg.init, "config.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--init {cfg.init}: not a victor checkpoint (no config.json)")
+        with open(path) as f:
+            meta = json.load(f)
+        vcfg = config_with_overrides(VictorConfig.from_dict({**meta["victor"], "projector_path": ""}),
+                                     cfg.model_overrides, meta.get("saved_parts") == "projector", cfg.init)
+    else:
+        vcfg = VictorConfig.from_dict({"vision_model": cfg.vision_model, "llm": cfg.llm, **cfg.model_overrides})
+        for name_key, config_key in (("vision_model", "vision_config"), ("llm", "llm_config")):
+            name = getattr(vcfg, name_key)
+            if getattr(vcfg, config_key) is not None:
+                continue
+            if name:
+                conf = base_model_config(name, name_key == "vision_model", offline)
+            elif cfg.recipe == "demo":  # run() builds the demo's tiny base models
+                conf = demo_base_configs()[name_key == "llm"].to_dict()
+            else:
+                raise ValueError(f"--{name_key.replace('_', '-')} is not set (recipe {cfg.recipe!r})")
+            setattr(vcfg, config_key, conf)
+    # configs only; the attention kernel holds no parameters, and SDPA needs no GPU
+    return VictorConfig.from_dict({**vcfg.to_dict(), "vision_model": "", "llm": "", "projector_path": "",
+                                   "attn_implementation": "sdpa"})
+
+
+def state_bytes(params: int, trained: int, shards: int) -> tuple[float, float, float]:
+    """(weights, gradients, AdamW state) per GPU: fp32 weights of every parameter (the model is kept in
+    fp32, frozen parts too), fp32 gradients and AdamW's two fp32 moments of the trained ones: 4 + 4 + 8
+    bytes. DDP holds them whole on every GPU (shards=1); FSDP splits all three over the processes."""
+    return 4 * params / shards, 4 * trained / shards, 8 * trained / shards
+
+
+def working_copy_bytes(mode: str, world: int, trained: int, root: tuple, layer: tuple, compute_bytes: int) -> float:
+    """Transient copies beside the states, per GPU. DDP: its gradient buckets (a second copy of the
+    gradients, as gradient_as_bucket_view is off; none in one process) and, under bf16 autocast, the bf16
+    copies of the trained weights that autocast caches and backward keeps. FSDP: the gathered root unit
+    (embeddings, lm_head, projector, pool, head: kept through the forward) and two layers (the one running,
+    the one prefetched) in the compute dtype, and their unsharded fp32 gradients before the reduce-scatter.
+    root and layer: (parameters, trained parameters)."""
+    if mode == "FSDP":
+        return compute_bytes * (root[0] + 2 * layer[0]) + 4 * (root[1] + layer[1])
+    return (4 * trained if world > 1 else 0) + (2 * trained if compute_bytes == 2 else 0)
+
+
+def activation_bytes(model: VictorModel, batch: int, seq: int, vision_trained: bool, checkpointing: bool,
+                     compute_bytes: int) -> float:
+    """A rough figure for the activations backward keeps, per GPU, for `batch` sequences of `seq` tokens.
+    Per LLM decoder layer ~ batch x seq x (24 x hidden + 8 x intermediate) x compute_bytes / 2: in bf16, the
+    tensors of width hidden (the two norms' inputs with their float32 internals, q, k, v, the attention
+    output, the MLP input) and the four of width intermediate (gate, up, act(gate), their product); attention
+    scores are never stored (SDPA / flash-attention). A vision layer likewise with 4 x intermediate (fc1's
+    output and its activation) over each image's tokens, when the tower is trained (a frozen one keeps
+    nothing). With gradient checkpointing a layer keeps only its input (batch x seq x hidden x compute_bytes)
+    and one layer at a time is recomputed in full. The LM loss adds (compute_bytes + 8) x vocab bytes per
+    label token (the logits, their float32 copy and its gradient); image positions carry no labels."""
+    def stack(layers, tokens, hidden, full_per_token):
+        full, kept = tokens * full_per_token * compute_bytes / 2, tokens * hidden * compute_bytes
+        return layers * kept + full if checkpointing else layers * full
+    text = model.llm.config.get_text_config()
+    total = stack(text.num_hidden_layers, batch * seq, text.hidden_size,
+                  24 * text.hidden_size + 8 * text.intermediate_size)
+    total += batch * max(0, seq - model.num_image_tokens) * text.vocab_size * (compute_bytes + 8)
+    if vision_trained:
+        v, k = model.vision_tower.config, model.cfg.vision_feature_layer
+        used = k if k >= 0 else len(model.vision_tower.encoder.layers) + 1 + k  # the layers that reach the features
+        tokens = (v.image_size // v.patch_size) ** 2 + (1 if v.model_type.startswith("clip") else 0)  # CLIP's CLS
+        total += stack(used, batch * tokens, v.hidden_size, 24 * v.hidden_size + 4 * v.intermediate_size)
+    return total
+
+
+def memory_plan(cfg: TrainConfig, stage: str, world: int, offline: bool = True) -> dict:
+    """What each GPU will hold in this run, in bytes, under DDP and under FSDP at this world size, from
+    the model built on the meta device (shapes only, no memory). format_plan prints it."""
+    with torch.device("meta"):
+        model = VictorModel(planned_model_settings(cfg, offline), load_weights=False)
+    trained_ids = {id(p) for g in trainable_param_groups(model, stage, cfg) for p in g["params"]}
+
+    def count(params) -> tuple[int, int]:  # (parameters, trained parameters)
+        params = list(params)
+        return sum(p.numel() for p in params), sum(p.numel() for p in params if id(p) in trained_ids)
+
+    parts = {name: count([model.token_pool] if name == "token_pool" else getattr(model, name).parameters())
+             for name in PLAN_PARTS}
+    params, trained = (sum(c) for c in zip(*parts.values()))
+    layers = [count(layer.parameters())
+              for layer in [*model.vision_tower.encoder.layers, *model.llm.get_decoder().layers]]
+    root = (params - sum(n for n, _ in layers), trained - sum(t for _, t in layers))  # FSDP's root unit
+    compute_bytes = 2 if cfg.bf16 else 4  # what a GPU computes in: bf16 (autocast / FSDP's param_dtype)
+    vision_trained = parts["vision_tower"][1] > 0
+    seqs = sorted({model.num_image_tokens, max(model.num_image_tokens, cfg.max_length)})
+    activations = {ckpt: [activation_bytes(model, cfg.batch_size, s, vision_trained, ckpt, compute_bytes)
+                          for s in seqs] for ckpt in (False, True)}
+    plan = dict(recipe=cfg.recipe, stage=stage, world=world, batch=cfg.batch_size, seqs=seqs,
+                checkpointing=cfg.gradient_checkpointing, compute_bytes=compute_bytes, parts=parts,
+                params=params, trained=trained, activations=activations,
+                mode="one process" if world == 1 else "FSDP" if cfg.fsdp else "DDP",
+                vision=model.vision_tower.config.model_type, llm=model.llm.config.model_type)
+    for mode, shards in (("DDP", 1), ("FSDP", world)):
+        states = sum(state_bytes(params, trained, shards))
+        working = working_copy_bytes(mode, world, trained, root, max(layers), compute_bytes)
+        plan[mode] = dict(states=states, working=working,
+                          total=[states + working + a for a in activations[cfg.gradient_checkpointing]])
+    return plan
+
+
+def format_plan(plan: dict) -> str:
+    w = plan["world"]
+    unit, size = ("GiB", GIB) if plan["DDP"]["total"][-1] >= GIB else ("MiB", 2 ** 20)  # the demo's are MiB
+
+    def num(b):
+        return f"{b / size:8.2f}"
+
+    def count(n):
+        return f"{n / 1e6:8.1f}M" if n >= 1e5 else f"{n / 1e3:8.1f}k" if n else f"{0:9d}"
+    lines = [f"memory plan: recipe {plan['recipe']}, stage {plan['stage']}, world size {w}: {unit} per GPU, "
+             f"from the model configs (nothing loaded)",
+             f"  {plan['vision']} -> {plan['llm']}; {plan['seqs'][0]} visual tokens per image; per-GPU batch "
+             f"{plan['batch']}; computing in {'bf16' if plan['compute_bytes'] == 2 else 'fp32'} on the GPU",
+             f"  {'':32}|{'DDP (whole on every GPU)':^37}|{f'FSDP ({w} shard' + 's' * (w > 1) + ')':^37}|",
+             f"  {'part':<13}{'params':>9}{'trained':>9} |" + "  weights    grads    AdamW    total |" * 2]
+    for name, (params, trained) in [*plan["parts"].items(), ("all", (plan["params"], plan["trained"]))]:
+        row = f"  {name:<13}{count(params)}{count(trained)} |"
+        for shards in (1, w):
+            states = state_bytes(params, trained, shards)
+            row += "".join(" " + num(b) for b in (*states, sum(states))) + " |"
+        lines.append(row)
+    lines.append(f"  {'working copies':<32}|" + f" {num(plan['DDP']['working'])}  (buckets, bf16 copies)".ljust(37)
+                 + "|" + f" {num(plan['FSDP']['working'])}  (gathered units)".ljust(37) + "|")
+    for ckpt in (False, True):
+        acts = ", ".join(f"{a / size:.2f} at {s} tokens" for a, s in zip(plan["activations"][ckpt], plan["seqs"]))
+        lines.append(f"  activations (rough), {'with' if ckpt else 'without'} gradient checkpointing: {acts}")
+    on = "on" if plan["checkpointing"] else "off"
+    lines.append(f"  in all per GPU, gradient checkpointing {on}: "
+                 + "; ".join(f"{mode} " + " to ".join(f"{t / size:.2f}" for t in plan[mode]["total"])
+                             for mode in ("DDP", "FSDP")))
+    how = {"one process": "one process: nothing to shard or replicate",
+           "FSDP": f"FSDP over {w} processes (--fsdp)", "DDP": f"DDP over {w} processes (--no-fsdp)"}
+    lines.append(f"  this run: {how[plan['mode']]}")
+    return "\n".join(lines)
+
+
+def fit_problem(plan: dict, gpu_bytes: int) -> str:
+    """Why this run cannot fit a GPU of gpu_bytes, naming the flag that fixes it; '' if it may fit.
+    Only what is sure counts: the states and working copies (exact counts), plus the activations of the
+    shortest batch holding an image (its visual tokens alone), the least a step with images needs."""
+    mode = "FSDP" if plan["mode"] == "FSDP" else "DDP"
+    fixed = {m: plan[m]["states"] + plan[m]["working"] for m in ("DDP", "FSDP")}
+    least = {ckpt: plan["activations"][ckpt][0] for ckpt in (False, True)}
+    ckpt, w = plan["checkpointing"], plan["world"]
+    fsdp_fits = w > 1 and fixed["FSDP"] + least[True] <= gpu_bytes
+    if fixed[mode] > gpu_bytes:
+        need, what = fixed[mode], "fp32 weights, gradients, AdamW state and working copies"
+        fix = ("add --fsdp to shard them over the processes" if mode == "DDP" and fsdp_fits else
+               "run on several GPUs with --fsdp" if w == 1 else "run on more GPUs (torchrun --nnodes)")
+    elif fixed[mode] + least[ckpt] > gpu_bytes:
+        need = fixed[mode] + least[ckpt]
+        what = f"the model states and the activations of {plan['batch']} sequences of {plan['seqs'][0]} tokens"
+        fix = ("add --gradient-checkpointing" if not ckpt and fixed[mode] + least[True] <= gpu_bytes else
+               "add --fsdp" if mode == "DDP" and fsdp_fits else "lower --batch-size")
+    else:
+        return ""
+    return (f"stage {plan['stage']}: each GPU needs at least {need / GIB:.1f} GiB ({what}, {plan['mode']} over "
+            f"{w} processes), more than this GPU's {gpu_bytes / GIB:.1f} GiB: {fix} (--plan --world-size {w} "
+            f"prints the plan)")
+
+
+def check_memory_fits(cfg: TrainConfig, stage: str, world: int, device: torch.device):
+    """Refuse, before anything is loaded, a run that cannot fit its GPU. On CPU there is no device memory
+    limit to check against (host memory is shared with everything else on the machine)."""
+    if device.type != "cuda":
+        return
+    problem = fit_problem(memory_plan(cfg, stage, world, offline=False),
+                          torch.cuda.get_device_properties(device).total_memory)
+    if problem:
+        raise ValueError(problem)
+
+
+def print_plans(args: dict, world: int):
+    """--plan: the memory plan of each stage this command line would run; nothing is built or loaded."""
+    if world < 1:
+        raise ValueError(f"--world-size must be at least 1, got {world}")
+    recipe, stage, init = args.get("recipe", "demo"), args.get("stage", "all"), args.get("init", "")
+    overrides = {k: v for k, v in args.items() if k not in ("recipe", "stage", "init", "out_dir")}
+    stages = list(STAGES) if stage == "all" else [stage]
+    if overrides.get("variant") == "llava":  # LLaVA has no stage 1.5
+        if stage == "1.5":
+            raise ValueError("--variant llava has no stage 1.5 (it trains stage 1, then stage 2)")
+        stages = [s for s in stages if s != "1.5"]
+    for s in stages:
+        print(format_plan(memory_plan(stage_config(recipe, s, overrides, init), s, world)))
 
 
 # -----------------------------------------------------------------------------
@@ -319,22 +578,49 @@ def barrier():
 # One stage
 
 
-def shard_with_fsdp(model: VictorModel, use_bf16: bool) -> VictorModel:
+def shard_with_fsdp(model: VictorModel, use_bf16: bool, device: torch.device) -> VictorModel:
     """FSDP2: every vision encoder layer and LLM decoder layer is its own unit, gathered just before
     it runs and freed after. The root unit holds the rest (embeddings, lm_head, projector, recon head
-    and the token pool); it stays gathered through the forward, so matching sees the whole pool."""
+    and the token pool); it stays gathered through the forward, so matching sees the whole pool.
+    Rank 0 holds the loaded model, the other ranks the same model on the meta device (build_model_once):
+    after sharding, rank 0's weights are broadcast into every rank's shards, one tensor at a time, so no
+    other rank ever holds the whole model."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    rank = dist.get_rank()
+    full_state = model.state_dict() if rank == 0 else {}
+    # buffers that a state dict leaves out (rotary inv_freq, the towers' position_ids): rank 0's values,
+    # computed from the config as every rank would
+    unsaved = [{name: b.detach().cpu() for name, b in model.named_buffers() if name not in full_state}
+               if rank == 0 else None]
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if use_bf16
           else MixedPrecisionPolicy())
     for layer in [*model.vision_tower.encoder.layers, *model.llm.get_decoder().layers]:
         fully_shard(layer, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
+    if rank != 0:
+        model.to_empty(device=device)  # this rank's shards and buffers, uninitialised until the broadcast
+    set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    dist.broadcast_object_list(unsaved, src=0)
+    if rank != 0:
+        buffers = dict(model.named_buffers())
+        with torch.no_grad():
+            for name, value in unsaved[0].items():
+                buffers[name].copy_(value)
     return model
 
 
-def build_model(cfg: TrainConfig, stage: str):
+def build_model(cfg: TrainConfig, stage: str, settings: dict | None = None):
+    """The run's model, tokenizer and image processor: loaded from --init, or built from the base models.
+    settings: rank 0's model settings (FSDP, the other ranks: build_model_once), from which the same
+    model is built on the meta device, without weights."""
     from transformers import AutoImageProcessor, AutoTokenizer
-    if cfg.init:
+    if settings is not None:
+        with torch.device("meta"):  # a LLaVA projector (projector_path) arrives with rank 0's weights
+            model = VictorModel(VictorConfig.from_dict({**settings, "projector_path": ""}), load_weights=False)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.init or cfg.llm)
+        image_processor = AutoImageProcessor.from_pretrained(cfg.init or cfg.vision_model)
+    elif cfg.init:
         model, tokenizer, image_processor = load_checkpoint(cfg.init, overrides=cfg.model_overrides)
         for key in ("vision_model", "llm"):  # named on the command line: must be the checkpoint's own
             given, held = getattr(cfg, key), getattr(model.cfg, key)
@@ -363,20 +649,35 @@ def build_model(cfg: TrainConfig, stage: str):
     return model, tokenizer, image_processor
 
 
+def build_model_once(cfg: TrainConfig, stage: str, rank: int):
+    """FSDP: only rank 0 reads the weights (build_model); every other rank builds the same model from
+    rank 0's settings on the meta device. shard_with_fsdp then fills every rank's shards from rank 0's
+    weights: a node's host memory holds the whole model once, not once per process."""
+    built = build_model(cfg, stage) if rank == 0 else None
+    settings = [built[0].cfg.to_dict() if rank == 0 else None]
+    dist.broadcast_object_list(settings, src=0)
+    return built if rank == 0 else build_model(cfg, stage, settings=settings[0])
+
+
 def selection_seeds(image_keys, seed: int, epoch: int) -> list[int]:
     """Stage 1.5's random choice of tokens (step 2) per image, from (seed, epoch, record, k) alone:
     1 or N processes, any batch size, and a resumed run all replace the same tokens."""
     return [((seed * 1_000_003 + epoch) * 1_000_000_007 + index) * 1009 + k for index, k in image_keys]
 
 
-def validate_data(cfg: TrainConfig, master: bool) -> tuple[list[dict], list[tuple[str, str]]]:
+def validate_data(cfg: TrainConfig, master: bool) -> tuple[D.RecordStore, list[tuple[str, str]]]:
     """The validation pass, before any training: every structurally bad record (and every record
     whose image file is missing) is reported with its position and reason, and written to
-    out_dir/bad_records.json; --strict fails on any. Rank 0 checks, the others receive its answer."""
-    result = [None]
+    out_dir/bad_records.json; --strict fails on any. Every process reads and checks the file itself
+    (sending rank 0's records would pickle the whole dataset once per process); rank 0 reports."""
+    records, bad = D.load_records(cfg.data, strict=cfg.strict, image_folder=cfg.image_folder)
+    if dist.is_initialized():  # the samplers split the same records only if every process found the same
+        counts = [None] * dist.get_world_size()
+        dist.all_gather_object(counts, (len(records), len(bad)))
+        if len(set(counts)) > 1:
+            raise RuntimeError(f"{cfg.data}: the processes found different (good, bad) record counts "
+                               f"{counts}: did the file or the image folder change while they read it?")
     if master:
-        records, bad = D.load_records(cfg.data, strict=cfg.strict, image_folder=cfg.image_folder)
-        result = [(records, bad)]
         if bad:
             print(f"{cfg.data}: {len(bad)} bad records will be skipped (all listed in "
                   f"{os.path.join(cfg.out_dir, 'bad_records.json')}):")
@@ -387,9 +688,7 @@ def validate_data(cfg: TrainConfig, master: bool) -> tuple[list[dict], list[tupl
         os.makedirs(cfg.out_dir, exist_ok=True)
         with open(os.path.join(cfg.out_dir, "bad_records.json"), "w") as f:
             json.dump([{"record": where, "reason": why} for where, why in bad], f, indent=1)
-    if dist.is_initialized():
-        dist.broadcast_object_list(result, src=0)
-    return result[0]
+    return records, bad
 
 
 def parse_steps(text: str) -> set[int]:
@@ -415,21 +714,76 @@ def save_model(model, cfg: TrainConfig, stage: str, path: str, tokenizer, image_
                         extra={"train_config": {**dataclasses.asdict(cfg), "stage": stage}}, state_dict=full_state)
 
 
+class MissingDependency(ImportError):
+    """An optional package that a flag asks for is not installed."""
+
+
+def _import_optional(module: str, package: str, flag: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingDependency(f"{flag} needs the {package} package, which is not installed: "
+                                f"pip install {package}") from None
+
+
+class MetricsReporter:
+    """--report-to: the rows written to metrics.jsonl go to TensorBoard (out_dir/tensorboard) and/or wandb
+    as well. Both are optional packages, imported only when asked for: a missing one fails when the
+    reporter is made, before any training."""
+    TARGETS = {"tensorboard": ("torch.utils.tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}
+
+    def __init__(self, report_to: str):
+        targets = [t.strip() for t in report_to.split(",") if t.strip()]
+        unknown = [t for t in targets if t not in self.TARGETS]
+        if unknown:
+            raise ValueError(f"--report-to {report_to!r}: unknown {unknown}; choose from {sorted(self.TARGETS)}, "
+                             f"comma-separated")
+        self.modules = {t: _import_optional(*self.TARGETS[t], flag=f"--report-to {t}") for t in targets}
+        self.writer = self.run = None
+
+    def start(self, out_dir: str, stage: str, config: dict):
+        if "tensorboard" in self.modules:
+            self.writer = self.modules["tensorboard"].SummaryWriter(log_dir=os.path.join(out_dir, "tensorboard"))
+        if "wandb" in self.modules:  # one wandb run per stage; WANDB_PROJECT (default "victor") groups them
+            self.run = self.modules["wandb"].init(project=os.environ.get("WANDB_PROJECT", "victor"), dir=out_dir,
+                                                  name=f"{os.path.basename(os.path.normpath(out_dir))} (stage {stage})",
+                                                  config=config)
+
+    def log(self, row: dict):
+        """One metrics.jsonl row: its numbers, at its step."""
+        values = {k: v for k, v in row.items()
+                  if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, row["step"])
+        if self.run is not None:
+            self.run.log(values, step=row["step"])
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+        if self.run is not None:
+            self.run.finish()
+
+
 def train_stage(cfg: TrainConfig, stage: str) -> str:
     """Train one stage and save its checkpoint to cfg.out_dir; returns cfg.out_dir."""
     assert stage in STAGES
     rank, world, device = setup_distributed()
     master = rank == 0
+    reporter = MetricsReporter(cfg.report_to)  # every process: a missing package fails here, not mid-run
     if cfg.global_batch_size % (cfg.batch_size * world):
         raise ValueError(f"global_batch_size {cfg.global_batch_size} is not a multiple of "
                          f"batch_size {cfg.batch_size} x {world} processes")
     grad_accum = cfg.global_batch_size // (cfg.batch_size * world)
+    fsdp = cfg.fsdp and world > 1
+    check_memory_fits(cfg, stage, world, device)
     if not cfg.data or not os.path.isfile(cfg.data):
         raise FileNotFoundError(f"stage {stage}: data file {cfg.data!r} not found (--data)")
     records, bad_records = validate_data(cfg, master)
     torch.manual_seed(cfg.seed + rank)
 
-    model, tokenizer, image_processor = build_model(cfg, stage)
+    model, tokenizer, image_processor = build_model_once(cfg, stage, rank) if fsdp else build_model(cfg, stage)
     groups = trainable_param_groups(model, stage, cfg)
     if cfg.gradient_checkpointing:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -438,11 +792,11 @@ def train_stage(cfg: TrainConfig, stage: str) -> str:
     use_bf16 = cfg.bf16 and device.type == "cuda"
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    train_model, fsdp = model, cfg.fsdp and world > 1
+    train_model = model
     if cfg.fsdp and world == 1 and master:
         print("note: --fsdp with one process: nothing to shard over, training unsharded")
     if fsdp:  # shards move to the device; the optimizer is built on the sharded parameters
-        model = train_model = shard_with_fsdp(model, use_bf16)
+        model = train_model = shard_with_fsdp(model, use_bf16, device)
         groups = trainable_param_groups(model, stage, cfg)  # the same parts, now sharded parameters
     else:
         model.to(device)
@@ -528,6 +882,8 @@ def train_stage(cfg: TrainConfig, stage: str) -> str:
         raise ValueError(f"--snapshot-steps {cfg.snapshot_steps}: this run has only {total_steps} steps")
     os.makedirs(cfg.out_dir, exist_ok=True)
     metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a" if resume_from else "w") if master else None
+    if master:
+        reporter.start(cfg.out_dir, stage, dataclasses.asdict(cfg))
     bar = tqdm(range(progress["step"], total_steps), initial=progress["step"], total=total_steps,
                desc=f"stage {stage}", disable=not master, dynamic_ncols=True)
     model.train()
@@ -575,6 +931,7 @@ def train_stage(cfg: TrainConfig, stage: str) -> str:
                     logged_skips = len(skipped)
                 metrics.write(json.dumps({"stage": stage, **log}) + "\n")
                 metrics.flush()
+                reporter.log(log)
         if bad_in_a_row >= cfg.max_bad_steps:
             progress.update(step=step + 1, skipped=skipped, truncated=truncated)
             save_training_state(state_dir, progress, model, optimizer, scheduler, rank)
@@ -608,6 +965,7 @@ def train_stage(cfg: TrainConfig, stage: str) -> str:
         metrics.write(json.dumps({"stage": stage, "done": True, "skipped": len(all_skipped), "truncated": len(truncated),
                                   "skipped_ids": [rid for rid, _ in all_skipped]}) + "\n")
         metrics.close()
+        reporter.close()
     save_model(model, cfg, stage, cfg.out_dir, tokenizer, image_processor, fsdp, master)
     if master:
         print(f"stage {stage}: saved {cfg.out_dir} ({total_steps} steps, {time.time() - t0:.0f}s)")
@@ -671,12 +1029,18 @@ def run(overrides: dict) -> list[str]:
     recipe, stage = overrides.pop("recipe", "demo"), overrides.pop("stage", "all")
     out_root = overrides.pop("out_dir", "out/demo" if recipe == "demo" else f"out/{recipe}")
     variant = overrides.get("variant", "")
+    if variant and variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose from {sorted(VARIANTS)}")
+    # the model settings are checked now, before data and models are built (placeholders for the models)
+    VictorConfig.from_dict({"vision_model": "-", "llm": "-", **VARIANTS.get(variant, {}),
+                            **overrides.get("model_overrides", {})}).validate()
     stages = list(STAGES) if stage == "all" else [stage]
     if variant == "llava":  # LLaVA has no stage 1.5
         if stage == "1.5":
             raise ValueError("--variant llava has no stage 1.5 (it trains stage 1, then stage 2)")
         stages = [s for s in stages if s != "1.5"]
     check_knobs(given, recipe, stages)
+    MetricsReporter(overrides.get("report_to", ""))  # a missing optional package fails before data or models
     if stage == "all" and "data" in overrides and recipe != "demo":
         raise ValueError("--stage all needs different data per stage: run the stages one by one with --data")
     demo_data = {}
@@ -726,6 +1090,11 @@ def parse_args(argv=None) -> dict:
         else:
             kind = {"int": int, "float": float}.get(f.type, str)
             ap.add_argument(flag, type=kind, default=argparse.SUPPRESS)
+    # not TrainConfig fields: they ask for a memory plan instead of a run (a run's world size is torchrun's)
+    ap.add_argument("--plan", action="store_true", default=argparse.SUPPRESS,
+                    help="print what each GPU will hold for this command line (model configs only) and exit")
+    ap.add_argument("--world-size", type=int, default=argparse.SUPPRESS,
+                    help="with --plan: the number of processes (GPUs) to plan for (default 1)")
     return vars(ap.parse_args(argv))
 
 
@@ -733,8 +1102,20 @@ if __name__ == "__main__":
     args = parse_args()
     if args.get("stage", "all") not in (*STAGES, "all"):
         sys.exit(f"--stage must be one of 1, 1.5, 2, all (got {args['stage']!r})")
+    plan, plan_world = args.pop("plan", False), args.pop("world_size", None)
+    if plan_world is not None and not plan:
+        sys.exit("--world-size applies to --plan only (a run's world size is torchrun's --nproc_per_node x --nnodes)")
+    if plan:
+        try:
+            print_plans(args, 1 if plan_world is None else plan_world)
+        except (ValueError, FileNotFoundError) as e:
+            sys.exit(f"--plan: {e}")
+        sys.exit(0)
     t = time.time()
-    run(args)
+    try:
+        run(args)
+    except MissingDependency as e:  # one line: what is missing and how to install it
+        sys.exit(f"error: {e}")
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"done in {time.time() - t:.0f}s")
     if dist.is_initialized():

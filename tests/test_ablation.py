@@ -1,0 +1,46 @@
+"""tests/bench_ablation.py --quick runs every arm end to end and writes a valid report."""
+import json
+import os
+import subprocess
+import sys
+
+from conftest import MAIN, subprocess_env
+
+
+def test_bench_ablation_quick_writes_a_valid_report(tmp_path):
+    sys.path.insert(0, os.path.join(MAIN, "tests"))
+    from bench_ablation import ARMS
+    out = tmp_path / "ablation"
+    proc = subprocess.run([sys.executable, "tests/bench_ablation.py", "--quick", "--out-dir", str(out)], cwd=MAIN,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    report = json.loads((out / "ablation.json").read_text())
+    assert set(report["arms"]) == set(ARMS) and report["config"]["seeds"] == [0]
+    for name, arm in report["arms"].items():
+        assert arm["seeds"] == [0]
+        for s in [arm["accuracy"], *arm["per_type"].values(), *arm["curve"].values()]:
+            assert set(s) == {"mean", "std", "per_seed"} and len(s["per_seed"]) == 1
+            assert 0.0 <= s["mean"] <= 1.0 and s["std"] == 0.0 and s["mean"] == s["per_seed"][0]
+        assert set(arm["per_type"]) == {"colour", "count", "exists", "position", "shape"}
+        assert list(arm["curve"]) == ["2", "4"]  # the snapshot and the final step
+        assert arm["accuracy"]["mean"] == arm["curve"]["4"]["mean"]
+        assert set(arm["probe"]) == {"input", "middle", "last"}
+        for layer in arm["probe"].values():
+            assert set(layer) == {"object", "colour", "shape", "occupied"}
+            assert all(0.0 <= v["mean"] <= 1.0 for v in layer.values())
+    # every arm starts from the same stage-1 checkpoint: the probe of the LLM's input embeddings reads
+    # the same stage-1 projector for llava; the stage-1.5 arms trained theirs, so theirs differ from it
+    run = lambda arm: json.loads((out / "runs" / arm / "seed-0" / "result.json").read_text())  # noqa: E731
+    assert run("llava")["seconds"]["stage1.5"] < run("victor")["seconds"]["stage1.5"]
+    # the stage-1.5 checkpoints hold each arm's settings (the variant and its overrides took effect)
+    cfg = lambda arm: json.loads((out / "runs" / arm / "seed-0" / "stage1.5" / "config.json").read_text())["victor"]  # noqa: E731
+    assert cfg("victor-pool16")["pool_size"] == 16 and cfg("victor")["pool_size"] == 128
+    assert cfg("croc")["matcher"] == "nearest" and cfg("croc")["stage15_attention"] == "mixed"
+    assert cfg("vdep")["replace_ratio"] == 0.0 and cfg("vdep")["recon_target_offset"] == 1
+    assert cfg("captions")["recon_weight"] == 0.0 and cfg("victor-recon0")["recon_weight"] == 0.0
+    assert cfg("victor-replace0.9")["replace_ratio"] == 0.9
+    assert not (out / "runs" / "llava" / "seed-0" / "stage1.5").exists()
+    table = (out / "ablation.md").read_text()
+    assert all(f"| {name} |" in table for name in ARMS)
+    assert (out / "ablation.png").stat().st_size > 10_000
+    assert table.strip() in proc.stdout  # the table is printed too
