@@ -14,12 +14,15 @@ Make the shapes data by hand (train.py does it on first use):
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
 import re
 import warnings
+from array import array
 from collections import Counter
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -135,51 +138,146 @@ def check_record(rec) -> str | None:
     return None
 
 
+class RecordStore(Sequence):
+    """Records held as their JSON text: the file's bytes and the byte span of each record, parsed
+    when read. store[i] is a new dict each time; a slice is a store over the same bytes.
+
+    A forked DataLoader worker shares its parent's memory until it writes to a page, and reading a
+    Python object writes its reference count: a worker that reads a list of a million dicts ends up
+    with its own copy of them all. Here a record is read from one bytes object and two numpy arrays,
+    whose data pages are only read, so all workers share them. It also pickles to about the file's size.
+    """
+
+    def __init__(self, buffer: bytes, starts, ends):
+        self.buffer = buffer
+        self.starts, self.ends = np.asarray(starts, dtype=np.int64), np.asarray(ends, dtype=np.int64)
+
+    def __len__(self):
+        return len(self.starts)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return RecordStore(self.buffer, self.starts[i], self.ends[i])
+        return json.loads(self.buffer[self.starts[i]:self.ends[i]])
+
+    def __eq__(self, other):  # equal to a list of the same records
+        if not isinstance(other, (list, RecordStore)):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    def __repr__(self):
+        return f"RecordStore({len(self)} records in {len(self.buffer)} bytes)"
+
+
+def _parse(text: bytes):
+    """One record from its JSON text, or the SampleError that names why it is not JSON."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        return SampleError(f"invalid JSON ({e.msg})")
+    except UnicodeDecodeError as e:
+        return SampleError(f"invalid UTF-8 ({e.reason})")
+
+
+def _jsonl_items(buf: bytes):
+    """(position, byte start, byte end, record or SampleError) for each non-blank line of JSONL."""
+    start, line_no = 0, 1
+    while start < len(buf):
+        end = buf.find(b"\n", start)
+        end = len(buf) if end < 0 else end
+        line = buf[start:end]
+        if line.strip():
+            yield f"line {line_no}", start, end, _parse(line)
+        start, line_no = end + 1, line_no + 1
+
+
+_JSON_SPACE = re.compile(rb"[ \t\n\r]*")
+_JSON_SEPARATOR = re.compile(r"[ \t\n\r]*([,\]])")  # after an element of a list
+
+
+def _json_list_items(buf: bytes, path: str, window: int = 1 << 20):
+    """(position, byte start, byte end, record) for each element of the JSON list in buf, decoded
+    one at a time, so that the file's records are never all held as Python objects.
+
+    json's raw_decode reads a str. The bytes are decoded a window at a time as latin-1, one character
+    per byte, so positions in the window are byte positions: JSON's syntax is ASCII, and UTF-8 never
+    has an ASCII byte inside a multi-byte character. In an all-ASCII window latin-1 and UTF-8 agree
+    and raw_decode's value is the record; elsewhere the element's bytes are decoded again as UTF-8.
+    """
+    def invalid(msg: str, at: int) -> ValueError:
+        line = buf.count(b"\n", 0, at) + 1
+        column = at - buf.rfind(b"\n", 0, at)
+        return ValueError(f"{path}: invalid JSON: {msg}: line {line} column {column} (byte {at})")
+
+    decoder = json.JSONDecoder()
+    pos = _JSON_SPACE.match(buf, _JSON_SPACE.match(buf).end() + 1).end()  # the first element, after '['
+    if buf[pos:pos + 1] == b"]":  # an empty list
+        end = pos + 1
+    else:
+        base, text = pos, ""  # the window: text is buf[base:base + len(text)] decoded as latin-1
+        for index in itertools.count():
+            pos = _JSON_SPACE.match(buf, pos).end()
+            while True:  # the element at pos and the ',' or ']' after it, from within the window
+                try:
+                    value, stop = decoder.raw_decode(text, pos - base)
+                    separator = _JSON_SEPARATOR.match(text, stop)
+                    error = None if separator else ("Expecting ',' delimiter", base + stop)
+                except json.JSONDecodeError as e:
+                    error = (e.msg, base + e.pos)
+                if error is None:
+                    break
+                if base + len(text) >= len(buf):
+                    raise invalid(*error)
+                # the window may have cut the element: a new one from the element, larger if it was already
+                size = max(window, 2 * len(text)) if base == pos else window
+                base, text = pos, str(memoryview(buf)[pos:pos + size], "latin-1")  # no copy of the bytes
+            stop += base
+            yield f"[{index}]", pos, stop, (value if text.isascii() else _parse(buf[pos:stop]))
+            if separator.group(1) == "]":
+                end = base + separator.end()
+                break
+            pos = base + separator.end()
+    end = _JSON_SPACE.match(buf, end).end()
+    if end < len(buf):
+        raise invalid("Extra data", end)
+
+
 def load_records(path: str, strict: bool = False, image_folder: str | None = None
-                 ) -> tuple[list[dict], list[tuple[str, str]]]:
+                 ) -> tuple[RecordStore, list[tuple[str, str]]]:
     """Read a LLaVA JSON list or JSONL file and check every record (the validation pass).
 
-    Returns (good records, [(where, reason), ...] for every bad one), where names the record by
-    its id and position: "000123 (line 7)" in JSONL, "000123 ([6])" in a list, "line 7" without id.
-    With image_folder, a record whose image file does not exist is bad too.
+    Returns (good records as a RecordStore, [(where, reason), ...] for every bad one), where names the
+    record by its id and position: "000123 (line 7)" in JSONL, "000123 ([6])" in a list, "line 7"
+    without id. With image_folder, a record whose image file does not exist is bad too.
     strict=True raises, listing every bad record.
+    Memory: the file's bytes, 16 bytes a record, and one batch of parsed records at a time.
     """
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    raw = []  # (position, record or parse error)
-    if text.lstrip().startswith("["):
-        try:
-            raw = [(f"[{i}]", rec) for i, rec in enumerate(json.loads(text))]
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: invalid JSON: {e}") from None
-    else:
-        for line_no, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                raw.append((f"line {line_no}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                raw.append((f"line {line_no}", SampleError(f"invalid JSON ({e.msg})")))
-    checks = [str(rec) if isinstance(rec, SampleError) else check_record(rec) for _, rec in raw]
-    if image_folder is not None:  # one stat per image; threads, since network file systems are slow
-        todo = [(i, p) for i, (_, rec) in enumerate(raw) if checks[i] is None for p in record_images(rec)]
-        with ThreadPoolExecutor(16) as ex:
-            found = list(ex.map(lambda ip: os.path.isfile(os.path.join(image_folder, ip[1])), todo))
-        for (i, p), ok in zip(todo, found):
-            if not ok and checks[i] is None:
-                checks[i] = f"image not found: {os.path.join(image_folder, p)}"
-    records, bad = [], []
-    for (where, rec), why in zip(raw, checks):
-        if why is None:
-            records.append(rec)
-        else:
-            has_id = isinstance(rec, dict) and "id" in rec
-            bad.append((f"{rec['id']} ({where})" if has_id else where, why))
+    with open(path, "rb") as f:
+        buf = f.read()
+    first = _JSON_SPACE.match(buf).end()
+    items = _json_list_items(buf, path) if buf[first:first + 1] == b"[" else _jsonl_items(buf)
+    starts, ends, bad = array("q"), array("q"), []
+    with ThreadPoolExecutor(16) as pool:
+        while batch := list(itertools.islice(items, 1024)):
+            checks = [str(rec) if isinstance(rec, SampleError) else check_record(rec) for *_, rec in batch]
+            if image_folder is not None:  # one stat per image; threads, since network file systems are slow
+                todo = [(k, p) for k, (*_, rec) in enumerate(batch) if checks[k] is None for p in record_images(rec)]
+                found = pool.map(lambda kp: os.path.isfile(os.path.join(image_folder, kp[1])), todo)
+                for (k, p), ok in zip(todo, found):
+                    if not ok and checks[k] is None:
+                        checks[k] = f"image not found: {os.path.join(image_folder, p)}"
+            for (where, start, end, rec), why in zip(batch, checks):
+                if why is None:
+                    starts.append(start)
+                    ends.append(end)
+                else:
+                    has_id = isinstance(rec, dict) and "id" in rec
+                    bad.append((f"{rec['id']} ({where})" if has_id else where, why))
     if strict and bad:
         raise ValueError(f"{path}: {len(bad)} bad records (strict):\n" +
                          "\n".join(f"  {where}: {why}" for where, why in bad[:50]) +
                          ("\n  ..." if len(bad) > 50 else ""))
-    return records, bad
+    return RecordStore(buf, starts, ends), bad
 
 
 def to_messages(conversations: list[dict]) -> list[dict]:

@@ -897,6 +897,31 @@ def export_main(args) -> str:
     return out
 
 
+# which flags each of eval.py's modes reads; any other flag given is refused, never ignored
+COMMON_FLAGS = {"checkpoint", "device"}
+MODE_FLAGS = {
+    "export": {"export_llava_hf"},
+    "visualize": {"visualize", "out_png", "seed", "pool_assign"},
+    "curves": {"curves", "out_png"},
+    "question file": {"question_file", "answers_file", "image_folder", "batch_size", "limit", "max_new_tokens"},
+    "bench": {"bench", "image_folder", "out", "batch_size", "limit", "max_new_tokens"},
+    "shapes test set": {"test_file", "image_folder", "out", "batch_size", "limit", "max_new_tokens"},
+}
+
+
+def refuse_unused_flags(ap: argparse.ArgumentParser, args):
+    """One clear line when a flag given has no effect in the mode the other flags select."""
+    mode = next((m for m, key in (("export", "export_llava_hf"), ("visualize", "visualize"), ("curves", "curves"),
+                                  ("question file", "question_file"), ("bench", "bench")) if getattr(args, key, None)),
+                "shapes test set")
+    given = {k for k, v in vars(args).items() if v != ap.get_default(k)}
+    unused = sorted(given - MODE_FLAGS[mode] - COMMON_FLAGS)
+    if unused:
+        ap.error(f"{', '.join('--' + k.replace('_', '-') for k in unused)}: no effect when evaluating the {mode}"
+                 if mode == "shapes test set" else
+                 f"{', '.join('--' + k.replace('_', '-') for k in unused)}: no effect with --{mode.replace(' ', '-')}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", nargs="?", default="out/demo/stage2")
@@ -917,11 +942,12 @@ def main(argv=None):
     ap.add_argument("--bench", default="", help="a VLMEvalKit TSV (multiple choice or yes/no): MMStar, MMBench, POPE...")
     ap.add_argument("--question-file", default="", help="LLaVA question JSONL {question_id, image, text}")
     ap.add_argument("--answers-file", default="", help="with --question-file: the LLaVA answers JSONL to write")
-    ap.add_argument("--max-new-tokens", type=int, default=0, help="benchmarks: 16 (TSV) / 128 (question file)")
+    ap.add_argument("--max-new-tokens", type=int, default=0, help="default: 16 (TSV) / 128 (question file) / 8 (shapes test set)")
     # --- end benchmarks ---
     ap.add_argument("--export-llava-hf", default="", metavar="OUT",
                     help="write CHECKPOINT as a transformers LlavaForConditionalGeneration directory, no evaluation")
     args = ap.parse_args(argv)
+    refuse_unused_flags(ap, args)
     if args.export_llava_hf:
         return export_main(args)
     if args.visualize or args.curves:  # pictures (issue 4): write a PNG, no evaluation
@@ -937,7 +963,8 @@ def main(argv=None):
         if not os.path.isfile(test_file):
             raise SystemExit(f"{test_file} not found: give --test-file and --image-folder")
     torch.manual_seed(0)
-    results = evaluate(args.checkpoint, test_file, folder, args.batch_size, args.limit, device=args.device)
+    results = evaluate(args.checkpoint, test_file, folder, args.batch_size, args.limit,
+                       max_new_tokens=args.max_new_tokens or 8, device=args.device)
     print(format_table(results))
     out = args.out or os.path.join(args.checkpoint, "eval.json")
     with open(out, "w") as f:

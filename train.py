@@ -300,26 +300,28 @@ def planned_model_settings(cfg: TrainConfig, offline: bool) -> VictorConfig:
     """The VictorConfig this run would build (from --init's config.json, or the base models and
     --model-overrides), with both base models as config dicts: nothing to download or load."""
     if cfg.init:
-        path = os.path.join(cfg.init, "config.json")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"--init {cfg.init}: not a victor checkpoint (no config.json)")
-        with open(path) as f:
-            meta = json.load(f)
-        vcfg = config_with_overrides(VictorConfig.from_dict({**meta["victor"], "projector_path": ""}),
-                                     cfg.model_overrides, meta.get("saved_parts") == "projector", cfg.init)
+        import victor as V
+        meta = V.read_config_json(cfg.init)
+        if V.checkpoint_format(meta, cfg.init) == "victor":
+            vcfg = config_with_overrides(VictorConfig.from_dict({**meta["victor"], "projector_path": ""}),
+                                         cfg.model_overrides, meta.get("saved_parts") == "projector", cfg.init)
+        else:  # LLaVA's or llava-hf's directory: its reader says what victor builds from it
+            source = V.CHECKPOINT_READERS[V.checkpoint_format(meta, cfg.init)](cfg.init, meta)
+            vcfg = config_with_overrides(source.cfg, cfg.model_overrides, not source.pool_saved, cfg.init)
     else:
         vcfg = VictorConfig.from_dict({"vision_model": cfg.vision_model, "llm": cfg.llm, **cfg.model_overrides})
-        for name_key, config_key in (("vision_model", "vision_config"), ("llm", "llm_config")):
-            name = getattr(vcfg, name_key)
-            if getattr(vcfg, config_key) is not None:
-                continue
-            if name:
-                conf = base_model_config(name, name_key == "vision_model", offline)
-            elif cfg.recipe == "demo":  # run() builds the demo's tiny base models
-                conf = demo_base_configs()[name_key == "llm"].to_dict()
-            else:
-                raise ValueError(f"--{name_key.replace('_', '-')} is not set (recipe {cfg.recipe!r})")
-            setattr(vcfg, config_key, conf)
+    # base models named but not described yet: their configs, offline where possible
+    for name_key, config_key in (("vision_model", "vision_config"), ("llm", "llm_config")):
+        name = getattr(vcfg, name_key)
+        if getattr(vcfg, config_key) is not None:
+            continue
+        if name:
+            conf = base_model_config(name, name_key == "vision_model", offline)
+        elif cfg.recipe == "demo":  # run() builds the demo's tiny base models
+            conf = demo_base_configs()[name_key == "llm"].to_dict()
+        else:
+            raise ValueError(f"--{name_key.replace('_', '-')} is not set (recipe {cfg.recipe!r})")
+        setattr(vcfg, config_key, conf)
     # configs only; the attention kernel holds no parameters, and SDPA needs no GPU
     return VictorConfig.from_dict({**vcfg.to_dict(), "vision_model": "", "llm": "", "projector_path": "",
                                    "attn_implementation": "sdpa"})
@@ -354,7 +356,8 @@ def activation_bytes(model: VictorModel, batch: int, seq: int, vision_trained: b
     output and its activation) over each image's tokens, when the tower is trained (a frozen one keeps
     nothing). With gradient checkpointing a layer keeps only its input (batch x seq x hidden x compute_bytes)
     and one layer at a time is recomputed in full. The LM loss adds (compute_bytes + 8) x vocab bytes per
-    label token (the logits, their float32 copy and its gradient); image positions carry no labels."""
+    label token (the logits, their float32 copy and its gradient); image positions carry no labels. Where the
+    LLM is frozen (stage 1) this overestimates: a frozen layer need not keep its linear layers' inputs."""
     def stack(layers, tokens, hidden, full_per_token):
         full, kept = tokens * full_per_token * compute_bytes / 2, tokens * hidden * compute_bytes
         return layers * kept + full if checkpointing else layers * full
@@ -453,7 +456,8 @@ def fit_problem(plan: dict, gpu_bytes: int) -> str:
     if fixed[mode] > gpu_bytes:
         need, what = fixed[mode], "fp32 weights, gradients, AdamW state and working copies"
         fix = ("add --fsdp to shard them over the processes" if mode == "DDP" and fsdp_fits else
-               "run on several GPUs with --fsdp" if w == 1 else "run on more GPUs (torchrun --nnodes)")
+               "run on several GPUs with --fsdp" if w == 1 else
+               "run on more GPUs with --fsdp" if mode == "DDP" else "run on more GPUs (torchrun --nnodes)")
     elif fixed[mode] + least[ckpt] > gpu_bytes:
         need = fixed[mode] + least[ckpt]
         what = f"the model states and the activations of {plan['batch']} sequences of {plan['seqs'][0]} tokens"

@@ -1083,7 +1083,7 @@ def export_llava_hf(model: VictorModel, tokenizer, image_processor, out_dir: str
                          tie_word_embeddings=text_config.tie_word_embeddings)
     with torch.device("meta"):  # no random initialisation: every weight comes from victor's
         llava = LlavaForConditionalGeneration(config)
-    llava.load_state_dict(state, strict=not text_config.tie_word_embeddings, assign=True)
+    llava.load_state_dict(state, strict=True, assign=True)
     if text_config.tie_word_embeddings:
         llava.tie_weights()
     if grown:

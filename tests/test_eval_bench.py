@@ -304,3 +304,87 @@ def test_shapes_eval_has_pope(ckpt, shapes_dir, tmp_path):
     assert res["pope"] == pytest.approx(E.pope_metrics([p["prediction"] for p in exists],
                                                        [p["answer"].lower() for p in exists]))
     assert res["pope"]["accuracy"] == pytest.approx(res["per_type"]["exists"]["accuracy"])
+
+
+# -----------------------------------------------------------------------------
+# Scored as the leaderboards score: MMBench's circular evaluation, MMStar's l2_category, MME's score
+
+
+def canned_answers(monkeypatch, answers):
+    """The model's outputs fixed, in record order: the scoring alone is under test."""
+    monkeypatch.setattr(E, "generate_answers", lambda model, tok, proc, template, records, *a, **k:
+                        {r["id"]: answers[i] for i, r in enumerate(records)})
+
+
+def test_mmbench_circular_accuracy_by_hand(ckpt, tmp_path, monkeypatch, capsys):
+    """Question 1 has 4 circular copies (index 1, 1000001, 2000001, 3000001), question 2 has 2, question 3 one.
+    Answers: copies of q1 right, right, right, wrong; q2 both right; q3 right.
+    Plain accuracy 6/7; circular: q1 wrong (one copy wrong), q2 right, q3 right -> 2/3."""
+    img = png_b64(COLOURS[0])
+    opts = ["red", "green", "blue", "yellow"]
+    rows = []
+    for k, truth in enumerate("ABCD"):  # q1 rotated 4 times: the right option moves through the letters
+        rows.append({"index": 1 + k * 1_000_000, "question": "Colour?", **dict(zip("ABCD", opts[-k:] + opts[:-k])),
+                     "answer": truth, "image": img, "category": "colour"})
+    for k, truth in enumerate("AB"):
+        rows.append({"index": 2 + k * 1_000_000, "question": "Shape?", "A": "circle" if k == 0 else "square",
+                     "B": "square" if k == 0 else "circle", "answer": truth, "image": img, "category": "shape"})
+    rows.append({"index": 3, "question": "Count?", "A": "1", "B": "2", "answer": "B", "image": img, "category": "count"})
+    canned_answers(monkeypatch, ["A", "B", "C", "A", "A", "B", "B"])  # the 4th copy of q1 is wrong (D is right)
+    res = E.evaluate_bench(ckpt, write_tsv(tmp_path / "MMBench.tsv", rows))
+    assert [p["correct"] for p in res["predictions"]] == [True, True, True, False, True, True, True]
+    assert res["accuracy"] == pytest.approx(6 / 7)
+    assert res["circular"]["n"] == 3 and res["circular"]["accuracy"] == pytest.approx(2 / 3)
+    assert res["circular"]["per_category"] == {"colour": {"accuracy": 0.0, "n": 1}, "count": {"accuracy": 1.0, "n": 1},
+                                               "shape": {"accuracy": 1.0, "n": 1}}
+    assert "circular (MMBench)" in E.format_bench_table(res)
+    # a file without copies has no circular score
+    canned_answers(monkeypatch, ["A", "C", "B", "C", "B"])
+    assert "circular" not in E.evaluate_bench(ckpt, write_tsv(tmp_path / "plain.tsv", mc_rows(tmp_path)))
+
+
+def test_mmstar_l2_category_column(ckpt, tmp_path, monkeypatch):
+    """MMStar writes l2_category (underscore); MMBench l2-category: both are read. Two rows of
+    'coarse perception' (one right), one of 'math' (right)."""
+    rows = [{"index": i, "question": "Q?", "A": "a", "B": "b", "answer": "A", "image": png_b64(COLOURS[i]),
+             "category": "c", "l2_category": l2} for i, l2 in enumerate(["coarse perception", "coarse perception", "math"])]
+    _, items = E.load_bench(write_tsv(tmp_path / "MMStar.tsv", rows))
+    assert [it["l2-category"] for it in items] == ["coarse perception", "coarse perception", "math"]
+    canned_answers(monkeypatch, ["A", "B", "A"])
+    res = E.evaluate_bench(ckpt, write_tsv(tmp_path / "MMStar.tsv", rows))
+    assert res["per_l2_category"] == {"coarse perception": {"accuracy": 0.5, "n": 2}, "math": {"accuracy": 1.0, "n": 1}}
+
+
+def test_mme_score_by_hand(ckpt, tmp_path, monkeypatch, capsys):
+    """MME pairs a yes and a no question per image. existence: image A both right, image B one right ->
+    accuracy 3/4 = 75, accuracy+ 1/2 = 50, score 125. count: image C both right -> 100 + 100 = 200.
+    code_reasoning: image D one right -> 50 + 0 = 50. Perception 125 + 200 = 325, cognition 50, total 375.
+    Image A's second row refers to its first by index (VLMEvalKit's TSVs); C and D come by image_path."""
+    for name, colour in (("c.png", COLOURS[2]), ("d.png", COLOURS[3])):
+        Image.new("RGB", (32, 32), colour).save(tmp_path / name)
+    a, b = png_b64(COLOURS[0]), png_b64(COLOURS[1])
+    rows = [{"index": 0, "question": "Is there a circle?", "answer": "Yes", "image": a, "category": "existence"},
+            {"index": 1, "question": "Is there a square?", "answer": "No", "image": "0", "category": "existence"},
+            {"index": 2, "question": "Is there a circle?", "answer": "Yes", "image": b, "category": "existence"},
+            {"index": 3, "question": "Is there a square?", "answer": "No", "image": b, "category": "existence"},
+            {"index": 4, "question": "Are there two objects?", "answer": "Yes", "image_path": "c.png", "category": "count"},
+            {"index": 5, "question": "Are there three?", "answer": "No", "image_path": "c.png", "category": "count"},
+            {"index": 6, "question": "Does it print 3?", "answer": "Yes", "image_path": "d.png",
+             "category": "code_reasoning"},
+            {"index": 7, "question": "Does it print 4?", "answer": "No", "image_path": "d.png",
+             "category": "code_reasoning"}]
+    canned_answers(monkeypatch, ["Yes", "No", "Yes", "Yes", "Yes", "No", "No", "No"])
+    res = E.evaluate_bench(ckpt, write_tsv(tmp_path / "MME.tsv", rows))
+    m = res["mme"]
+    assert m["per_subtask"]["existence"] == {"accuracy": 75.0, "accuracy_plus": 50.0, "score": 125.0,
+                                             "questions": 4, "images": 2}
+    assert m["per_subtask"]["count"]["score"] == 200.0
+    assert m["per_subtask"]["code_reasoning"] == {"accuracy": 50.0, "accuracy_plus": 0.0, "score": 50.0,
+                                                  "questions": 2, "images": 1}
+    assert (m["perception"], m["cognition"], m["total"]) == (325.0, 50.0, 375.0)
+    assert "color" in m["missing"] and "existence" not in m["missing"]
+    E.main([ckpt, "--bench", write_tsv(tmp_path / "MME.tsv", rows), "--out", str(tmp_path / "mme.json")])
+    assert "MME score: perception 325.00  cognition 50.00  total 375.00" in capsys.readouterr().out
+    # a yes/no file whose categories are not MME's sub-tasks (POPE) gets no MME score
+    canned_answers(monkeypatch, ["Yes"] * 6)
+    assert "mme" not in E.evaluate_bench(ckpt, write_tsv(tmp_path / "POPE.tsv", yn_rows()))

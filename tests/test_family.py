@@ -522,3 +522,36 @@ def test_check_knobs_notes_pool_lr_outside_stage15(capsys):
     assert "note: --pool-lr" in capsys.readouterr().out
     T.check_knobs({"pool_lr": 0.1}, "demo", ["1.5"])
     assert capsys.readouterr().out == ""
+
+
+# -----------------------------------------------------------------------------
+# Knobs outside the model: eval.py's flags take effect or are refused
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["ckpt", "--seed", "3"], "--seed"),  # replacement seed of --visualize, not of the test set
+    (["ckpt", "--pool-assign", "nearest"], "--pool-assign"),
+    (["ckpt", "--bench", "x.tsv", "--answers-file", "a.jsonl"], "--answers-file"),
+    (["ckpt", "--bench", "x.tsv", "--test-file", "t.jsonl"], "--test-file"),
+    (["--curves", "m.jsonl", "--limit", "5"], "--limit"),
+    (["ckpt", "--visualize", "im.png", "--batch-size", "4"], "--batch-size"),
+])
+def test_eval_refuses_flags_without_effect(argv, named, capsys):
+    import eval as E
+    with pytest.raises(SystemExit) as e:
+        E.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert named in err and "no effect" in err and "Traceback" not in err
+
+
+def test_eval_max_new_tokens_reaches_the_shapes_evaluation(monkeypatch, tmp_path):
+    import eval as E
+    seen = {}
+    monkeypatch.setattr(E, "evaluate", lambda *a, **k: seen.update(k) or {"per_type": {}, "accuracy": 0.0})
+    monkeypatch.setattr(E, "format_table", lambda r: "")
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "t.jsonl").write_text("")
+    E.main([str(tmp_path / "ck"), "--test-file", str(tmp_path / "t.jsonl"), "--image-folder", str(tmp_path),
+            "--max-new-tokens", "3", "--out", str(tmp_path / "r.json")])
+    assert seen["max_new_tokens"] == 3
