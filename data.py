@@ -482,7 +482,7 @@ def skip_report(skipped: list[tuple[str, str]]) -> str:
 
 
 # -----------------------------------------------------------------------------
-# The synthetic "shapes" dataset (DESIGN.md §2) and its offline tokenizer
+# The synthetic "shapes" dataset (README, "The demo and its data") and its offline tokenizer
 
 COLOURS = {"red": (215, 40, 40), "green": (40, 165, 60), "blue": (45, 85, 225), "yellow": (235, 205, 35)}
 SHAPES = ("circle", "square", "triangle")

@@ -51,7 +51,7 @@ class TrainConfig:
     llm: str = ""
     model_overrides: dict = field(default_factory=dict)  # extra VictorConfig fields (pool_size, ...)
     variant: str = ""  # victor | croc | vdep | captions | llava: a preset of VictorConfig fields (VARIANTS)
-    # optimisation (DESIGN.md §1: lr / vision_lr / pool_lr per stage; vision_lr 0 = frozen tower)
+    # optimisation (the paper's recipe: lr / vision_lr / pool_lr per stage; vision_lr 0 = frozen tower)
     lr: float = 1e-5
     vision_lr: float = 2e-6
     pool_lr: float = 1.5e-4
@@ -83,8 +83,8 @@ class TrainConfig:
 PAPER = dict(warmup_ratio=0.03, weight_decay=0.0, epochs=1.0, bf16=True, gradient_checkpointing=True,
              max_length=2048, batch_size=16, num_workers=8, save_every=500, resume="auto")
 RECIPES = {
-    # the published settings (DESIGN.md §1); per-stage global batch 256 / 128 / 128. Stages 1.5 and 2
-    # train the whole 7B LLM: ~16 bytes per parameter of fp32 weights, gradients and AdamW state, more
+    # the published settings (arXiv 2410.14332, training details); per-stage global batch 256 / 128 / 128.
+    # Stages 1.5 and 2 train the whole 7B LLM: ~16 bytes per parameter of fp32 weights, gradients and AdamW state, more
     # than one GPU holds, so they shard it (FSDP; the paper used ZeRO-3). Stage 1 trains the projector
     # alone and fits replicated (DDP). `--plan` prints the figures.
     "llava15-vicuna7b": dict(
@@ -102,7 +102,8 @@ RECIPES = {
                             fsdp=True),
                 "2": dict(PAPER, lr=1e-5, vision_lr=2e-6, global_batch_size=128, template="chat", fsdp=True)}),
     # tiny random models on the shapes data: all three stages in a few CPU minutes.
-    # The vision tower stays frozen (vision_lr 0): a random tower learns as fast and runs faster (DESIGN §5).
+    # The vision tower stays frozen (vision_lr 0): a random tower learns as fast and runs faster
+    # (README, "Demo results").
     "demo": dict(
         model=dict(model_overrides=dict(pool_size=128)),
         stages={"1": dict(lr=1e-3, vision_lr=0.0, max_steps=20, warmup_steps=5, global_batch_size=32,
@@ -253,7 +254,7 @@ def all_reduce_sum(x: float, device) -> float:
 
 
 # -----------------------------------------------------------------------------
-# What each stage trains (DESIGN.md §1)
+# What each stage trains (README's stage table)
 
 
 def trainable_param_groups(model: VictorModel, stage: str, cfg: TrainConfig) -> list[dict]:

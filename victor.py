@@ -9,7 +9,7 @@ ViCToR adds for its "visual comprehension" stage (stage 1.5):
   * a reconstruction head that makes the LLM reconstruct the original visual tokens.
 
 Read top to bottom: the config, then each step of the stage-1.5 forward pass
-(DESIGN.md §1.1) as one small function, then the model that composes them,
+(the README's step table) as one small function, then the model that composes them,
 then checkpoint I/O. Training lives in train.py, data in data.py.
 
     from victor import VictorConfig, VictorModel
@@ -116,7 +116,7 @@ def num_replaced(num_tokens: int, replace_ratio: float) -> int:
 
 
 # -----------------------------------------------------------------------------
-# The stage-1.5 forward pass, one function per step of DESIGN.md §1.1
+# The stage-1.5 forward pass, one function per step of the README's step table
 
 
 def build_projector(kind: str, vision_dim: int, llm_dim: int) -> nn.Module:

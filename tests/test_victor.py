@@ -1,4 +1,4 @@
-"""Tests of victor.py: the stage-1.5 method (DESIGN.md §1.1), losses by hand, generation, checkpoints,
+"""Tests of victor.py: the stage-1.5 method (README's step table), losses by hand, generation, checkpoints,
 LLaVA projector import, and an independent-implementation check against transformers' Llava.
 
 Every model is a tiny random-init one built from conftest.tiny_config(); the whole file runs in seconds.
