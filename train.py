@@ -35,6 +35,10 @@ from victor import (IGNORE_INDEX, STAGES, VictorConfig, VictorModel, config_with
                     save_checkpoint)
 
 
+class UsageError(ValueError):
+    """A mistake in the command line, the recipe's settings or the data: train.py prints it as one line."""
+
+
 @dataclass
 class TrainConfig:
     recipe: str = "demo"
@@ -292,7 +296,7 @@ def base_model_config(name: str, vision: bool, offline: bool) -> dict:
     except (OSError, ValueError):
         if not offline:
             raise
-        raise ValueError(f"no architecture for {name!r} offline: not in train.PAPER_MODELS, not a local "
+        raise UsageError(f"no architecture for {name!r} offline: not in train.PAPER_MODELS, not a local "
                          f"directory, not in the Hugging Face cache") from None
     return (getattr(conf, "vision_config", conf) if vision else conf).to_dict()
 
@@ -321,7 +325,7 @@ def planned_model_settings(cfg: TrainConfig, offline: bool) -> VictorConfig:
         elif cfg.recipe == "demo":  # run() builds the demo's tiny base models
             conf = demo_base_configs()[name_key == "llm"].to_dict()
         else:
-            raise ValueError(f"--{name_key.replace('_', '-')} is not set (recipe {cfg.recipe!r})")
+            raise UsageError(f"--{name_key.replace('_', '-')} is not set (recipe {cfg.recipe!r})")
         setattr(vcfg, config_key, conf)
     # configs only; the attention kernel holds no parameters, and SDPA needs no GPU
     return VictorConfig.from_dict({**vcfg.to_dict(), "vision_model": "", "llm": "", "projector_path": "",
@@ -479,19 +483,19 @@ def check_memory_fits(cfg: TrainConfig, stage: str, world: int, device: torch.de
     problem = fit_problem(memory_plan(cfg, stage, world, offline=False),
                           torch.cuda.get_device_properties(device).total_memory)
     if problem:
-        raise ValueError(problem)
+        raise UsageError(problem)
 
 
 def print_plans(args: dict, world: int):
     """--plan: the memory plan of each stage this command line would run; nothing is built or loaded."""
     if world < 1:
-        raise ValueError(f"--world-size must be at least 1, got {world}")
+        raise UsageError(f"--world-size must be at least 1, got {world}")
     recipe, stage, init = args.get("recipe", "demo"), args.get("stage", "all"), args.get("init", "")
     overrides = {k: v for k, v in args.items() if k not in ("recipe", "stage", "init", "out_dir")}
     stages = list(STAGES) if stage == "all" else [stage]
     if overrides.get("variant") == "llava":  # LLaVA has no stage 1.5
         if stage == "1.5":
-            raise ValueError("--variant llava has no stage 1.5 (it trains stage 1, then stage 2)")
+            raise UsageError("--variant llava has no stage 1.5 (it trains stage 1, then stage 2)")
         stages = [s for s in stages if s != "1.5"]
     for s in stages:
         print(format_plan(memory_plan(stage_config(recipe, s, overrides, init), s, world)))
@@ -626,11 +630,14 @@ def build_model(cfg: TrainConfig, stage: str, settings: dict | None = None):
         tokenizer = AutoTokenizer.from_pretrained(cfg.init or cfg.llm)
         image_processor = AutoImageProcessor.from_pretrained(cfg.init or cfg.vision_model)
     elif cfg.init:
-        model, tokenizer, image_processor = load_checkpoint(cfg.init, overrides=cfg.model_overrides)
+        try:
+            model, tokenizer, image_processor = load_checkpoint(cfg.init, overrides=cfg.model_overrides)
+        except ValueError as e:  # a setting the checkpoint refuses, or not a checkpoint at all
+            raise UsageError(f"--init {cfg.init}: {e}") from None
         for key in ("vision_model", "llm"):  # named on the command line: must be the checkpoint's own
             given, held = getattr(cfg, key), getattr(model.cfg, key)
             if given and (os.path.abspath(given) if os.path.isdir(given) else given) != held:
-                raise ValueError(f"--{key.replace('_', '-')} {given!r}: with --init the base models come from "
+                raise UsageError(f"--{key.replace('_', '-')} {given!r}: with --init the base models come from "
                                  f"{cfg.init} ({key} {held!r}); drop the flag")
     else:
         if stage != "1":
@@ -701,9 +708,9 @@ def parse_steps(text: str) -> set[int]:
     try:
         steps = {int(x) for x in text.replace(" ", "").split(",") if x}
     except ValueError:
-        raise ValueError(f"--snapshot-steps: comma-separated step numbers, got {text!r}") from None
+        raise UsageError(f"--snapshot-steps: comma-separated step numbers, got {text!r}") from None
     if any(k <= 0 for k in steps):
-        raise ValueError(f"--snapshot-steps: steps must be positive, got {text!r}")
+        raise UsageError(f"--snapshot-steps: steps must be positive, got {text!r}")
     return steps
 
 
@@ -741,7 +748,7 @@ class MetricsReporter:
         targets = [t.strip() for t in report_to.split(",") if t.strip()]
         unknown = [t for t in targets if t not in self.TARGETS]
         if unknown:
-            raise ValueError(f"--report-to {report_to!r}: unknown {unknown}; choose from {sorted(self.TARGETS)}, "
+            raise UsageError(f"--report-to {report_to!r}: unknown {unknown}; choose from {sorted(self.TARGETS)}, "
                              f"comma-separated")
         self.modules = {t: _import_optional(*self.TARGETS[t], flag=f"--report-to {t}") for t in targets}
         self.writer = self.run = None
@@ -778,7 +785,7 @@ def train_stage(cfg: TrainConfig, stage: str) -> str:
     master = rank == 0
     reporter = MetricsReporter(cfg.report_to)  # every process: a missing package fails here, not mid-run
     if cfg.global_batch_size % (cfg.batch_size * world):
-        raise ValueError(f"global_batch_size {cfg.global_batch_size} is not a multiple of "
+        raise UsageError(f"global_batch_size {cfg.global_batch_size} is not a multiple of "
                          f"batch_size {cfg.batch_size} x {world} processes")
     grad_accum = cfg.global_batch_size // (cfg.batch_size * world)
     fsdp = cfg.fsdp and world > 1
@@ -820,7 +827,7 @@ def train_stage(cfg: TrainConfig, stage: str) -> str:
                                          num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
     steps_per_epoch = len(loader) // grad_accum
     if steps_per_epoch == 0:
-        raise ValueError(f"{cfg.data}: {len(dataset)} records are fewer than one global batch "
+        raise UsageError(f"{cfg.data}: {len(dataset)} records are fewer than one global batch "
                          f"({cfg.global_batch_size})")
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
     warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
@@ -857,7 +864,7 @@ def train_stage(cfg: TrainConfig, stage: str) -> str:
             progress["batches_in_epoch"] += 1
             if cfg.strict and b["skipped"]:
                 rid, why = b["skipped"][0]
-                raise ValueError(f"{cfg.data}: record {rid}: {why} (strict: not skipping it)")
+                raise UsageError(f"{cfg.data}: record {rid}: {why} (strict: not skipping it)")
             skipped.extend(b["skipped"])
             truncated.extend(b["truncated"])
             if "input_ids" in b:  # an all-skipped batch is simply passed over
@@ -884,7 +891,7 @@ def train_stage(cfg: TrainConfig, stage: str) -> str:
 
     snapshots = parse_steps(cfg.snapshot_steps)
     if snapshots and max(snapshots) > total_steps:
-        raise ValueError(f"--snapshot-steps {cfg.snapshot_steps}: this run has only {total_steps} steps")
+        raise UsageError(f"--snapshot-steps {cfg.snapshot_steps}: this run has only {total_steps} steps")
     os.makedirs(cfg.out_dir, exist_ok=True)
     metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a" if resume_from else "w") if master else None
     if master:
@@ -988,10 +995,10 @@ def stage_config(recipe: str, stage: str, overrides: dict, init: str = "") -> Tr
     With --init the checkpoint holds the model's settings: only the variant's and the command line's
     model settings apply, and each takes effect or is refused (victor.config_with_overrides)."""
     if recipe not in RECIPES:
-        raise ValueError(f"unknown recipe {recipe!r}; choose from {sorted(RECIPES)}")
+        raise UsageError(f"unknown recipe {recipe!r}; choose from {sorted(RECIPES)}")
     variant = overrides.get("variant", "")
     if variant and variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; choose from {sorted(VARIANTS)}")
+        raise UsageError(f"unknown variant {variant!r}; choose from {sorted(VARIANTS)}")
     r = RECIPES[recipe]
     base = {} if init else {k: v for k, v in r["model"].items() if k != "model_overrides"}
     model_overrides = {**({} if init else r["model"].get("model_overrides", {})), **VARIANTS.get(variant, {}),
@@ -1009,7 +1016,7 @@ def check_knobs(given: dict, recipe: str, stages: list[str]):
     set shared by all stages of an experiment is common, so that is a note, not an error)."""
     def off(flag, why, refuse):
         if refuse:
-            raise ValueError(f"--{flag} {why}")
+            raise UsageError(f"--{flag} {why}")
         print(f"note: --{flag} {why}")
     if "demo_images" in given and recipe != "demo":
         off("demo-images", f"applies to the demo recipe only (this is {recipe!r})", True)
@@ -1035,19 +1042,22 @@ def run(overrides: dict) -> list[str]:
     out_root = overrides.pop("out_dir", "out/demo" if recipe == "demo" else f"out/{recipe}")
     variant = overrides.get("variant", "")
     if variant and variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; choose from {sorted(VARIANTS)}")
+        raise UsageError(f"unknown variant {variant!r}; choose from {sorted(VARIANTS)}")
     # the model settings are checked now, before data and models are built (placeholders for the models)
-    VictorConfig.from_dict({"vision_model": "-", "llm": "-", **VARIANTS.get(variant, {}),
-                            **overrides.get("model_overrides", {})}).validate()
+    try:
+        VictorConfig.from_dict({"vision_model": "-", "llm": "-", **VARIANTS.get(variant, {}),
+                                **overrides.get("model_overrides", {})}).validate()
+    except ValueError as e:
+        raise UsageError(f"--model-overrides / --variant: {e}") from None
     stages = list(STAGES) if stage == "all" else [stage]
     if variant == "llava":  # LLaVA has no stage 1.5
         if stage == "1.5":
-            raise ValueError("--variant llava has no stage 1.5 (it trains stage 1, then stage 2)")
+            raise UsageError("--variant llava has no stage 1.5 (it trains stage 1, then stage 2)")
         stages = [s for s in stages if s != "1.5"]
     check_knobs(given, recipe, stages)
     MetricsReporter(overrides.get("report_to", ""))  # a missing optional package fails before data or models
     if stage == "all" and "data" in overrides and recipe != "demo":
-        raise ValueError("--stage all needs different data per stage: run the stages one by one with --data")
+        raise UsageError("--stage all needs different data per stage: run the stages one by one with --data")
     demo_data = {}
     if recipe == "demo":  # generate the data and the tiny base models on first use, unless they were given
         given_values = {k for k, v in overrides.items() if v}
@@ -1119,7 +1129,7 @@ if __name__ == "__main__":
     t = time.time()
     try:
         run(args)
-    except MissingDependency as e:  # one line: what is missing and how to install it
+    except (UsageError, FileNotFoundError, MissingDependency) as e:  # the user's to fix: one line, no traceback
         sys.exit(f"error: {e}")
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"done in {time.time() - t:.0f}s")

@@ -38,6 +38,26 @@ def tiny_model(seed=0, **overrides) -> VictorModel:
     return VictorModel(tiny_config(**overrides))
 
 
+def save_base_models(model, root, tokenizer, image_processor) -> tuple[str, str]:
+    """Save a tiny model's tower (+ image processor) and LLM (+ tokenizer) as base-model dirs."""
+    vdir, ldir = str(root / "vision"), str(root / "llm")
+    model.vision_tower.save_pretrained(vdir)
+    image_processor.save_pretrained(vdir)
+    model.llm.save_pretrained(ldir)
+    tokenizer.save_pretrained(ldir)
+    return vdir, ldir
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and far faster on a shared, busy CPU); restored afterwards.
+    A test module asks for it with pytestmark = pytest.mark.usefixtures("one_thread")."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def model():
     return tiny_model()

@@ -7,7 +7,7 @@ recon_image_ratio), the captions control (replace_ratio=0, recon_weight=0), over
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config, tiny_model
+from conftest import save_base_models, tiny_config, tiny_model
 from test_victor import make_batch, reference_visual_tokens, sharpen, smooth_l1_by_hand, stage15
 
 import train as T
@@ -19,12 +19,7 @@ N_TOK = 16  # tiny model: 32 px, patch 8, CLS dropped
 R = N_TOK - N_TOK // 4  # replaced per image at replace_ratio 0.75
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def preset(variant, **extra):
@@ -376,11 +371,7 @@ def checkpoints(tmp_path_factory, shapes_tokenizer, tiny_image_processor):
     """A projector-only (stage-1) checkpoint over saved base models, and a full (stage-1.5/2) one."""
     root = tmp_path_factory.mktemp("family_ck")
     base = tiny_model(seed=4)
-    vdir, ldir = str(root / "vision"), str(root / "llm")
-    base.vision_tower.save_pretrained(vdir)
-    tiny_image_processor.save_pretrained(vdir)
-    base.llm.save_pretrained(ldir)
-    shapes_tokenizer.save_pretrained(ldir)
+    vdir, ldir = save_base_models(base, root, shapes_tokenizer, tiny_image_processor)
     torch.manual_seed(5)
     stage1 = VictorModel(VictorConfig(vision_model=vdir, llm=ldir, pool_size=32))
     with torch.no_grad():
@@ -555,3 +546,20 @@ def test_eval_max_new_tokens_reaches_the_shapes_evaluation(monkeypatch, tmp_path
     E.main([str(tmp_path / "ck"), "--test-file", str(tmp_path / "t.jsonl"), "--image-folder", str(tmp_path),
             "--max-new-tokens", "3", "--out", str(tmp_path / "r.json")])
     assert seen["max_new_tokens"] == 3
+
+
+@pytest.mark.parametrize("flags, said", [
+    (["--variant", "crocs"], "unknown variant 'crocs'"),
+    (["--stage", "1.5", "--variant", "llava"], "--variant llava has no stage 1.5"),
+    (["--model-overrides", '{"matcher": "argmin"}'], "matcher must be one of"),
+    (["--epochs", "2", "--max-steps", "3"], "--epochs has no effect with --max-steps"),
+])
+def test_train_cli_mistakes_are_one_line(flags, said, tmp_path):
+    import subprocess
+    import sys
+    from conftest import MAIN, subprocess_env
+    proc = subprocess.run([sys.executable, "train.py", "--out-dir", str(tmp_path), *flags], cwd=MAIN,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert said in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "shapes").exists()  # refused before the demo data is built

@@ -28,12 +28,7 @@ import victor
 from victor import IMAGE_TOKEN_ID, VictorModel
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @torch.no_grad()
@@ -42,6 +37,14 @@ def victor_logits(model, batch):
     model.eval()
     embeds, _, _ = model.embed_inputs(ids, pixels)
     return model.llm(inputs_embeds=embeds, attention_mask=mask).logits
+
+
+@torch.no_grad()
+def llava_hf_logits(llava, batch, image_id):
+    """transformers' own LlavaForConditionalGeneration logits for a victor batch (its image token id in place)."""
+    ids, mask, _, pixels = batch
+    return llava(input_ids=ids.masked_fill(ids == IMAGE_TOKEN_ID, image_id), attention_mask=mask,
+                 pixel_values=pixels).logits
 
 
 def source_model(seed=6, **overrides):
@@ -340,9 +343,7 @@ def test_llava_hf_loads_with_transformers_logits(tmp_path, shapes_tokenizer, tin
     assert loaded.drop_cls == (strategy == "default") and loaded.cfg.vision_feature_layer == layer
     batch = make_batch(loaded, seed=5)
     ids, mask, _, pixels = batch
-    with torch.no_grad():
-        ref = llava(input_ids=ids.masked_fill(ids == IMAGE_TOKEN_ID, image_id), attention_mask=mask,
-                    pixel_values=pixels).logits
+    ref = llava_hf_logits(llava, batch, image_id)
     got = victor_logits(loaded, batch)
     print(f"llava-hf ({strategy}, layer {layer}): max |logit difference| {(got - ref).abs().max().item():.3g}")
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
@@ -404,9 +405,7 @@ def test_export_llava_hf_identical_logits_pixels_and_answers(tmp_path, shapes_to
     assert llava.config.vision_feature_select_strategy == "default" and llava.config.vision_feature_layer == -2
     batch = make_batch(model, seed=6)
     ids, mask, _, pixels = batch
-    with torch.no_grad():
-        ref = llava(input_ids=ids.masked_fill(ids == IMAGE_TOKEN_ID, image_id), attention_mask=mask,
-                    pixel_values=pixels).logits
+    ref = llava_hf_logits(llava, batch, image_id)
     got = victor_logits(model, batch)
     vocab = got.shape[-1]
     print(f"export: max |logit difference| {(got - ref[..., :vocab]).abs().max().item():.3g}")

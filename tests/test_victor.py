@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config, tiny_model
+from conftest import save_base_models, tiny_config, tiny_model
 from scipy.optimize import linear_sum_assignment
 
 import victor
@@ -23,13 +23,7 @@ FIRST_TEXT_ID = 5  # ids 0..4 are the shapes tokenizer's special tokens (<pad>, 
 EOS_ID = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and far faster on a shared, busy CPU); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -----------------------------------------------------------------------------
@@ -729,11 +723,7 @@ def test_save_load_tied_embeddings(tmp_path, shapes_tokenizer, tiny_image_proces
 def test_save_load_projector_only(tmp_path, shapes_tokenizer, tiny_image_processor):
     from safetensors.torch import load_file
     base = tiny_model(seed=4)
-    vdir, ldir = str(tmp_path / "vision"), str(tmp_path / "llm")
-    base.vision_tower.save_pretrained(vdir)
-    tiny_image_processor.save_pretrained(vdir)
-    base.llm.save_pretrained(ldir)
-    shapes_tokenizer.save_pretrained(ldir)
+    vdir, ldir = save_base_models(base, tmp_path, shapes_tokenizer, tiny_image_processor)
     torch.manual_seed(5)
     model = VictorModel(VictorConfig(vision_model=vdir, llm=ldir, pool_size=32))
     # the base weights really came from the directories
