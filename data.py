@@ -191,6 +191,18 @@ def _jsonl_items(buf: bytes):
         start, line_no = end + 1, line_no + 1
 
 
+def read_jsonl(path: str) -> list:
+    """Every non-blank line of a JSONL file, parsed; a line that is not JSON fails naming its number."""
+    with open(path, "rb") as f:
+        buf = f.read()
+    rows = []
+    for where, _, _, value in _jsonl_items(buf):
+        if isinstance(value, SampleError):
+            raise ValueError(f"{path}: {where} is not JSON: {value}")
+        rows.append(value)
+    return rows
+
+
 _JSON_SPACE = re.compile(rb"[ \t\n\r]*")
 _JSON_SEPARATOR = re.compile(r"[ \t\n\r]*([,\]])")  # after an element of a list
 
@@ -278,6 +290,13 @@ def load_records(path: str, strict: bool = False, image_folder: str | None = Non
                          "\n".join(f"  {where}: {why}" for where, why in bad[:50]) +
                          ("\n  ..." if len(bad) > 50 else ""))
     return RecordStore(buf, starts, ends), bad
+
+
+def ensure_pad_token(tokenizer):
+    """Llama/Vicuna tokenizers have no pad token: pad with unk as LLaVA does (else eos)."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return tokenizer
 
 
 def to_messages(conversations: list[dict]) -> list[dict]:

@@ -59,7 +59,8 @@ class VictorConfig:
     # stage 1.5: ViCToR's values; the relatives (README, "The family") are other settings of these fields
     pool_size: int = 2048
     replace_ratio: float = 0.75  # replace N - N//4 tokens, as the public code's "keep N // 4"; 0: no pool
-    matcher: str = "hungarian"  # hungarian (exact, reduced) | scipy (exact, plain) | nearest (Croc: rows may repeat)
+    matcher: str = "hungarian"  # hungarian (exact, on a reduced problem) | hungarian_plain (exact, scipy on the whole
+    # problem) | nearest (Croc: each token its nearest row, rows may repeat)
     recon_weight: float = 10.0  # 0: no reconstruction (replacement only, or captions alone)
     recon_beta: float = 0.01
     recon_target_offset: int = 0  # hidden state at image position i reconstructs visual token i + offset
@@ -151,13 +152,13 @@ def select_tokens_to_replace(num_images: int, num_tokens: int, replace_ratio: fl
     return torch.zeros(num_images, num_tokens, dtype=torch.bool, device=device).scatter_(1, chosen, True)
 
 
-def solve_assignment(cost: np.ndarray) -> np.ndarray:
+def solve_assignment_plain(cost: np.ndarray) -> np.ndarray:
     """The assignment problem as the paper states it: cost [R, P] -> a distinct column per row, minimum total."""
     return linear_sum_assignment(cost)[1]
 
 
-def solve_assignment_fast(cost: np.ndarray) -> np.ndarray:
-    """The same optimum as solve_assignment, found on a smaller, better-conditioned problem.
+def solve_assignment_reduced(cost: np.ndarray) -> np.ndarray:
+    """The same optimum as solve_assignment_plain, found on a smaller, better-conditioned problem.
 
     (a) Only each row's R cheapest columns matter: were row i assigned a worse column, one of
         its R cheapest would be free (the other R-1 rows hold at most R-1 columns), and moving
@@ -188,7 +189,7 @@ def solve_assignment_fast(cost: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def hungarian_match(tokens: torch.Tensor, token_pool: torch.Tensor, solver=solve_assignment_fast) -> torch.Tensor:
+def hungarian_match(tokens: torch.Tensor, token_pool: torch.Tensor, solver=solve_assignment_reduced) -> torch.Tensor:
     """Step 3: give each selected token a distinct pool row, minimising the total Euclidean distance.
 
     tokens [images, R, D], token_pool [P, D] -> pool row indices [images, R], one-to-one per image.
@@ -212,7 +213,7 @@ def nearest_match(tokens: torch.Tensor, token_pool: torch.Tensor) -> torch.Tenso
     return torch.cdist(tokens.reshape(n * r, d).float(), token_pool.float()).argmin(dim=1).view(n, r)
 
 
-ASSIGNMENT_SOLVERS = {"hungarian": solve_assignment_fast, "scipy": solve_assignment}  # both exact
+ASSIGNMENT_SOLVERS = {"hungarian": solve_assignment_reduced, "hungarian_plain": solve_assignment_plain}  # both exact
 MATCHERS = (*ASSIGNMENT_SOLVERS, "nearest")
 
 
@@ -308,6 +309,11 @@ class VictorOutput:
     replaced_mask: torch.Tensor | None = None  # bool [images, N]: which visual tokens were replaced
     pool_indices: torch.Tensor | None = None  # long [images, R]: the pool row each one got
     token_errors: torch.Tensor | None = None  # [images, N]: step 6's error per token (return_token_errors)
+
+
+def default_device(name: str | None = None) -> torch.device:
+    """The device asked for, else CUDA when there is one, else the CPU."""
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def default_attn_implementation() -> str:
@@ -476,10 +482,12 @@ class VictorModel(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, labels=None, pixel_values=None, stage: str = "2",
                 generator: torch.Generator | None = None, selection_seeds=None,
-                return_token_errors: bool = False) -> VictorOutput:
+                return_token_errors: bool = False, reconstruct_every_image: bool = False) -> VictorOutput:
         """One training forward, the steps in the paper's order. stage "1.5" adds the configured
         replacement (2-4) and reconstruction (6); "1" and "2" do neither. generator / selection_seeds
-        (one int per image) drive stage 1.5's random draws."""
+        (one int per image) drive stage 1.5's random draws. return_token_errors: step 6's error per
+        token as well; reconstruct_every_image: step 6 on every image whatever recon_image_ratio (both
+        for pictures of a forward)."""
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
         embeds, image_positions, visual = self.embed_inputs(input_ids, pixel_values)  # step 1
@@ -501,8 +509,8 @@ class VictorModel(nn.Module):
         hidden = self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=mask,
                                         use_cache=False).last_hidden_state  # step 5
         if stage15 and self.reconstructs:  # step 6
-            chosen = images_to_reconstruct(visual.shape[0], self.cfg.recon_image_ratio, selection_seeds,
-                                           generator, visual.device)
+            ratio = 1.0 if reconstruct_every_image else self.cfg.recon_image_ratio
+            chosen = images_to_reconstruct(visual.shape[0], ratio, selection_seeds, generator, visual.device)
             k = self.cfg.recon_target_offset  # 0: position i -> token i; 1: position i -> token i + 1
             at_images = hidden[image_positions].view(visual.shape)[chosen]
             predicted = self.recon_head(at_images[:, :visual.shape[1] - k])

@@ -67,7 +67,7 @@ def test_nearest_match_repeats_a_shared_row_where_hungarian_does_not():
     assert nearest_match(tokens, pool).tolist() == [[0, 0]]
     assert sorted(hungarian_match(tokens, pool)[0].tolist()) == [0, 1]
     assert sorted(match_tokens_to_pool(tokens, pool, "hungarian")[0].tolist()) == [0, 1]
-    assert sorted(match_tokens_to_pool(tokens, pool, "scipy")[0].tolist()) == [0, 1]
+    assert sorted(match_tokens_to_pool(tokens, pool, "hungarian_plain")[0].tolist()) == [0, 1]
 
 
 def test_nearest_matcher_allows_a_pool_smaller_than_the_replaced_count():
@@ -85,7 +85,7 @@ def test_nearest_matcher_allows_a_pool_smaller_than_the_replaced_count():
     with pytest.raises(ValueError, match="pool_size=4"):
         tiny_model(matcher="hungarian", pool_size=4)
     with pytest.raises(ValueError, match="pool_size=4"):
-        tiny_model(matcher="scipy", pool_size=4)
+        tiny_model(matcher="hungarian_plain", pool_size=4)
 
 
 # -----------------------------------------------------------------------------

@@ -898,9 +898,9 @@ def _total(cost, cols):
 
 
 @pytest.mark.parametrize("structure", ["column_dominated", "uniform", "near_square"])
-def test_solve_assignment_fast_equals_scipy(structure):
-    """Both branches of solve_assignment_fast (square + column reduction, plain) reach scipy's optimum."""
-    from victor import solve_assignment, solve_assignment_fast
+def test_solve_assignment_reduced_equals_scipy(structure):
+    """Both branches of solve_assignment_reduced (square + column reduction, plain) reach scipy's optimum."""
+    from victor import solve_assignment_plain, solve_assignment_reduced
     rng = np.random.default_rng(0)
     for trial in range(5):
         r, p = (40, 300) if structure != "near_square" else (40, 41)
@@ -908,25 +908,25 @@ def test_solve_assignment_fast_equals_scipy(structure):
             cost = rng.normal(64, 0.7, size=(1, p)) + rng.normal(0, 0.02, size=(r, p))
         else:
             cost = rng.random((r, p))
-        fast, ref = solve_assignment_fast(cost), solve_assignment(cost)
+        fast, ref = solve_assignment_reduced(cost), solve_assignment_plain(cost)
         assert len(set(fast.tolist())) == r
         assert abs(_total(cost, fast) - _total(cost, ref)) <= 1e-9 * abs(_total(cost, ref))
 
 
-def test_solve_assignment_fast_brute_force():
-    from victor import solve_assignment_fast
+def test_solve_assignment_reduced_brute_force():
+    from victor import solve_assignment_reduced
     rng = np.random.default_rng(1)
     for _ in range(20):
         cost = rng.normal(5, 1, size=(1, 6)) + rng.random((3, 6)) * 0.5
         best = min(cost[[0, 1, 2], list(perm)].sum() for perm in itertools.permutations(range(6), 3))
-        assert abs(_total(cost, solve_assignment_fast(cost)) - best) < 1e-12
+        assert abs(_total(cost, solve_assignment_reduced(cost)) - best) < 1e-12
 
 
 def test_scipy_matcher_config_gives_same_cost():
-    m_fast, m_ref = tiny_model(), tiny_model(matcher="scipy")
+    m_fast, m_ref = tiny_model(), tiny_model(matcher="hungarian_plain")
     tokens = torch.nn.functional.normalize(torch.randn(3, 12, 32), dim=-1)
     from victor import ASSIGNMENT_SOLVERS
     a = hungarian_match(tokens, m_fast.token_pool, ASSIGNMENT_SOLVERS["hungarian"])
-    b = hungarian_match(tokens, m_ref.token_pool, ASSIGNMENT_SOLVERS["scipy"])
+    b = hungarian_match(tokens, m_ref.token_pool, ASSIGNMENT_SOLVERS["hungarian_plain"])
     cost = torch.cdist(tokens, m_fast.token_pool.unsqueeze(0))
     assert torch.allclose(cost.gather(2, a.unsqueeze(-1)).sum(), cost.gather(2, b.unsqueeze(-1)).sum())
