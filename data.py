@@ -443,6 +443,11 @@ class LlavaDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.records)
 
+    def load_images(self, rec: dict) -> list[Image.Image]:
+        """The record's images, RGB; SampleError when one cannot be used. A subclass may take images
+        from elsewhere than image_folder (eval.py: base64 strings from benchmark files)."""
+        return [load_image(os.path.join(self.image_folder, p)) for p in record_images(rec)]
+
     def __getitem__(self, i):
         rec = self.records[i]
         rid = record_id(rec, i)
@@ -451,7 +456,7 @@ class LlavaDataset(torch.utils.data.Dataset):
                 to_messages(rec["conversations"]), self.tokenizer, self.template, self.num_image_tokens,
                 None, self.image_token_id)
             input_ids, labels = truncate(full_ids, full_labels, self.max_length, self.image_token_id)
-            images = [load_image(os.path.join(self.image_folder, p)) for p in record_images(rec)]
+            images = self.load_images(rec)
         except SampleError as e:
             return {"skipped": (rid, str(e))}
         pixel_values = preprocess_images(images, self.image_processor) if images else None
@@ -630,7 +635,7 @@ def make_shapes_dataset(root: str, spec: ShapesSpec = ShapesSpec()) -> dict:
             {"from": "gpt", "value": detailed_caption(objects)}]})
         # questions_per_image questions of distinct kinds per image, one per record: each question
         # then sits right after its image, as in the test set (as 4-turn conversations the demo
-        # learned less in the same minutes: README, "Demo results")
+        # learned less in the same minutes: docs/demo_log.md)
         for t, kind in enumerate(rng.sample(QUESTION_KINDS, spec.questions_per_image)):
             q, a, _ = make_question(rng, objects, kind, multiple_choice=rng.random() < 0.5)
             stage2.append({"id": f"{rid}-q{t}", "image": name, "conversations": [

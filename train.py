@@ -107,7 +107,7 @@ RECIPES = {
                 "2": dict(PAPER, lr=1e-5, vision_lr=2e-6, global_batch_size=128, template="chat", fsdp=True)}),
     # tiny random models on the shapes data: all three stages in a few CPU minutes.
     # The vision tower stays frozen (vision_lr 0): a random tower learns as fast and runs faster
-    # (README, "Demo results").
+    # (docs/demo_log.md).
     "demo": dict(
         model=dict(model_overrides=dict(pool_size=128)),
         stages={"1": dict(lr=1e-3, vision_lr=0.0, max_steps=20, warmup_steps=5, global_batch_size=32,
@@ -172,15 +172,15 @@ CROC_LR = 2e-5  # Croc's learning rate in stages 1.5 and 2 (the paper recipes; V
 # The demo's base models: random-init, tiny, the same classes as the paper's 7B models
 
 
-# What build_demo_base builds. A base folder built from other values (by an older version) is rebuilt.
+# What build_demo_base builds. A base folder built from other values is rebuilt.
 DEMO_VISION = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4, patch_size=32)
 # A trained tower's patch features say where each patch is. A random one at CLIP's init barely does
 # (position embeddings std 0.02, far below the patch content: a linear probe reads a token's cell 31 %
 # of the time, chance 11 %), and the LLM cannot find "the object at the top left". At std 0.4: 100 %.
 DEMO_POSITION_SCALE = 20
 # 8 heads of 16, init std 1/sqrt(width) and RoPE base 1e6: each made the random LLM learn to look up
-# one visual token by its cell or colour sooner (README, "Demo results"; with 4 heads, std 0.02
-# and base 1e4 it learned mostly what the whole image holds)
+# one visual token by its cell or colour sooner (docs/demo_log.md; with 4 heads, std 0.02 and base
+# 1e4 it learned mostly what the whole image holds)
 DEMO_LLM = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=8,
                 num_key_value_heads=8, head_dim=16, initializer_range=128 ** -0.5, rope_theta=1e6,
                 max_position_embeddings=512)
@@ -492,12 +492,7 @@ def print_plans(args: dict, world: int):
         raise UsageError(f"--world-size must be at least 1, got {world}")
     recipe, stage, init = args.get("recipe", "demo"), args.get("stage", "all"), args.get("init", "")
     overrides = {k: v for k, v in args.items() if k not in ("recipe", "stage", "init", "out_dir")}
-    stages = list(STAGES) if stage == "all" else [stage]
-    if overrides.get("variant") == "llava":  # LLaVA has no stage 1.5
-        if stage == "1.5":
-            raise UsageError("--variant llava has no stage 1.5 (it trains stage 1, then stage 2)")
-        stages = [s for s in stages if s != "1.5"]
-    for s in stages:
+    for s in stages_to_run(stage, overrides.get("variant", "")):
         print(format_plan(memory_plan(stage_config(recipe, s, overrides, init), s, world)))
 
 
@@ -515,12 +510,25 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
         return iter(indices)
 
 
+def saved_steps(state_dir: str) -> list[int]:
+    """The steps of the complete states in state_dir (its step-N dirs), oldest first; '.tmp' dirs are not."""
+    if not os.path.isdir(state_dir):
+        return []
+    return sorted(int(d[5:]) for d in os.listdir(state_dir) if d.startswith("step-") and d[5:].isdigit())
+
+
 def latest_training_state(state_dir: str) -> str:
     """The newest complete state in state_dir ('' if none); half-written '.tmp' dirs are ignored."""
-    if not os.path.isdir(state_dir):
-        return ""
-    steps = [int(d[5:]) for d in os.listdir(state_dir) if d.startswith("step-") and d[5:].isdigit()]
-    return os.path.join(state_dir, f"step-{max(steps)}") if steps else ""
+    steps = saved_steps(state_dir)
+    return os.path.join(state_dir, f"step-{steps[-1]}") if steps else ""
+
+
+@contextlib.contextmanager
+def checkpoint_io():
+    """torch.distributed.checkpoint warns when one process uses it without a process group: intended here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def save_training_state(state_dir: str, progress: dict, model, optimizer, scheduler, rank: int, keep: int = 2):
@@ -537,8 +545,7 @@ def save_training_state(state_dir: str, progress: dict, model, optimizer, schedu
         os.makedirs(tmp)
     barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
-    with warnings.catch_warnings():  # one process writing through torch.distributed.checkpoint is intended
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    with checkpoint_io():
         dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=os.path.join(tmp, "model_optimizer"))
     torch.save({"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
                os.path.join(tmp, f"rng-{rank}.pt"))
@@ -550,9 +557,8 @@ def save_training_state(state_dir: str, progress: dict, model, optimizer, schedu
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        for old in sorted((d for d in os.listdir(state_dir) if d.startswith("step-") and d[5:].isdigit()),
-                          key=lambda d: int(d[5:]))[:-keep]:
-            shutil.rmtree(os.path.join(state_dir, old), ignore_errors=True)
+        for old in saved_steps(state_dir)[:-keep]:
+            shutil.rmtree(os.path.join(state_dir, f"step-{old}"), ignore_errors=True)
     barrier()
 
 
@@ -563,8 +569,7 @@ def load_training_state(path: str, model, optimizer, scheduler, rank: int) -> di
         raise FileNotFoundError(f"{path}: not a training state (no progress.json)")
     model_state, optim_state = get_state_dict(model, optimizer)  # the layout to load into (sharded or not)
     state = {"model": model_state, "optimizer": optim_state}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    with checkpoint_io():
         dcp.load(state, checkpoint_id=os.path.join(path, "model_optimizer"))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=True))
@@ -584,7 +589,7 @@ def barrier():
 
 
 # -----------------------------------------------------------------------------
-# One stage
+# One stage: set up (processes, data, model, loader, optimizer), the loop, the report and the checkpoint
 
 
 def shard_with_fsdp(model: VictorModel, use_bf16: bool, device: torch.device) -> VictorModel:
@@ -656,9 +661,7 @@ def build_model(cfg: TrainConfig, stage: str, settings: dict | None = None):
         print(f"note: stage15_attention='mixed' needs a 4-D attention mask, which {attn} cannot take: "
               f"stage 1.5 runs with sdpa")
         model.llm.set_attn_implementation("sdpa")
-    if tokenizer.pad_token is None:  # Llama/Vicuna have none; LLaVA pads with unk
-        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
-    return model, tokenizer, image_processor
+    return model, D.ensure_pad_token(tokenizer), image_processor
 
 
 def build_model_once(cfg: TrainConfig, stage: str, rank: int):
@@ -669,6 +672,31 @@ def build_model_once(cfg: TrainConfig, stage: str, rank: int):
     settings = [built[0].cfg.to_dict() if rank == 0 else None]
     dist.broadcast_object_list(settings, src=0)
     return built if rank == 0 else build_model(cfg, stage, settings=settings[0])
+
+
+def prepare_model(cfg: TrainConfig, stage: str, rank: int, world: int, device: torch.device):
+    """This stage's model on its device, wrapped for the processes: (model, train_model, tokenizer,
+    image_processor). The loop calls train_model (DDP's wrapper, or the model itself) and reads and saves
+    model (under FSDP, sharded in place)."""
+    fsdp = cfg.fsdp and world > 1
+    if cfg.fsdp and world == 1 and rank == 0:
+        print("note: --fsdp with one process: nothing to shard over, training unsharded")
+    model, tokenizer, image_processor = build_model_once(cfg, stage, rank) if fsdp else build_model(cfg, stage)
+    trainable_param_groups(model, stage, cfg)  # what this stage trains (requires_grad), before any wrapping
+    if cfg.gradient_checkpointing:
+        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.vision_lr > 0 and stage != "1":
+            model.vision_tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # text-only batches, an unused pool or head: the model runs them times zero (VictorModel.same_parts_every_step)
+    model.same_parts_every_step = world > 1
+    if fsdp:
+        model = shard_with_fsdp(model, cfg.bf16 and device.type == "cuda", device)
+        return model, model, tokenizer, image_processor
+    model.to(device)
+    if world == 1:
+        return model, model, tokenizer, image_processor
+    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model, ddp, tokenizer, image_processor
 
 
 def selection_seeds(image_keys, seed: int, epoch: int) -> list[int]:
@@ -697,10 +725,298 @@ def validate_data(cfg: TrainConfig, master: bool) -> tuple[D.RecordStore, list[t
                 print(f"  {where}: {why}")
             if len(bad) > 20:
                 print(f"  ... and {len(bad) - 20} more")
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        with open(os.path.join(cfg.out_dir, "bad_records.json"), "w") as f:
-            json.dump([{"record": where, "reason": why} for where, why in bad], f, indent=1)
+        write_json(os.path.join(cfg.out_dir, "bad_records.json"), [{"record": w, "reason": why} for w, why in bad])
     return records, bad
+
+
+def write_json(path: str, value):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(value, f, indent=1)
+
+
+def make_loader(cfg: TrainConfig, stage: str, records, model: VictorModel, tokenizer, image_processor,
+                rank: int, world: int):
+    """(loader, sampler): one sampler for 1 or many processes, the same global order either way."""
+    template = D.resolve_template(cfg.template, tokenizer, stage)
+    dataset = D.LlavaDataset(records, cfg.image_folder, tokenizer, image_processor, template,
+                             model.num_image_tokens, cfg.max_length, model.cfg.image_token_id)
+    sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+                                         collate_fn=D.Collator(tokenizer.pad_token_id),
+                                         num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
+    return loader, sampler
+
+
+def make_optimizer(cfg: TrainConfig, model: VictorModel, stage: str, device: torch.device, total_steps: int):
+    """(AdamW over this stage's parameter groups, its lr schedule)."""
+    warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
+    # fused: one kernel over all tensors (CPU too: ~10 % of a demo step)
+    optimizer = torch.optim.AdamW(trainable_param_groups(model, stage, cfg), betas=(0.9, cfg.adam_beta2),
+                                  weight_decay=cfg.weight_decay, fused=device.type in ("cuda", "cpu"))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, total_steps))
+
+
+class Batches:
+    """The stage's batches, epoch after epoch, from where progress says (a resumed run). A sample the
+    dataset cannot use is counted by id and reason and passed over (under --strict: an error); a sample
+    cut to max_length is counted too. Each batch gets stage 1.5's selection seeds for its images."""
+
+    def __init__(self, loader, sampler: ResumableSampler, progress: dict, cfg: TrainConfig):
+        self.loader, self.sampler, self.progress, self.cfg = loader, sampler, progress, cfg
+        self.skipped = [tuple(x) for x in progress["skipped"]]  # (id, reason)
+        self.truncated = [tuple(x) for x in progress.get("truncated", [])]  # (id, tokens cut)
+        sampler.start = progress["batches_in_epoch"] * cfg.batch_size
+        self.epoch_batches = None
+
+    def __next__(self) -> dict:
+        while True:
+            if self.epoch_batches is None:
+                self.sampler.set_epoch(self.progress["epoch"])
+                self.epoch_batches = iter(self.loader)
+            b = next(self.epoch_batches, None)
+            if b is None:  # the epoch is over
+                self.progress.update(epoch=self.progress["epoch"] + 1, batches_in_epoch=0)
+                self.epoch_batches = None
+                continue
+            self.progress["batches_in_epoch"] += 1
+            if self.cfg.strict and b["skipped"]:
+                rid, why = b["skipped"][0]
+                raise UsageError(f"{self.cfg.data}: record {rid}: {why} (strict: not skipping it)")
+            self.skipped.extend(b["skipped"])
+            self.truncated.extend(b["truncated"])
+            if "input_ids" in b:  # an all-skipped batch is simply passed over
+                b["seeds"] = selection_seeds(b["image_keys"], self.cfg.seed, self.progress["epoch"])
+                return b
+
+    def state(self, step: int) -> dict:
+        """The progress to save with a training state after this step."""
+        return {**self.progress, "step": step, "skipped": self.skipped, "truncated": self.truncated}
+
+
+@dataclass
+class StageRun:
+    """One stage as start_stage sets it up: what the loop works with."""
+    cfg: TrainConfig
+    stage: str
+    rank: int
+    world: int
+    device: torch.device
+    model: VictorModel  # read and saved (under FSDP, sharded in place)
+    train_model: torch.nn.Module  # what the loop calls: DDP's wrapper, or the model itself
+    tokenizer: object
+    image_processor: object
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    batches: Batches
+    first_step: int  # > 0 when resumed
+    total_steps: int
+    grad_accum: int
+    snapshots: set
+    bad_records: list  # the validation pass's
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def fsdp(self) -> bool:
+        return self.cfg.fsdp and self.world > 1
+
+    @property
+    def state_dir(self) -> str:
+        return os.path.join(self.cfg.out_dir, "checkpoints")
+
+
+def start_stage(cfg: TrainConfig, stage: str) -> StageRun:
+    """Everything before the first step, cheapest checks first: the processes, the batch arithmetic, the
+    memory plan, the data's validation pass, then the model, the loader, the optimizer, a resumed state."""
+    rank, world, device = setup_distributed()
+    if cfg.global_batch_size % (cfg.batch_size * world):
+        raise UsageError(f"global_batch_size {cfg.global_batch_size} is not a multiple of "
+                         f"batch_size {cfg.batch_size} x {world} processes")
+    grad_accum = cfg.global_batch_size // (cfg.batch_size * world)
+    check_memory_fits(cfg, stage, world, device)
+    if not cfg.data or not os.path.isfile(cfg.data):
+        raise FileNotFoundError(f"stage {stage}: data file {cfg.data!r} not found (--data)")
+    records, bad_records = validate_data(cfg, rank == 0)
+    torch.manual_seed(cfg.seed + rank)
+    model, train_model, tokenizer, image_processor = prepare_model(cfg, stage, rank, world, device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    loader, sampler = make_loader(cfg, stage, records, model, tokenizer, image_processor, rank, world)
+    if len(loader) < grad_accum:
+        raise UsageError(f"{cfg.data}: {len(loader.dataset)} records are fewer than one global batch "
+                         f"({cfg.global_batch_size})")
+    total_steps = cfg.max_steps or math.ceil(cfg.epochs * (len(loader) // grad_accum))
+    snapshots = parse_steps(cfg.snapshot_steps)
+    if snapshots and max(snapshots) > total_steps:
+        raise UsageError(f"--snapshot-steps {cfg.snapshot_steps}: this run has only {total_steps} steps")
+    optimizer, scheduler = make_optimizer(cfg, model, stage, device, total_steps)
+    progress = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "skipped": [], "truncated": []}
+    resume_from = (latest_training_state(os.path.join(cfg.out_dir, "checkpoints")) if cfg.resume == "auto"
+                   else cfg.resume)
+    if resume_from:
+        progress = load_training_state(resume_from, model, optimizer, scheduler, rank)
+        if rank == 0:
+            print(f"stage {stage}: resuming from {resume_from} at step {progress['step']}")
+    return StageRun(cfg, stage, rank, world, device, model, train_model, tokenizer, image_processor, optimizer,
+                    scheduler, Batches(loader, sampler, progress, cfg), progress["step"], total_steps, grad_accum,
+                    snapshots, bad_records)
+
+
+def global_target_counts(r: StageRun, micro: list[dict]) -> tuple[float, float]:
+    """This step's label tokens and reconstruction targets over every process: the losses' denominators."""
+    n_label = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+    n_recon = (sum(r.model.num_reconstruction_targets(len(b["seeds"]), b["seeds"]) for b in micro)
+               if r.stage == "1.5" else 0)
+    return all_reduce_sum(n_label, r.device), all_reduce_sum(n_recon, r.device)
+
+
+def forward_backward(r: StageRun, b: dict, n_label: float, n_recon: float, sync: bool) -> tuple[float, float]:
+    """One micro-batch forward and backward; returns its share of the step's (LM, reconstruction) loss.
+    The processes reduce their gradients only on the step's last micro-batch (sync)."""
+    if r.fsdp:
+        r.model.set_requires_gradient_sync(sync)
+    context = r.train_model.no_sync() if (r.world > 1 and not r.fsdp and not sync) else contextlib.nullcontext()
+    bf16 = r.cfg.bf16 and r.device.type == "cuda"
+    with context, torch.autocast(r.device.type, dtype=torch.bfloat16, enabled=bf16):
+        out = r.train_model(input_ids=b["input_ids"].to(r.device), attention_mask=b["attention_mask"].to(r.device),
+                            labels=b["labels"].to(r.device), stage=r.stage, selection_seeds=b["seeds"],
+                            pixel_values=None if b["pixel_values"] is None else b["pixel_values"].to(r.device))
+        # normalise by the whole global batch, so that 1 or N processes and any accumulation
+        # give the same loss and gradient: sum over tokens / global token count
+        lm = out.lm_loss * (out.num_label_tokens / max(n_label, 1))
+        recon = (out.recon_loss * (out.num_recon_tokens / max(n_recon, 1))
+                 if out.recon_loss is not None else torch.zeros((), device=r.device))
+        (r.world * (lm + recon)).backward()  # DDP / FSDP average gradients over processes
+    return lm.item(), recon.item()
+
+
+def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float) -> float:
+    """Clip the trained parameters' gradients to a total norm of max_norm; returns the norm before."""
+    norm = torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], max_norm)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scheduler, update: bool):
+    """Update the weights (unless told not to: the schedule moves on all the same), then clear the gradients."""
+    if update:
+        optimizer.step()
+    with warnings.catch_warnings():  # after a skipped update torch warns that the optimizer did not step
+        warnings.simplefilter("ignore", UserWarning)
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+class StageLog:
+    """What the master process says while a stage runs: the progress bar, metrics.jsonl (every log_every
+    steps, every non-finite step and the last) and --report-to's targets. The other processes say nothing."""
+
+    def __init__(self, r: StageRun, reporter: MetricsReporter):
+        self.cfg, self.stage, self.master, self.reporter, self.total = r.cfg, r.stage, r.master, reporter, r.total_steps
+        self.metrics = None
+        if self.master:
+            os.makedirs(r.cfg.out_dir, exist_ok=True)
+            self.metrics = open(os.path.join(r.cfg.out_dir, "metrics.jsonl"), "a" if r.first_step else "w")
+            reporter.start(r.cfg.out_dir, r.stage, dataclasses.asdict(r.cfg))
+        self.bar = tqdm(range(r.first_step, r.total_steps), initial=r.first_step, total=r.total_steps,
+                        desc=f"stage {r.stage}", disable=not self.master, dynamic_ncols=True)
+        self.t0, self.samples, self.logged_skips = time.time(), 0, len(r.batches.skipped)
+
+    def step(self, row: dict, finite: bool, batches: Batches):
+        """One step's numbers (step, losses, lr, grad_norm), with the throughput and skip counts added."""
+        self.samples += self.cfg.global_batch_size
+        row.update(samples_per_s=self.samples / (time.time() - self.t0), skipped=len(batches.skipped),
+                   truncated=len(batches.truncated), **({} if finite else {"nonfinite": True}))
+        if not self.master:
+            return
+        self.bar.set_postfix(loss=f"{row['loss']:.3f}", lm=f"{row['lm_loss']:.3f}", rec=f"{row['recon_loss']:.3f}",
+                             lr=f"{row['lr']:.1e}", sps=f"{row['samples_per_s']:.0f}")
+        if row["step"] % self.cfg.log_every == 0 or row["step"] == self.total or not finite:
+            if len(batches.skipped) > self.logged_skips:  # this process's newly skipped records, by id
+                row["skipped_ids"] = [rid for rid, _ in batches.skipped[self.logged_skips:]]
+                self.logged_skips = len(batches.skipped)
+            self.write(row)
+            self.reporter.log(row)
+
+    def write(self, row: dict):
+        self.metrics.write(json.dumps({"stage": self.stage, **row}) + "\n")
+        self.metrics.flush()
+
+    def close(self, final_row: dict):
+        self.write(final_row)
+        self.metrics.close()
+        self.reporter.close()
+
+
+def train_loop(r: StageRun, log: StageLog):
+    """The steps. Each: grad_accum micro-batches per process, the loss normalised by the global token
+    counts; clip; update unless the loss or the gradient is not finite (max_bad_steps such steps in a
+    row stop the run, the state before them saved); snapshots and resumable states on the way."""
+    cfg, bad_in_a_row = r.cfg, 0
+    r.model.train()
+    for step in log.bar:
+        micro = [next(r.batches) for _ in range(r.grad_accum)]
+        n_label, n_recon = global_target_counts(r, micro)
+        losses = [forward_backward(r, b, n_label, n_recon, sync=i == r.grad_accum - 1) for i, b in enumerate(micro)]
+        grad_norm = clip_gradients(r.optimizer, cfg.grad_clip)
+        lm, recon = (all_reduce_sum(sum(part), r.device) for part in zip(*losses))  # the same on every process
+        lr = r.optimizer.param_groups[0]["lr"]  # this step's (the scheduler then moves it on)
+        finite = math.isfinite(lm + recon) and math.isfinite(grad_norm)
+        optimizer_step(r.optimizer, r.scheduler, update=finite)
+        bad_in_a_row = 0 if finite else bad_in_a_row + 1
+        if not finite and r.master:
+            tqdm.write(f"warning: step {step + 1}: non-finite loss {lm + recon} / grad norm {grad_norm}: "
+                       f"optimizer step skipped ({bad_in_a_row} in a row, stop at {cfg.max_bad_steps})")
+        done = step + 1
+        log.step(dict(step=done, loss=lm + recon, lm_loss=lm, recon_loss=recon, lr=lr, grad_norm=grad_norm),
+                 finite, r.batches)
+        if bad_in_a_row >= cfg.max_bad_steps:
+            save_training_state(r.state_dir, r.batches.state(done), r.model, r.optimizer, r.scheduler, r.rank)
+            raise RuntimeError(f"stage {r.stage}: {bad_in_a_row} steps in a row had a non-finite loss or gradient "
+                               f"(last: step {done}); stopped. The state before them is saved in "
+                               f"{latest_training_state(r.state_dir)}: lower the learning rate or look at the data, "
+                               f"then --resume auto")
+        if done < r.total_steps and done in r.snapshots:  # a model checkpoint part-way, e.g. for learning curves
+            save_model(r, os.path.join(cfg.out_dir, "snapshots", f"step-{done}"))
+        if done < r.total_steps and cfg.save_every and done % cfg.save_every == 0:
+            save_training_state(r.state_dir, r.batches.state(done), r.model, r.optimizer, r.scheduler, r.rank)
+
+
+def finish_stage(r: StageRun, log: StageLog):
+    """The end-of-run report (every skipped and truncated record, from every process) and the checkpoint."""
+    skipped, truncated = r.batches.skipped, r.batches.truncated
+    if r.world > 1:
+        gathered = [None] * r.world
+        dist.all_gather_object(gathered, (skipped, truncated))
+        skipped = [s for part, _ in gathered for s in part]
+        truncated = [t for _, part in gathered for t in part]
+    if r.master:
+        all_skipped = [(rid, why) for rid, why in r.bad_records] + skipped
+        print(D.skip_report(all_skipped))
+        write_json(os.path.join(r.cfg.out_dir, "skipped.json"), [{"id": rid, "reason": why} for rid, why in all_skipped])
+        if truncated:  # kept, but cut to max_length (never through image tokens): said, not silent
+            print(f"truncated to max_length={r.cfg.max_length}: {len(truncated)} samples, "
+                  f"{sum(n for _, n in truncated)} tokens cut (listed in truncated.json)")
+        write_json(os.path.join(r.cfg.out_dir, "truncated.json"), [{"id": rid, "tokens_cut": n} for rid, n in truncated])
+        log.close({"done": True, "skipped": len(all_skipped), "truncated": len(truncated),
+                   "skipped_ids": [rid for rid, _ in all_skipped]})
+    save_model(r, r.cfg.out_dir)
+    if r.master:
+        print(f"stage {r.stage}: saved {r.cfg.out_dir} ({r.total_steps} steps, {time.time() - log.t0:.0f}s)")
+    barrier()
+
+
+def train_stage(cfg: TrainConfig, stage: str) -> str:
+    """Train one stage and save its checkpoint to cfg.out_dir; returns cfg.out_dir."""
+    assert stage in STAGES
+    reporter = MetricsReporter(cfg.report_to)  # every process: a missing package fails here, not mid-run
+    r = start_stage(cfg, stage)
+    log = StageLog(r, reporter)
+    train_loop(r, log)
+    finish_stage(r, log)
+    return cfg.out_dir
 
 
 def parse_steps(text: str) -> set[int]:
@@ -714,16 +1030,16 @@ def parse_steps(text: str) -> set[int]:
     return steps
 
 
-def save_model(model, cfg: TrainConfig, stage: str, path: str, tokenizer, image_processor, fsdp: bool, master: bool):
+def save_model(r: StageRun, path: str):
     """Write the model as a checkpoint directory (victor.save_checkpoint): stage 1 its projector, later
     stages everything. Under FSDP every process takes part in gathering the full weights."""
     full_state = None
-    if fsdp:
+    if r.fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        full_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if master:
-        save_checkpoint(model, path, tokenizer, image_processor, parts="projector" if stage == "1" else "all",
-                        extra={"train_config": {**dataclasses.asdict(cfg), "stage": stage}}, state_dict=full_state)
+        full_state = get_model_state_dict(r.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if r.master:
+        save_checkpoint(r.model, path, r.tokenizer, r.image_processor, parts="projector" if r.stage == "1" else "all",
+                        extra={"train_config": {**dataclasses.asdict(r.cfg), "stage": r.stage}}, state_dict=full_state)
 
 
 class MissingDependency(ImportError):
@@ -778,214 +1094,6 @@ class MetricsReporter:
             self.run.finish()
 
 
-def train_stage(cfg: TrainConfig, stage: str) -> str:
-    """Train one stage and save its checkpoint to cfg.out_dir; returns cfg.out_dir."""
-    assert stage in STAGES
-    rank, world, device = setup_distributed()
-    master = rank == 0
-    reporter = MetricsReporter(cfg.report_to)  # every process: a missing package fails here, not mid-run
-    if cfg.global_batch_size % (cfg.batch_size * world):
-        raise UsageError(f"global_batch_size {cfg.global_batch_size} is not a multiple of "
-                         f"batch_size {cfg.batch_size} x {world} processes")
-    grad_accum = cfg.global_batch_size // (cfg.batch_size * world)
-    fsdp = cfg.fsdp and world > 1
-    check_memory_fits(cfg, stage, world, device)
-    if not cfg.data or not os.path.isfile(cfg.data):
-        raise FileNotFoundError(f"stage {stage}: data file {cfg.data!r} not found (--data)")
-    records, bad_records = validate_data(cfg, master)
-    torch.manual_seed(cfg.seed + rank)
-
-    model, tokenizer, image_processor = build_model_once(cfg, stage, rank) if fsdp else build_model(cfg, stage)
-    groups = trainable_param_groups(model, stage, cfg)
-    if cfg.gradient_checkpointing:
-        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if cfg.vision_lr > 0 and stage != "1":
-            model.vision_tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    use_bf16 = cfg.bf16 and device.type == "cuda"
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    train_model = model
-    if cfg.fsdp and world == 1 and master:
-        print("note: --fsdp with one process: nothing to shard over, training unsharded")
-    if fsdp:  # shards move to the device; the optimizer is built on the sharded parameters
-        model = train_model = shard_with_fsdp(model, use_bf16, device)
-        groups = trainable_param_groups(model, stage, cfg)  # the same parts, now sharded parameters
-    else:
-        model.to(device)
-        if world > 1:  # DDP; text-only records leave the vision side unused in some steps
-            text_only = any(not D.record_images(r) for r in records)
-            train_model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=text_only)
-
-    template = D.resolve_template(cfg.template, tokenizer, stage)
-    dataset = D.LlavaDataset(records, cfg.image_folder, tokenizer, image_processor, template,
-                             model.num_image_tokens, cfg.max_length, model.cfg.image_token_id)
-    # one sampler for 1 or many processes: the same global order either way
-    sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-                                         collate_fn=D.Collator(tokenizer.pad_token_id),
-                                         num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
-    steps_per_epoch = len(loader) // grad_accum
-    if steps_per_epoch == 0:
-        raise UsageError(f"{cfg.data}: {len(dataset)} records are fewer than one global batch "
-                         f"({cfg.global_batch_size})")
-    total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
-    warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
-    # fused: one kernel over all tensors (CPU too: ~10 % of a demo step)
-    optimizer = torch.optim.AdamW(groups, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay,
-                                  fused=device.type in ("cuda", "cpu"))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, total_steps))
-    progress = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "skipped": [], "truncated": []}
-    state_dir = os.path.join(cfg.out_dir, "checkpoints")
-    resume_from = latest_training_state(state_dir) if cfg.resume == "auto" else cfg.resume
-    if resume_from:
-        progress = load_training_state(resume_from, model, optimizer, scheduler, rank)
-        sampler.start = progress["batches_in_epoch"] * cfg.batch_size
-        if master:
-            print(f"stage {stage}: resuming from {resume_from} at step {progress['step']}")
-
-    skipped: list[tuple[str, str]] = [tuple(x) for x in progress["skipped"]]  # (id, reason)
-    truncated: list[tuple[str, int]] = [tuple(x) for x in progress.get("truncated", [])]  # (id, tokens cut)
-    batches = None
-    # under FSDP a text-only batch still runs the vision layers (on a blank image, with weight 0)
-    blank = torch.zeros(1, 3, *([model.vision_tower.config.image_size] * 2))
-
-    def next_batch():
-        nonlocal batches
-        while True:
-            if batches is None:
-                sampler.set_epoch(progress["epoch"])
-                batches = iter(loader)
-            try:
-                b = next(batches)
-            except StopIteration:
-                progress["epoch"], progress["batches_in_epoch"], batches = progress["epoch"] + 1, 0, None
-                continue
-            progress["batches_in_epoch"] += 1
-            if cfg.strict and b["skipped"]:
-                rid, why = b["skipped"][0]
-                raise UsageError(f"{cfg.data}: record {rid}: {why} (strict: not skipping it)")
-            skipped.extend(b["skipped"])
-            truncated.extend(b["truncated"])
-            if "input_ids" in b:  # an all-skipped batch is simply passed over
-                b["seeds"] = selection_seeds(b["image_keys"], cfg.seed, progress["epoch"])
-                if fsdp and b["pixel_values"] is None:
-                    b["pixel_values"] = blank
-                return b
-
-    def forward_backward(b, n_label, n_recon, sync):
-        if fsdp:
-            model.set_requires_gradient_sync(sync)
-        context = train_model.no_sync() if (world > 1 and not fsdp and not sync) else contextlib.nullcontext()
-        with context, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            out = train_model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
-                              labels=b["labels"].to(device), stage=stage, selection_seeds=b["seeds"],
-                              pixel_values=None if b["pixel_values"] is None else b["pixel_values"].to(device))
-            # normalise by the whole global batch, so that 1 or N processes and any accumulation
-            # give the same loss and gradient: sum over tokens / global token count
-            lm = out.lm_loss * (out.num_label_tokens / max(n_label, 1))
-            recon = (out.recon_loss * (out.num_recon_tokens / max(n_recon, 1))
-                     if out.recon_loss is not None else torch.zeros((), device=device))
-            (world * (lm + recon)).backward()  # DDP / FSDP average gradients over processes
-        return lm.item(), recon.item()
-
-    snapshots = parse_steps(cfg.snapshot_steps)
-    if snapshots and max(snapshots) > total_steps:
-        raise UsageError(f"--snapshot-steps {cfg.snapshot_steps}: this run has only {total_steps} steps")
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a" if resume_from else "w") if master else None
-    if master:
-        reporter.start(cfg.out_dir, stage, dataclasses.asdict(cfg))
-    bar = tqdm(range(progress["step"], total_steps), initial=progress["step"], total=total_steps,
-               desc=f"stage {stage}", disable=not master, dynamic_ncols=True)
-    model.train()
-    t0, samples_seen, bad_in_a_row, logged_skips = time.time(), 0, 0, len(skipped)
-    for step in bar:
-        micro = [next_batch() for _ in range(grad_accum)]
-        n_label = all_reduce_sum(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro), device)
-        n_recon = all_reduce_sum(sum(model.num_reconstruction_targets(len(b["seeds"]), b["seeds"]) for b in micro)
-                                 if stage == "1.5" else 0, device)
-        log = {"lm_loss": 0.0, "recon_loss": 0.0}
-        for i, b in enumerate(micro):
-            lm, recon = forward_backward(b, n_label, n_recon, sync=i == grad_accum - 1)
-            log["lm_loss"] += lm
-            log["recon_loss"] += recon
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)  # FSDP: DTensor
-        log = {k: all_reduce_sum(v, device) for k, v in log.items()}  # the same numbers on every process
-        log["loss"] = log["lm_loss"] + log["recon_loss"]
-        step_lr = optimizer.param_groups[0]["lr"]  # the lr this step uses (scheduler.step() moves it on)
-        finite = math.isfinite(log["loss"]) and math.isfinite(grad_norm)
-        if finite:
-            optimizer.step()
-            bad_in_a_row = 0
-        else:  # a non-finite loss or gradient: no update (the batch is still consumed, the schedule moves on)
-            bad_in_a_row += 1
-            if master:
-                tqdm.write(f"warning: step {step + 1}: non-finite loss {log['loss']} / grad norm {grad_norm}: "
-                           f"optimizer step skipped ({bad_in_a_row} in a row, stop at {cfg.max_bad_steps})")
-        with warnings.catch_warnings():  # after a skipped step torch warns that the optimizer did not step
-            warnings.simplefilter("ignore", UserWarning)
-            scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        samples_seen += cfg.global_batch_size
-        log.update(step=step + 1, lr=step_lr, grad_norm=grad_norm,
-                   samples_per_s=samples_seen / (time.time() - t0), skipped=len(skipped), truncated=len(truncated))
-        if not finite:
-            log["nonfinite"] = True
-        if master:
-            bar.set_postfix(loss=f"{log['loss']:.3f}", lm=f"{log['lm_loss']:.3f}", rec=f"{log['recon_loss']:.3f}",
-                            lr=f"{log['lr']:.1e}", sps=f"{log['samples_per_s']:.0f}")
-            if (step + 1) % cfg.log_every == 0 or step + 1 == total_steps or not finite:
-                if len(skipped) > logged_skips:  # this process's newly skipped records, by id
-                    log["skipped_ids"] = [rid for rid, _ in skipped[logged_skips:]]
-                    logged_skips = len(skipped)
-                metrics.write(json.dumps({"stage": stage, **log}) + "\n")
-                metrics.flush()
-                reporter.log(log)
-        if bad_in_a_row >= cfg.max_bad_steps:
-            progress.update(step=step + 1, skipped=skipped, truncated=truncated)
-            save_training_state(state_dir, progress, model, optimizer, scheduler, rank)
-            raise RuntimeError(f"stage {stage}: {bad_in_a_row} steps in a row had a non-finite loss or gradient "
-                               f"(last: step {step + 1}); stopped. The state before them is saved in "
-                               f"{latest_training_state(state_dir)}: lower the learning rate or look at the data, "
-                               f"then --resume auto")
-        if step + 1 in snapshots and step + 1 < total_steps:  # a model checkpoint part-way, e.g. for learning curves
-            save_model(model, cfg, stage, os.path.join(cfg.out_dir, "snapshots", f"step-{step + 1}"), tokenizer,
-                       image_processor, fsdp, master)
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
-            progress.update(step=step + 1, skipped=skipped, truncated=truncated)
-            save_training_state(state_dir, progress, model, optimizer, scheduler, rank)
-
-    # the end-of-run report: every skipped record, from every process
-    if world > 1:
-        gathered = [None] * world
-        dist.all_gather_object(gathered, (skipped, truncated))
-        skipped = [s for part, _ in gathered for s in part]
-        truncated = [t for _, part in gathered for t in part]
-    if master:
-        all_skipped = [(rid, why) for rid, why in bad_records] + skipped
-        print(D.skip_report(all_skipped))
-        with open(os.path.join(cfg.out_dir, "skipped.json"), "w") as f:
-            json.dump([{"id": rid, "reason": why} for rid, why in all_skipped], f, indent=1)
-        if truncated:  # kept, but cut to max_length (never through image tokens): said, not silent
-            print(f"truncated to max_length={cfg.max_length}: {len(truncated)} samples, "
-                  f"{sum(n for _, n in truncated)} tokens cut (listed in truncated.json)")
-        with open(os.path.join(cfg.out_dir, "truncated.json"), "w") as f:
-            json.dump([{"id": rid, "tokens_cut": n} for rid, n in truncated], f, indent=1)
-        metrics.write(json.dumps({"stage": stage, "done": True, "skipped": len(all_skipped), "truncated": len(truncated),
-                                  "skipped_ids": [rid for rid, _ in all_skipped]}) + "\n")
-        metrics.close()
-        reporter.close()
-    save_model(model, cfg, stage, cfg.out_dir, tokenizer, image_processor, fsdp, master)
-    if master:
-        print(f"stage {stage}: saved {cfg.out_dir} ({total_steps} steps, {time.time() - t0:.0f}s)")
-    if world > 1:
-        dist.barrier()
-    return cfg.out_dir
-
-
 # -----------------------------------------------------------------------------
 # Recipes and the command line
 
@@ -997,11 +1105,9 @@ def stage_config(recipe: str, stage: str, overrides: dict, init: str = "") -> Tr
     if recipe not in RECIPES:
         raise UsageError(f"unknown recipe {recipe!r}; choose from {sorted(RECIPES)}")
     variant = overrides.get("variant", "")
-    if variant and variant not in VARIANTS:
-        raise UsageError(f"unknown variant {variant!r}; choose from {sorted(VARIANTS)}")
     r = RECIPES[recipe]
     base = {} if init else {k: v for k, v in r["model"].items() if k != "model_overrides"}
-    model_overrides = {**({} if init else r["model"].get("model_overrides", {})), **VARIANTS.get(variant, {}),
+    model_overrides = {**({} if init else r["model"].get("model_overrides", {})), **variant_preset(variant),
                        **overrides.get("model_overrides", {})}
     stage_values = dict(r["stages"][stage])
     if variant == "croc" and stage in ("1.5", "2") and recipe != "demo":
@@ -1009,6 +1115,23 @@ def stage_config(recipe: str, stage: str, overrides: dict, init: str = "") -> Tr
     values = {**base, **stage_values, **overrides, "model_overrides": model_overrides,
               "recipe": recipe, "stage": stage, "init": init}
     return TrainConfig(**values)
+
+
+def variant_preset(variant: str) -> dict:
+    """--variant's VictorConfig fields ({} for none)."""
+    if variant and variant not in VARIANTS:
+        raise UsageError(f"unknown variant {variant!r}; choose from {sorted(VARIANTS)}")
+    return VARIANTS.get(variant, {})
+
+
+def stages_to_run(stage: str, variant: str) -> list[str]:
+    """--stage (1 | 1.5 | 2 | all) as a list; LLaVA has no stage 1.5."""
+    stages = list(STAGES) if stage == "all" else [stage]
+    if variant == "llava":
+        if stage == "1.5":
+            raise UsageError("--variant llava has no stage 1.5 (it trains stage 1, then stage 2)")
+        stages = [s for s in stages if s != "1.5"]
+    return stages
 
 
 def check_knobs(given: dict, recipe: str, stages: list[str]):
@@ -1035,50 +1158,48 @@ def check_knobs(given: dict, recipe: str, stages: list[str]):
               f"recipes; the demo recipe keeps its own learning rates")
 
 
+def demo_inputs(overrides: dict, out_root: str) -> dict:
+    """The demo recipe's shapes data and tiny base models, generated on first use unless given; their paths
+    go into overrides. Returns the data file of each stage ({} when the data was given)."""
+    given = {k for k, v in overrides.items() if v}
+    need_data = not {"data", "image_folder"} <= given
+    need_base = not ("init" in given or {"vision_model", "llm"} <= given)
+    rank, _, _ = setup_distributed()
+    spec = D.ShapesSpec(num_train_images=overrides.get("demo_images", TrainConfig.demo_images))
+    if rank == 0:
+        if need_data:
+            D.shapes_files(os.path.join(out_root, "shapes"), spec)
+        if need_base:
+            build_demo_base(out_root)
+    barrier()
+    if need_base:
+        overrides.setdefault("vision_model", os.path.join(out_root, "base", "vision"))
+        overrides.setdefault("llm", os.path.join(out_root, "base", "llm"))
+    if not need_data:
+        return {}
+    files = D.shapes_files(os.path.join(out_root, "shapes"), spec)
+    overrides.setdefault("image_folder", os.path.join(out_root, "shapes"))
+    return {"1": files["stage1"], "1.5": files["stage1.5"], "2": files["stage2"]}
+
+
 def run(overrides: dict) -> list[str]:
     """Run one stage, or all three in a row (each initialised from the one before)."""
     given = dict(overrides)
     recipe, stage = overrides.pop("recipe", "demo"), overrides.pop("stage", "all")
     out_root = overrides.pop("out_dir", "out/demo" if recipe == "demo" else f"out/{recipe}")
     variant = overrides.get("variant", "")
-    if variant and variant not in VARIANTS:
-        raise UsageError(f"unknown variant {variant!r}; choose from {sorted(VARIANTS)}")
     # the model settings are checked now, before data and models are built (placeholders for the models)
     try:
-        VictorConfig.from_dict({"vision_model": "-", "llm": "-", **VARIANTS.get(variant, {}),
+        VictorConfig.from_dict({"vision_model": "-", "llm": "-", **variant_preset(variant),
                                 **overrides.get("model_overrides", {})}).validate()
     except ValueError as e:
         raise UsageError(f"--model-overrides / --variant: {e}") from None
-    stages = list(STAGES) if stage == "all" else [stage]
-    if variant == "llava":  # LLaVA has no stage 1.5
-        if stage == "1.5":
-            raise UsageError("--variant llava has no stage 1.5 (it trains stage 1, then stage 2)")
-        stages = [s for s in stages if s != "1.5"]
+    stages = stages_to_run(stage, variant)
     check_knobs(given, recipe, stages)
     MetricsReporter(overrides.get("report_to", ""))  # a missing optional package fails before data or models
     if stage == "all" and "data" in overrides and recipe != "demo":
         raise UsageError("--stage all needs different data per stage: run the stages one by one with --data")
-    demo_data = {}
-    if recipe == "demo":  # generate the data and the tiny base models on first use, unless they were given
-        given_values = {k for k, v in overrides.items() if v}
-        need_data = not {"data", "image_folder"} <= given_values
-        need_base = not ("init" in given_values or {"vision_model", "llm"} <= given_values)
-        rank, _, _ = setup_distributed()
-        spec = D.ShapesSpec(num_train_images=overrides.get("demo_images", TrainConfig.demo_images))
-        if rank == 0:
-            if need_data:
-                D.shapes_files(os.path.join(out_root, "shapes"), spec)
-            if need_base:
-                build_demo_base(out_root)
-        if dist.is_initialized():
-            dist.barrier()
-        if need_base:
-            overrides.setdefault("vision_model", os.path.join(out_root, "base", "vision"))
-            overrides.setdefault("llm", os.path.join(out_root, "base", "llm"))
-        if need_data:
-            files = D.shapes_files(os.path.join(out_root, "shapes"), spec)
-            overrides.setdefault("image_folder", os.path.join(out_root, "shapes"))
-            demo_data = {"1": files["stage1"], "1.5": files["stage1.5"], "2": files["stage2"]}
+    demo_data = demo_inputs(overrides, out_root) if recipe == "demo" else {}
     outs, init = [], overrides.pop("init", "")
     for s in stages:
         o = dict(overrides)
@@ -1133,6 +1254,6 @@ if __name__ == "__main__":
         sys.exit(f"error: {e}")
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"done in {time.time() - t:.0f}s")
+    barrier()  # every rank past its last collective before gloo tears down (a rare abort at exit)
     if dist.is_initialized():
-        dist.barrier()  # every rank past its last collective before gloo tears down (a rare abort at exit)
         dist.destroy_process_group()

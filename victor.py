@@ -289,8 +289,8 @@ def lm_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module) -> t
     targets = labels[:, 1:]
     where = targets != IGNORE_INDEX
     n = int(where.sum())
-    if n == 0:  # nothing to predict: a zero that keeps the graph connected
-        return hidden.sum() * 0.0, 0
+    if n == 0:  # nothing to predict: a zero that keeps the graph (and lm_head) connected
+        return lm_head(hidden[:, -1]).float().sum() * 0.0, 0
     logits = lm_head(hidden[:, :-1][where])
     return F.cross_entropy(logits.float(), targets[where]), n
 
@@ -471,9 +471,6 @@ class VictorModel(nn.Module):
             return embeds, image_positions, None
         visual = project_visual_tokens(self.projector, self.encode_images(pixel_values),
                                        self.cfg.normalize_visual_tokens)  # step 1 (every stage)
-        if n_slots == 0:  # a text-only batch given a stand-in image (FSDP: every process must run the
-            # same layers in the same order): the vision side runs and contributes exactly zero
-            return embeds + 0.0 * visual.sum(), image_positions, None
         if n_slots != visual.shape[0] * visual.shape[1]:
             raise ValueError(f"input_ids hold {n_slots} image tokens, but {visual.shape[0]} images x "
                              f"{visual.shape[1]} tokens were encoded")
@@ -491,6 +488,9 @@ class VictorModel(nn.Module):
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
         embeds, image_positions, visual = self.embed_inputs(input_ids, pixel_values)  # step 1
+        every_part = self.training and self.same_parts_every_step
+        if every_part and visual is None:
+            embeds = embeds + self.vision_side_times_zero()
         out = VictorOutput(loss=None, lm_loss=None)
         stage15 = stage == "1.5" and visual is not None
         if stage15 and self.replaces_tokens:
@@ -524,9 +524,33 @@ class VictorModel(nn.Module):
         out.lm_loss, out.num_label_tokens = (lm_loss(hidden, labels, self.llm.get_output_embeddings())
                                              if labels is not None else (hidden.sum() * 0.0, 0))  # step 7
         out.loss = out.lm_loss if out.recon_loss is None else out.lm_loss + out.recon_loss
-        if stage == "1.5" and self.training:
-            out.loss = out.loss + self._unused_stage15_parts(out)
+        if every_part:
+            out.loss = out.loss + self.unused_stage15_parts_times_zero(out)
         return out
+
+    # -- more than one process: every process runs the same parts in every step --
+    # Under FSDP a layer's weights are gathered from every process when it runs, so a process that skips
+    # a layer leaves the others waiting; under DDP every trained parameter needs a gradient in every
+    # process. A batch that does not use a part (the vision side in a text-only batch, the pool where
+    # nothing was replaced, the head where no image was reconstructed) runs it and adds it times zero.
+    same_parts_every_step = False  # train.py sets it when there is more than one process
+
+    def vision_side_times_zero(self) -> torch.Tensor:
+        """Zero from the vision tower and projector run on one blank image, before the LLM runs (the
+        order in which every process gathers the layers)."""
+        embeddings = next(self.vision_tower.parameters())  # its dtype is the one the tower computes in
+        size = self.vision_tower.config.image_size
+        blank = torch.zeros(1, 3, size, size, device=embeddings.device, dtype=embeddings.dtype)
+        return 0.0 * project_visual_tokens(self.projector, self.encode_images(blank), self.cfg.normalize_visual_tokens).sum()
+
+    def unused_stage15_parts_times_zero(self, out: VictorOutput) -> torch.Tensor | float:
+        """Zero from the trained stage-1.5 parts this batch did not use."""
+        unused = []
+        if self.token_pool.requires_grad and out.pool_indices is None:
+            unused.append(self.token_pool)
+        if self.recon_head.weight.requires_grad and out.recon_loss is None:
+            unused.extend(self.recon_head.parameters())
+        return 0.0 * sum(p.sum() for p in unused) if unused else 0.0
 
     def mixed_mask(self, attention_mask, labels) -> torch.Tensor:
         """Croc's stage-1.5 mask (mixed_attention_mask) in the form this LLM's attention takes."""
@@ -536,16 +560,6 @@ class VictorModel(nn.Module):
                              f"build the model with attn_implementation='sdpa' (or 'eager')")
         dtype = None if impl == "sdpa" else self.llm.get_input_embeddings().weight.dtype
         return mixed_attention_mask(attention_mask, labels, dtype)
-
-    def _unused_stage15_parts(self, out: VictorOutput) -> torch.Tensor:
-        """Zero times the trained stage-1.5 parts that this batch did not use (a text-only batch, or no
-        image drawn for reconstruction): under DDP and FSDP every process must reduce the same gradients."""
-        unused = []
-        if self.token_pool.requires_grad and out.pool_indices is None:
-            unused.append(self.token_pool)
-        if self.recon_head.weight.requires_grad and out.recon_loss is None:
-            unused.extend(self.recon_head.parameters())
-        return 0.0 * sum(p.sum() for p in unused) if unused else 0.0
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, pixel_values=None, max_new_tokens: int = 32,
