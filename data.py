@@ -608,8 +608,9 @@ def make_question(rng: random.Random, objects, kind: str, multiple_choice: bool)
 QUESTION_KINDS = ("colour", "shape", "position", "count", "exists")
 
 
-def make_shapes_dataset(root: str, spec: ShapesSpec = ShapesSpec()) -> dict:
+def make_shapes_dataset(root: str, spec: ShapesSpec | None = None) -> dict:
     """Generate the shapes dataset into root (deterministic from spec.seed). Returns the file paths."""
+    spec = spec or ShapesSpec()
     if not 1 <= spec.questions_per_image <= len(QUESTION_KINDS):
         raise ValueError(f"questions_per_image must be 1..{len(QUESTION_KINDS)} (one per kind), "
                          f"got {spec.questions_per_image}")
@@ -651,8 +652,9 @@ def make_shapes_dataset(root: str, spec: ShapesSpec = ShapesSpec()) -> dict:
     return {k: os.path.join(root, v) for k, v in files.items()}
 
 
-def shapes_files(root: str, spec: ShapesSpec = ShapesSpec()) -> dict:
+def shapes_files(root: str, spec: ShapesSpec | None = None) -> dict:
     """The shapes dataset's files, generated on first use (or when the spec changed)."""
+    spec = spec or ShapesSpec()
     spec_file = os.path.join(root, "spec.json")
     if os.path.isfile(spec_file):
         with open(spec_file) as f:
@@ -670,7 +672,8 @@ def build_shapes_tokenizer():
     """A word-level tokenizer for the shapes vocabulary, built offline, with a ChatML chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-    words = set(("user assistant system " + DETAIL_PROMPT + " " + MC_SUFFIX + " yes no There is are object objects Options "
+    words = set(("user assistant system " + DETAIL_PROMPT + " " + MC_SUFFIX +
+                 " yes no There is are object objects Options "
                  "A at the What colour shape Where How many Is there a in image ? Answer or . , : of").split())
     words |= set(COLOURS) | set(SHAPES) | set(SIZES) | set(NUMBERS) | set(LETTERS)
     words |= {w for c in CELLS for w in c.split()}

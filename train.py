@@ -31,8 +31,15 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data as D
-from victor import (IGNORE_INDEX, STAGES, VictorConfig, VictorModel, config_with_overrides, load_checkpoint,
-                    save_checkpoint)
+from victor import (
+    IGNORE_INDEX,
+    STAGES,
+    VictorConfig,
+    VictorModel,
+    config_with_overrides,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 
 class UsageError(ValueError):
@@ -114,7 +121,8 @@ RECIPES = {
                           batch_size=32, template="plain", max_length=256, num_workers=0),
                 "1.5": dict(lr=1e-3, vision_lr=0.0, pool_lr=1e-2, max_steps=150, warmup_steps=20, adam_beta2=0.95,
                             global_batch_size=8, batch_size=8, max_length=256, num_workers=0),
-                "2": dict(lr=5e-4, vision_lr=0.0, max_steps=2000, warmup_steps=30, adam_beta2=0.95, global_batch_size=16,
+                "2": dict(lr=5e-4, vision_lr=0.0, max_steps=2000, warmup_steps=30, adam_beta2=0.95,
+                          global_batch_size=16,
                           batch_size=16, max_length=256, num_workers=0)}),
 }
 # The paper recipes' base models, by name: their architecture as in each model's published config.json
@@ -215,7 +223,8 @@ def build_demo_base(out_dir: str, seed: int = 0) -> tuple[str, str]:
     with torch.no_grad():
         vision.embeddings.position_embedding.weight.mul_(DEMO_POSITION_SCALE)
     vision.save_pretrained(vision_dir)
-    CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(vision_dir)
+    processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    processor.save_pretrained(vision_dir)
     tok = D.build_shapes_tokenizer()
     llm = LlamaForCausalLM(llm_config)
     llm.save_pretrained(llm_dir)
@@ -547,7 +556,8 @@ def save_training_state(state_dir: str, progress: dict, model, optimizer, schedu
     model_state, optim_state = get_state_dict(model, optimizer)
     with checkpoint_io():
         dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=os.path.join(tmp, "model_optimizer"))
-    torch.save({"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
+    torch.save({"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
                os.path.join(tmp, f"rng-{rank}.pt"))
     if rank == 0:
         torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
@@ -995,11 +1005,13 @@ def finish_stage(r: StageRun, log: StageLog):
     if r.master:
         all_skipped = [(rid, why) for rid, why in r.bad_records] + skipped
         print(D.skip_report(all_skipped))
-        write_json(os.path.join(r.cfg.out_dir, "skipped.json"), [{"id": rid, "reason": why} for rid, why in all_skipped])
+        write_json(os.path.join(r.cfg.out_dir, "skipped.json"),
+                   [{"id": rid, "reason": why} for rid, why in all_skipped])
         if truncated:  # kept, but cut to max_length (never through image tokens): said, not silent
             print(f"truncated to max_length={r.cfg.max_length}: {len(truncated)} samples, "
                   f"{sum(n for _, n in truncated)} tokens cut (listed in truncated.json)")
-        write_json(os.path.join(r.cfg.out_dir, "truncated.json"), [{"id": rid, "tokens_cut": n} for rid, n in truncated])
+        write_json(os.path.join(r.cfg.out_dir, "truncated.json"),
+                   [{"id": rid, "tokens_cut": n} for rid, n in truncated])
         log.close({"done": True, "skipped": len(all_skipped), "truncated": len(truncated),
                    "skipped_ids": [rid for rid, _ in all_skipped]})
     save_model(r, r.cfg.out_dir)

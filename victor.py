@@ -75,7 +75,7 @@ class VictorConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "VictorConfig":
+    def from_dict(cls, d: dict) -> VictorConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -99,7 +99,8 @@ class VictorConfig:
         if self.recon_weight < 0:
             raise ValueError(f"recon_weight must be >= 0, got {self.recon_weight}")
         if self.recon_target_offset not in (0, 1):
-            raise ValueError(f"recon_target_offset must be 0 (own token) or 1 (next token), got {self.recon_target_offset}")
+            raise ValueError(f"recon_target_offset must be 0 (own token) or 1 (next token), "
+                             f"got {self.recon_target_offset}")
         if not 0.0 < self.recon_image_ratio <= 1.0:
             raise ValueError(f"recon_image_ratio must be in (0, 1], got {self.recon_image_ratio}")
         if self.stage15_attention not in ("causal", "mixed"):
@@ -158,8 +159,12 @@ def solve_assignment_plain(cost: np.ndarray) -> np.ndarray:
 
 
 def solve_assignment_reduced(cost: np.ndarray) -> np.ndarray:
-    """The same optimum as solve_assignment_plain, found on a smaller, better-conditioned problem.
+    """The same optimum as solve_assignment_plain, found on a smaller or better-conditioned problem
+    where the rows compete for the same columns, and scipy's own run where they hardly do.
 
+    (0) Each row's cheapest column: if no two rows share one, that is the optimum. If most rows have
+        a cheapest column of their own (a pool near the tokens), scipy's augmenting paths are
+        short already, and it runs on the plain problem (this check is one argmin pass).
     (a) Only each row's R cheapest columns matter: were row i assigned a worse column, one of
         its R cheapest would be free (the other R-1 rows hold at most R-1 columns), and moving
         there costs no more. Those R columns all cost at most u_i, row i's worst cost over any
@@ -168,19 +173,23 @@ def solve_assignment_reduced(cost: np.ndarray) -> np.ndarray:
         once, and subtracting a constant from a column shifts every solution's cost equally.
         Subtracting each column's minimum removes the pool-row-norm term that, with an N(0, 1)
         pool, makes all tokens want the same rows; scipy's augmenting paths become short.
-    (b) pays off when C is barely larger than R (a fresh pool: all tokens want the same rows);
-    when C is larger (a pool near the tokens) the dummy rows would compete among themselves, and
-    scipy is already fast on the plain problem. Both branches are exact; the choice is speed only.
+    (b) pays off when C is barely larger than R (a fresh pool: all tokens want the same rows); with
+    a larger C the dummy rows would compete among themselves. Every branch is exact; the choice is
+    speed only.
     """
     r = cost.shape[0]
     if r == 0:
         return np.zeros(0, dtype=np.int64)
-    fixed = np.argpartition(cost.mean(axis=0), r - 1)[:r]  # (a) any R columns give an upper bound
-    bound = cost[:, fixed].max(axis=1, keepdims=True)
-    cand = np.flatnonzero((cost <= bound).any(axis=0))
-    if len(cand) == cost.shape[1]:
+    cheapest = cost.argmin(axis=1)  # (0)
+    distinct = len(np.unique(cheapest))
+    if distinct == r:
+        return cheapest
+    if distinct > r // 2:
         return linear_sum_assignment(cost)[1]
-    sub = cost[:, cand].astype(np.float64)
+    fixed = np.argpartition(cost.mean(axis=0), r - 1)[:r]  # (a) any R columns give an upper bound
+    bound = np.take(cost, fixed, axis=1).max(axis=1, keepdims=True)
+    cand = np.flatnonzero((cost <= bound).any(axis=0))
+    sub = np.take(cost, cand, axis=1).astype(np.float64)
     if len(cand) > 1.3 * r:
         return cand[linear_sum_assignment(sub)[1]]
     col_min = sub.min(axis=0)  # (b)
@@ -196,7 +205,7 @@ def hungarian_match(tokens: torch.Tensor, token_pool: torch.Tensor, solver=solve
     """
     n, r, d = tokens.shape
     cost = torch.cdist(tokens.reshape(n * r, d).float(), token_pool.float())  # one GEMM-based distance, float32
-    cost = cost.view(n, r, token_pool.shape[0]).cpu().numpy()  # [images, R, P]: one device->host copy for the whole batch
+    cost = cost.view(n, r, token_pool.shape[0]).cpu().numpy()  # [images, R, P]: one device->host copy per batch
     workers = max(1, min(len(cost), torch.get_num_threads()))
     with ThreadPoolExecutor(workers) as ex:  # one problem per image, solved in parallel (scipy frees the GIL)
         cols = list(ex.map(solver, cost))
@@ -252,7 +261,8 @@ def mixed_attention_mask(attention_mask: torch.Tensor, labels: torch.Tensor, dty
     allowed = (pos[None, None, :] <= pos[None, :, None]) | (in_prefix[:, :, None] & in_prefix[:, None, :])
     if attention_mask is not None:
         allowed = allowed & attention_mask.bool()[:, None, :]
-    allowed = allowed | torch.eye(seq, dtype=torch.bool, device=labels.device)  # a padded query attends itself: no empty row
+    # a padded query attends itself: no row without any position to attend
+    allowed = allowed | torch.eye(seq, dtype=torch.bool, device=labels.device)
     allowed = allowed[:, None]
     if dtype is None:
         return allowed
@@ -342,8 +352,8 @@ def build_base_models(cfg: VictorConfig, load_weights: bool = True):
     if cfg.vision_model and (load_weights or cfg.vision_config is None):
         vconf = AutoConfig.from_pretrained(cfg.vision_model)
         vconf = getattr(vconf, "vision_config", vconf)  # a full CLIP/SigLIP checkpoint: take its tower
-        vision = _vision_class(vconf.model_type).from_pretrained(cfg.vision_model, config=vconf, attn_implementation="sdpa",
-                                                             dtype=torch.float32)  # fp32 master weights
+        vision = _vision_class(vconf.model_type).from_pretrained(  # fp32 master weights
+            cfg.vision_model, config=vconf, attn_implementation="sdpa", dtype=torch.float32)
     else:
         vconf = AutoConfig.for_model(**cfg.vision_config)
         vision = _vision_class(vconf.model_type)._from_config(vconf, attn_implementation="sdpa")
@@ -541,7 +551,8 @@ class VictorModel(nn.Module):
         embeddings = next(self.vision_tower.parameters())  # its dtype is the one the tower computes in
         size = self.vision_tower.config.image_size
         blank = torch.zeros(1, 3, size, size, device=embeddings.device, dtype=embeddings.dtype)
-        return 0.0 * project_visual_tokens(self.projector, self.encode_images(blank), self.cfg.normalize_visual_tokens).sum()
+        visual = project_visual_tokens(self.projector, self.encode_images(blank), self.cfg.normalize_visual_tokens)
+        return 0.0 * visual.sum()
 
     def unused_stage15_parts_times_zero(self, out: VictorOutput) -> torch.Tensor | float:
         """Zero from the trained stage-1.5 parts this batch did not use."""
@@ -629,7 +640,8 @@ def config_with_overrides(cfg: VictorConfig, overrides: dict, projector_only: bo
                              f"{key} ({getattr(cfg, key)!r})")
         if key == "pool_size" and not projector_only:
             raise ValueError(f"model override pool_size={value} cannot apply to {source}: its token pool has "
-                             f"{cfg.pool_size} trained rows (only a projector-only stage-1 checkpoint gets a fresh pool)")
+                             f"{cfg.pool_size} trained rows (only a projector-only stage-1 checkpoint gets a "
+                             f"fresh pool)")
     new = VictorConfig.from_dict({**cfg.to_dict(), **overrides})
     new.validate()
     return new
@@ -680,7 +692,7 @@ def load_llava_projector(model: VictorModel, path: str):
 @dataclass
 class SourceCheckpoint:
     cfg: VictorConfig
-    weights: "Weights"  # victor's parameter names -> tensors
+    weights: Weights  # victor's parameter names -> tensors
     tokenizer: object
     image_processor: object
     label: str = "victor"  # the format, as the load note names it
@@ -710,7 +722,7 @@ class Weights(Mapping):
     def __len__(self):
         return len(self._readers)
 
-    def renamed(self, rename) -> tuple["Weights", list[str]]:
+    def renamed(self, rename) -> tuple[Weights, list[str]]:
         """(the weights under rename(name), the names rename maps to None)."""
         kept, left_out = {}, []
         for name, read in self._readers.items():
@@ -886,7 +898,8 @@ def _llava_name(key: str, linear_projector: bool) -> str | None:
     """A weight name of LLaVA's code (and Croc's, ViCToR's) -> victor's; None where victor has no such part."""
     if key.startswith("model.mm_projector."):
         rest = key[len("model.mm_projector."):]
-        return "projector." + ("0." + rest if linear_projector and "." not in rest else rest)  # linear: a bare nn.Linear
+        # LLaVA's linear projector is a bare nn.Linear: its keys have no ".0."
+        return "projector." + ("0." + rest if linear_projector and "." not in rest else rest)
     if key.startswith("model.vision_tower.vision_tower."):  # LLaVA's CLIPVisionTower wraps the HF model
         return "vision_tower." + key[len("model.vision_tower.vision_tower."):]
     if key in ("model.token_pool", "model.mask_token"):  # ViCToR's pool, Croc's name for it
@@ -1120,7 +1133,8 @@ def export_llava_hf(model: VictorModel, tokenizer, image_processor, out_dir: str
 
 def _victor_to_llava_hf_name(name: str) -> str | None:
     """victor's weight name -> LlavaForConditionalGeneration's (in memory); None for ViCToR's additions."""
-    for prefix, new in (("vision_tower.", "model.vision_tower."), ("projector.0.", "model.multi_modal_projector.linear_1."),
+    for prefix, new in (("vision_tower.", "model.vision_tower."),
+                        ("projector.0.", "model.multi_modal_projector.linear_1."),
                         ("projector.2.", "model.multi_modal_projector.linear_2."),
                         ("llm.model.", "model.language_model."), ("llm.lm_head.", "lm_head.")):
         if name.startswith(prefix):

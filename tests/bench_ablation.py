@@ -99,7 +99,8 @@ def probe_images(n: int, offset: int):
         im, objects = D.draw_shapes_image(rng, spec)
         cells = [0] * spec.grid ** 2
         for o in objects:
-            cells[D.CELLS.index(o["cell"])] = 1 + colours.index(o["colour"]) * len(D.SHAPES) + D.SHAPES.index(o["shape"])
+            object_class = colours.index(o["colour"]) * len(D.SHAPES) + D.SHAPES.index(o["shape"])
+            cells[D.CELLS.index(o["cell"])] = 1 + object_class
         images.append(im)
         labels.append(cells)
     return images, np.array(labels)
@@ -210,7 +211,8 @@ def run_arm(out: str, arm: str, seed: int, lengths: dict) -> dict:
     final = evaluate(stage2, out)
     curve[str(lengths["stage2_steps"])] = final["accuracy"]
     result.update(accuracy=final["accuracy"], per_type=final["per_type"], curve=curve,
-                  seconds={"stage1.5": t_probe - t0, "probe": t_stage2 - t_probe, "stage2+eval": time.time() - t_stage2})
+                  seconds={"stage1.5": t_probe - t0, "probe": t_stage2 - t_probe,
+                           "stage2+eval": time.time() - t_stage2})
     for d in (os.path.join(stage2, "snapshots"), os.path.join(run_dir, "stage1.5", "checkpoints")):
         shutil.rmtree(d, ignore_errors=True)  # the report needs only the numbers
     with open(os.path.join(run_dir, "result.json"), "w") as f:
@@ -265,7 +267,8 @@ def job_main(job: dict):
 
 def stats(values: list[float]) -> dict:
     v = np.array(values, dtype=float)
-    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "per_seed": [float(x) for x in v]}
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+            "per_seed": [float(x) for x in v]}
 
 
 def aggregate(out: str, arms: list[str], seeds: list[int], config: dict) -> dict:
@@ -314,7 +317,8 @@ def markdown(report: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(pm(a["curve"][k]) for k in steps) + " |")
     layers = list(first["probe"])
     lines += ["", "### Linear probe right after stage 1.5: a cell's object from the hidden state at its image position",
-              "", "object: colour and shape of the object in an occupied cell (chance 1/12); colour (1/4), shape (1/3).", "",
+              "", "object: colour and shape of the object in an occupied cell (chance 1/12); colour (1/4), "
+              "shape (1/3).", "",
               "| arm | " + " | ".join(f"{layer} object | {layer} colour | {layer} shape" for layer in layers) + " |",
               "|---|" + "---|" * (3 * len(layers))]
     for name, a in arms.items():
@@ -394,7 +398,8 @@ def main(argv=None):
               if not done("arm", a, s)], args.jobs, out)
     config = {"seeds": args.seeds, "arms": {a: ARMS[a] for a in args.arms}, "lengths": lengths, "jobs": args.jobs,
               "quick": args.quick, "wall_time_s": time.time() - t0,
-              "stage2_recipe": "the demo recipe's stage 2 (lr 5e-4, batch 16, warm-up 30, beta2 0.95), max_steps as above"}
+              "stage2_recipe": "the demo recipe's stage 2 (lr 5e-4, batch 16, warm-up 30, beta2 0.95), "
+                               "max_steps as above"}
     report = aggregate(out, args.arms, args.seeds, config)
     with open(os.path.join(out, "ablation.json"), "w") as f:
         json.dump(report, f, indent=1)

@@ -130,7 +130,8 @@ def main():
         t = time.perf_counter()
         write_records(data, args.records, args.format, "tiny.png")
         size = os.path.getsize(data)
-        print(f"{args.records} records, {args.format}: {size / GIB:.3f} GiB ({size / args.records:.0f} bytes a record), "
+        print(f"{args.records} records, {args.format}: {size / GIB:.3f} GiB "
+              f"({size / args.records:.0f} bytes a record), "
               f"written in {time.perf_counter() - t:.0f} s; module {args.module}")
 
         out = subprocess.run([sys.executable, os.path.abspath(__file__), "--module", args.module,

@@ -39,7 +39,8 @@ def main():
     llm = LlamaConfig(vocab_size=32000, hidden_size=args.width, intermediate_size=int(2.75 * args.width),
                       num_hidden_layers=args.layers, num_attention_heads=args.width // 64,
                       num_key_value_heads=args.width // 64, max_position_embeddings=2048)
-    model = VictorModel(VictorConfig(vision_config=vision.to_dict(), llm_config=llm.to_dict(), pool_size=2048)).to(device)
+    cfg = VictorConfig(vision_config=vision.to_dict(), llm_config=llm.to_dict(), pool_size=2048)
+    model = VictorModel(cfg).to(device)
     n = model.num_image_tokens
     ids = torch.randint(0, 32000, (args.images, 1 + n + args.text), device=device)
     ids[:, 1:1 + n] = IMAGE_TOKEN_ID

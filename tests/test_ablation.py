@@ -16,7 +16,7 @@ def test_bench_ablation_quick_writes_a_valid_report(tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     report = json.loads((out / "ablation.json").read_text())
     assert set(report["arms"]) == set(ARMS) and report["config"]["seeds"] == [0]
-    for name, arm in report["arms"].items():
+    for arm in report["arms"].values():
         assert arm["seeds"] == [0]
         for s in [arm["accuracy"], *arm["per_type"].values(), *arm["curve"].values()]:
             assert set(s) == {"mean", "std", "per_seed"} and len(s["per_seed"]) == 1

@@ -22,7 +22,6 @@ import data as D
 import train as T
 from conftest import read_metrics
 
-
 # -----------------------------------------------------------------------------
 # Image files of every awkward kind
 

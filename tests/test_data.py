@@ -114,7 +114,8 @@ def test_qwen_tokenizer_ids(qwen, qwen_reference):
     enc = lambda s: qwen(s, add_special_tokens=False)["input_ids"]  # noqa: E731
     assert enc("user") == [872] and enc("assistant") == [77091] and enc("\n") == [198]
     # the default system prompt, as the real Qwen2.5 tokenizer encodes it
-    assert enc(QWEN_SYSTEM) == [2610, 525, 1207, 16948, 11, 3465, 553, 54364, 14817, 13, 1446, 525, 264, 10950, 17847, 13]
+    assert enc(QWEN_SYSTEM) == [2610, 525, 1207, 16948, 11, 3465, 553, 54364, 14817, 13, 1446, 525, 264, 10950,
+                                17847, 13]
     # digits one by one, special tokens atomic, and agreement with the tiktoken implementation on hard text
     text = "<|im_start|>user\nCafé Zürich 12345 – 日本語 😀\n\n  indented\tx's<|im_end|>\n"
     assert enc("12345") == [16, 17, 18, 19, 20]
@@ -601,7 +602,8 @@ def test_collator_pads_and_concatenates(image_folder, shapes_tokenizer, tiny_ima
     pv = batch["pixel_values"]  # red, green (of sample 1), then blue (sample 3), in order
     assert pv.shape == (3, 3, 32, 32)
     assert [int(pv[i].mean(dim=(1, 2)).argmax()) for i in range(3)] == [0, 1, 2]
-    assert D.Collator(tok.pad_token_id)([samples[1]]) == {"skipped": [samples[1]["skipped"]], "ids": [], "truncated": []}
+    assert D.Collator(tok.pad_token_id)([samples[1]]) == {"skipped": [samples[1]["skipped"]], "ids": [],
+                                                          "truncated": []}
 
 
 def test_skip_report_counts():

@@ -204,7 +204,8 @@ def test_every_process_reads_the_data_itself(tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     cfg = T.TrainConfig(data=str(data), out_dir=str(out), image_folder=str(tmp_path))
     records, bad = T.validate_data(cfg, master=False)  # rank 1: reads the file; rank 0 reports
-    assert calls == [(str(data),)] and records == RECORDS and bad == [("x (line 4)", "missing or empty 'conversations'")]
+    assert calls == [(str(data),)] and records == RECORDS
+    assert bad == [("x (line 4)", "missing or empty 'conversations'")]
     assert fake.gathered == [(3, 1)] and not out.exists() and capsys.readouterr().out == ""
     assert T.validate_data(cfg, master=True) == (RECORDS, bad)
     assert "x (line 4): missing or empty" in capsys.readouterr().out

@@ -7,13 +7,22 @@ recon_image_ratio), the captions control (replace_ratio=0, recon_weight=0), over
 import numpy as np
 import pytest
 import torch
-from conftest import save_base_models, tiny_config, tiny_model
 from test_victor import make_batch, reference_visual_tokens, sharpen, smooth_l1_by_hand, stage15
 
 import train as T
 import victor
-from victor import (IGNORE_INDEX, IMAGE_TOKEN_ID, VictorConfig, VictorModel, hungarian_match,
-                    images_to_reconstruct, match_tokens_to_pool, mixed_attention_mask, nearest_match)
+from conftest import save_base_models, tiny_config, tiny_model
+from victor import (
+    IGNORE_INDEX,
+    IMAGE_TOKEN_ID,
+    VictorConfig,
+    VictorModel,
+    hungarian_match,
+    images_to_reconstruct,
+    match_tokens_to_pool,
+    mixed_attention_mask,
+    nearest_match,
+)
 
 N_TOK = 16  # tiny model: 32 px, patch 8, CLS dropped
 R = N_TOK - N_TOK // 4  # replaced per image at replace_ratio 0.75
@@ -328,7 +337,8 @@ def test_images_to_reconstruct_share():
 def test_stage15_param_groups_per_variant(variant, trained):
     model = preset(variant)
     groups = model.param_groups("1.5", 1e-3, 0.0, 1e-2)
-    assert [g["name"] for g in groups] == ["projector", "llm", *[n for n in ("token_pool", "recon_head") if n in trained]]
+    stage15_parts = [n for n in ("token_pool", "recon_head") if n in trained]
+    assert [g["name"] for g in groups] == ["projector", "llm", *stage15_parts]
     in_groups = {id(p) for g in groups for p in g["params"]}
     assert (id(model.token_pool) in in_groups) == ("token_pool" in trained) == model.token_pool.requires_grad
     for p in model.recon_head.parameters():
@@ -557,6 +567,7 @@ def test_eval_max_new_tokens_reaches_the_shapes_evaluation(monkeypatch, tmp_path
 def test_train_cli_mistakes_are_one_line(flags, said, tmp_path):
     import subprocess
     import sys
+
     from conftest import MAIN, subprocess_env
     proc = subprocess.run([sys.executable, "train.py", "--out-dir", str(tmp_path), *flags], cwd=MAIN,
                           env=subprocess_env(), capture_output=True, text=True, timeout=120)

@@ -16,7 +16,6 @@ import os
 
 import pytest
 import torch
-from conftest import tiny_config, tiny_model
 from PIL import Image
 from safetensors.torch import save_file
 from test_victor import make_batch, sharpen
@@ -25,8 +24,8 @@ import data as D
 import eval as E
 import train as T
 import victor
+from conftest import tiny_config, tiny_model
 from victor import IMAGE_TOKEN_ID, VictorModel
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -188,7 +187,8 @@ def test_croc_release_with_trained_tower_pool_and_skipped_heads(tmp_path, shapes
         assert torch.equal(a, b)
     batch = make_batch(src, seed=3)
     assert torch.equal(victor_logits(src, batch), victor_logits(loaded, batch))
-    out1 = src(*batch[:2], labels=batch[2], pixel_values=batch[3], stage="1.5", generator=torch.Generator().manual_seed(0))
+    out1 = src(*batch[:2], labels=batch[2], pixel_values=batch[3], stage="1.5",
+               generator=torch.Generator().manual_seed(0))
     out2 = loaded(*batch[:2], labels=batch[2], pixel_values=batch[3], stage="1.5",
                   generator=torch.Generator().manual_seed(0))
     assert torch.equal(out1.pool_indices, out2.pool_indices)  # the pool is Croc's: the same rows are matched
@@ -215,7 +215,8 @@ def test_victor_release_siglip_qwen_pool_and_head(tmp_path, shapes_tokenizer, ca
         src.recon_head.weight.mul_(3.0)
     state = llava_state(src, pool_key="model.token_pool",
                         extra={"img_head.weight": src.recon_head.weight, "img_head.bias": src.recon_head.bias,
-                               "model.pool_weight.weight": torch.zeros(32, 32), "model.pool_weight.bias": torch.zeros(32)})
+                               "model.pool_weight.weight": torch.zeros(32, 32),
+                               "model.pool_weight.bias": torch.zeros(32)})
     ck = tmp_path / "victor-release"
     ck.mkdir()
     conf = dict(src.llm.config.to_dict(), model_type="llava_qwen", architectures=["LlavaQwenForCausalLM"],
@@ -238,7 +239,8 @@ def test_victor_release_siglip_qwen_pool_and_head(tmp_path, shapes_tokenizer, ca
 
 def test_llava_pool_size_override_without_a_saved_pool(tmp_path, shapes_tokenizer, tiny_image_processor, capsys):
     src = source_model(normalize_visual_tokens=False)
-    ck = write_llava_dir(tmp_path / "llava", src, shapes_tokenizer, save_tower(src, tmp_path / "t", tiny_image_processor))
+    tower = save_tower(src, tmp_path / "t", tiny_image_processor)
+    ck = write_llava_dir(tmp_path / "llava", src, shapes_tokenizer, tower)
     model, _, _ = victor.load_checkpoint(ck, overrides={"pool_size": 64, "normalize_visual_tokens": True})
     assert model.token_pool.shape == (64, 32)  # LLaVA-1.5 has no pool: a fresh one of any size
     assert model.cfg.normalize_visual_tokens
@@ -319,7 +321,8 @@ def llava_hf_dir(path, tokenizer, image_processor, strategy="default", layer=-2,
                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
                         tie_word_embeddings=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     torch.manual_seed(seed)
-    llava = LlavaForConditionalGeneration(LlavaConfig(vision_config=vconf, text_config=lconf, image_token_index=image_id,
+    llava = LlavaForConditionalGeneration(LlavaConfig(vision_config=vconf, text_config=lconf,
+                                                      image_token_index=image_id,
                                                       vision_feature_layer=layer,
                                                       vision_feature_select_strategy=strategy)).eval()
     with torch.no_grad():  # sharper than the default init, so the logits depend on the image
@@ -384,8 +387,9 @@ def test_train_init_and_eval_take_a_llava_dir(base, tmp_path, shapes_tokenizer, 
     assert not torch.equal(trained.llm.lm_head.weight, src.llm.lm_head.weight)  # it trained
     Image.new("RGB", (32, 32), (215, 40, 40)).save(tmp_path / "r.png")
     bench = tmp_path / "yn.jsonl"
-    bench.write_text("".join(json.dumps({"index": i, "question": "Is it red?", "answer": a, "image_path": "r.png"}) + "\n"
-                             for i, a in enumerate(["yes", "no"])))
+    rows = [{"index": i, "question": "Is it red?", "answer": a, "image_path": "r.png"}
+            for i, a in enumerate(["yes", "no"])]
+    bench.write_text("".join(json.dumps(row) + "\n" for row in rows))
     res = E.main([ck, "--bench", str(bench), "--out", str(tmp_path / "res.json"), "--batch-size", "2"])
     assert res["num_questions"] == 2 and "loaded" in capsys.readouterr().out
 

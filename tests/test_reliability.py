@@ -118,7 +118,8 @@ def test_fsdp_sharded_state_resumes_exactly(base, tmp_path):
     values = stage15(base, full, batch_size=4, fsdp=True, max_steps=6, save_every=3)
     train(values, procs=2)
     state = full / "checkpoints" / "step-3"
-    assert (state / "progress.json").is_file() and any(f.endswith(".distcp") for f in os.listdir(state / "model_optimizer"))
+    assert (state / "progress.json").is_file()
+    assert any(f.endswith(".distcp") for f in os.listdir(state / "model_optimizer"))
     for name, procs, fsdp in (("fsdp_resumed", 2, True), ("single_resumed", 1, False)):
         out = tmp_path / name
         shutil.copytree(state, out / "checkpoints" / "step-3")

@@ -10,9 +10,9 @@ import sys
 import types
 
 import pytest
-from conftest import MAIN, read_metrics, subprocess_env
 
 import train as T
+from conftest import MAIN, read_metrics, subprocess_env
 
 
 def stage2_config(base, out_dir, **overrides):

@@ -264,7 +264,8 @@ def test_all_stages_checkpoints(base, all_stages):
         assert all(torch.equal(state[k], v) for k, v in saved.items())
         assert tokenizer.pad_token == "<pad>" and processor.crop_size["height"] == 32
     # later stages continued from earlier ones: stage 2 starts from stage 1.5's pool, which it does not train
-    s15, s2 = load_file(os.path.join(stage15, "model.safetensors")), load_file(os.path.join(stage2, "model.safetensors"))
+    s15 = load_file(os.path.join(stage15, "model.safetensors"))
+    s2 = load_file(os.path.join(stage2, "model.safetensors"))
     assert torch.equal(s15["token_pool"], s2["token_pool"])
     assert not torch.equal(s15["llm.lm_head.weight"], s2["llm.lm_head.weight"])
 
@@ -375,7 +376,8 @@ def test_bad_records_are_skipped_and_reported(base, bad_data, tmp_path, capsys):
     with open(os.path.join(cfg.out_dir, "skipped.json")) as f:
         skipped = {s["id"]: s["reason"] for s in json.load(f)}
     assert set(skipped) == {"missing-image ([3])", "no-answer ([8])"}
-    assert "image not found" in skipped["missing-image ([3])"] and "does_not_exist.png" in skipped["missing-image ([3])"]
+    why = skipped["missing-image ([3])"]
+    assert "image not found" in why and "does_not_exist.png" in why
     with open(os.path.join(cfg.out_dir, "bad_records.json")) as f:
         assert [r["record"] for r in json.load(f)] == ["missing-image ([3])", "no-answer ([8])"]
     rows, done = read_metrics(cfg.out_dir)

@@ -6,17 +6,26 @@ Every model is a tiny random-init one built from conftest.tiny_config(); the who
 import copy
 import itertools
 import os
+import pickle
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import save_base_models, tiny_config, tiny_model
 from scipy.optimize import linear_sum_assignment
 
 import victor
-from victor import (IGNORE_INDEX, IMAGE_TOKEN_ID, VictorConfig, VictorModel, hungarian_match, num_replaced,
-                    reconstruction_loss, select_tokens_to_replace)
+from conftest import save_base_models, tiny_config, tiny_model
+from victor import (
+    IGNORE_INDEX,
+    IMAGE_TOKEN_ID,
+    VictorConfig,
+    VictorModel,
+    hungarian_match,
+    num_replaced,
+    reconstruction_loss,
+    select_tokens_to_replace,
+)
 
 N_TOK = 16  # tiny model: 32 px, patch 8, CLS dropped
 FIRST_TEXT_ID = 5  # ids 0..4 are the shapes tokenizer's special tokens (<pad>, <unk>, ..., <|im_end|>)
@@ -829,7 +838,7 @@ def test_load_llava_projector_refuses_bad_files(tmp_path):
         victor.load_llava_projector(model, missing)
     pickled = str(tmp_path / "pickled.bin")
     torch.save({"model.mm_projector.0.weight": object()}, pickled)  # weights_only refuses arbitrary objects
-    with pytest.raises(Exception):
+    with pytest.raises(pickle.UnpicklingError):
         victor.load_llava_projector(model, pickled)
 
 
@@ -902,7 +911,7 @@ def test_solve_assignment_reduced_equals_scipy(structure):
     """Both branches of solve_assignment_reduced (square + column reduction, plain) reach scipy's optimum."""
     from victor import solve_assignment_plain, solve_assignment_reduced
     rng = np.random.default_rng(0)
-    for trial in range(5):
+    for _ in range(5):
         r, p = (40, 300) if structure != "near_square" else (40, 41)
         if structure == "column_dominated":  # like an N(0, 1) pool: every token wants the same rows
             cost = rng.normal(64, 0.7, size=(1, p)) + rng.normal(0, 0.02, size=(r, p))
@@ -911,6 +920,35 @@ def test_solve_assignment_reduced_equals_scipy(structure):
         fast, ref = solve_assignment_reduced(cost), solve_assignment_plain(cost)
         assert len(set(fast.tolist())) == r
         assert abs(_total(cost, fast) - _total(cost, ref)) <= 1e-9 * abs(_total(cost, ref))
+
+
+@pytest.mark.parametrize("structure, branch", [
+    ("own_cheapest", "none"),  # every row's cheapest column is its own: the optimum without scipy
+    ("mostly_own", "plain"),  # few rows share a cheapest column: scipy on the whole problem
+    ("columns_dominate_widely", "restricted"),  # all rows want the same columns, C > 1.3 R: scipy on C
+    ("columns_dominate", "square"),  # all rows want the same columns, C close to R: square, columns reduced
+])
+def test_solve_assignment_reduced_branches(structure, branch, monkeypatch):
+    """Each branch of solve_assignment_reduced runs on the problem it is meant for and reaches the optimum."""
+    import victor
+    rng = np.random.default_rng(2)
+    r, p = 40, 300
+    if structure == "own_cheapest":
+        cost = rng.random((r, p))
+        cost[np.arange(r), rng.permutation(p)[:r]] = -1.0
+    elif structure == "mostly_own":
+        cost = rng.random((r, p))
+    else:
+        cost = rng.normal(5, 1, size=(1, p)) + rng.normal(0, 0.3 if structure == "columns_dominate_widely" else 0.02,
+                                                             size=(r, p))
+    shapes, solve = [], victor.linear_sum_assignment
+    monkeypatch.setattr(victor, "linear_sum_assignment", lambda c: shapes.append(c.shape) or solve(c))
+    cols = victor.solve_assignment_reduced(cost)
+    ran = ("none" if not shapes else "plain" if shapes[0] == (r, p) else
+           "square" if shapes[0][0] == shapes[0][1] else "restricted" if shapes[0][0] == r else "?")
+    assert ran == branch, shapes
+    assert len(set(cols.tolist())) == r
+    assert abs(_total(cost, cols) - _total(cost, solve(cost)[1])) <= 1e-9 * abs(_total(cost, solve(cost)[1]))
 
 
 def test_solve_assignment_reduced_brute_force():
