@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from train import TrainConfig, trainable_param_groups  # noqa: E402
-from victor import IMAGE_TOKEN_ID, VictorConfig, VictorModel, hungarian_match, num_replaced  # noqa: E402
+from victor import IGNORE_INDEX, IMAGE_TOKEN_ID, VictorConfig, VictorModel, hungarian_match, num_replaced  # noqa: E402
 
 
 def main():
@@ -45,7 +45,7 @@ def main():
     ids = torch.randint(0, 32000, (args.images, 1 + n + args.text), device=device)
     ids[:, 1:1 + n] = IMAGE_TOKEN_ID
     labels = ids.clone()
-    labels[:, :1 + n] = -100
+    labels[:, :1 + n] = IGNORE_INDEX
     batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels,
                  pixel_values=torch.randn(args.images, 3, 336, 336, device=device))
     cfg = TrainConfig(lr=1e-5, vision_lr=0.0, pool_lr=1.5e-4)

@@ -196,8 +196,8 @@ def test_yes_no_bench_end_to_end(ckpt, tmp_path):
 def test_yes_no_jsonl_detected(ckpt, tmp_path):
     Image.new("RGB", (32, 32), COLOURS[0]).save(tmp_path / "r.png")
     path = tmp_path / "mme.jsonl"
-    path.write_text("".join(json.dumps({"index": i, "question": "Is it red?", "answer": a, "image_path": "r.png"}) + "\n"
-                            for i, a in enumerate(["Yes", "No", "yes"])))
+    path.write_text("".join(json.dumps({"index": i, "question": "Is it red?", "answer": a, "image_path": "r.png"})
+                            + "\n" for i, a in enumerate(["Yes", "No", "yes"])))
     res = E.evaluate_bench(ckpt, str(path), batch_size=3)
     assert res["kind"] == "yes_no" and res["num_questions"] == 3 and res["pope"]["n"] == 3
 
@@ -289,6 +289,40 @@ def test_mixed_kinds_rejected(tmp_path):
         E.load_bench(write_tsv(tmp_path / "mixed.tsv", rows))
 
 
+def bad_bench(tmp_path, change):
+    rows = mc_rows(tmp_path)
+    rows[2].update(change)
+    return write_tsv(tmp_path / "bad.tsv", rows)
+
+
+@pytest.mark.parametrize("argv, said", [
+    (lambda ck, tmp: [ck, "--bench", str(tmp / "none.tsv")], "none.tsv"),
+    (lambda ck, tmp: [str(tmp / "nowhere"), "--bench", bad_bench(tmp, {})], "nowhere: no such checkpoint directory"),
+    (lambda ck, tmp: [ck, "--bench", bad_bench(tmp, {"answer": "D"})], "index 12): answer 'D'"),
+    (lambda ck, tmp: [ck, "--bench", write_tsv(tmp / "x.tsv", [{"index": 1, "question": "q"}])],
+     "missing required column"),
+    (lambda ck, tmp: [ck, "--test-file", str(tmp / "t.jsonl"), "--image-folder", str(tmp)], "image not found"),
+    (lambda ck, tmp: [ck, "--visualize", str(tmp / "none.png")], "none.png"),
+    (lambda ck, tmp: ["--curves", str(tmp / "none.jsonl")], "none.jsonl"),
+], ids=["no bench file", "no checkpoint", "bad row", "no answer column", "no test image", "no image", "no metrics"])
+def test_command_line_mistakes_are_one_line(ckpt, tmp_path, argv, said):
+    """A missing or malformed file is one line (SystemExit with a message: no traceback) naming it."""
+    (tmp_path / "t.jsonl").write_text(json.dumps({"id": "a", "image": "missing.png", "conversations": [
+        {"from": "human", "value": "<image>\nIs it red ?"}, {"from": "gpt", "value": "yes"}]}) + "\n")
+    with pytest.raises(SystemExit) as e:
+        E.main(argv(ckpt, tmp_path))
+    assert isinstance(e.value.code, str) and e.value.code.startswith("error: ") and said in e.value.code
+
+
+def test_a_programming_error_keeps_its_traceback(ckpt, tmp_path, monkeypatch):
+    def broken(*a, **k):
+        raise KeyError("a bug, not the user's input")
+
+    monkeypatch.setattr(E, "generate_answers", broken)
+    with pytest.raises(KeyError):
+        E.main([ckpt, "--bench", write_tsv(tmp_path / "mc.tsv", mc_rows(tmp_path)), "--out", str(tmp_path / "r.json")])
+
+
 # -----------------------------------------------------------------------------
 # The shapes evaluation: the exists questions scored as POPE
 
@@ -329,7 +363,8 @@ def test_mmbench_circular_accuracy_by_hand(ckpt, tmp_path, monkeypatch, capsys):
     for k, truth in enumerate("AB"):
         rows.append({"index": 2 + k * 1_000_000, "question": "Shape?", "A": "circle" if k == 0 else "square",
                      "B": "square" if k == 0 else "circle", "answer": truth, "image": img, "category": "shape"})
-    rows.append({"index": 3, "question": "Count?", "A": "1", "B": "2", "answer": "B", "image": img, "category": "count"})
+    rows.append({"index": 3, "question": "Count?", "A": "1", "B": "2", "answer": "B", "image": img,
+                 "category": "count"})
     canned_answers(monkeypatch, ["A", "B", "C", "A", "A", "B", "B"])  # the 4th copy of q1 is wrong (D is right)
     res = E.evaluate_bench(ckpt, write_tsv(tmp_path / "MMBench.tsv", rows))
     assert [p["correct"] for p in res["predictions"]] == [True, True, True, False, True, True, True]
@@ -347,7 +382,8 @@ def test_mmstar_l2_category_column(ckpt, tmp_path, monkeypatch):
     """MMStar writes l2_category (underscore); MMBench l2-category: both are read. Two rows of
     'coarse perception' (one right), one of 'math' (right)."""
     rows = [{"index": i, "question": "Q?", "A": "a", "B": "b", "answer": "A", "image": png_b64(COLOURS[i]),
-             "category": "c", "l2_category": l2} for i, l2 in enumerate(["coarse perception", "coarse perception", "math"])]
+             "category": "c", "l2_category": l2}
+            for i, l2 in enumerate(["coarse perception", "coarse perception", "math"])]
     _, items = E.load_bench(write_tsv(tmp_path / "MMStar.tsv", rows))
     assert [it["l2-category"] for it in items] == ["coarse perception", "coarse perception", "math"]
     canned_answers(monkeypatch, ["A", "B", "A"])
@@ -367,7 +403,8 @@ def test_mme_score_by_hand(ckpt, tmp_path, monkeypatch, capsys):
             {"index": 1, "question": "Is there a square?", "answer": "No", "image": "0", "category": "existence"},
             {"index": 2, "question": "Is there a circle?", "answer": "Yes", "image": b, "category": "existence"},
             {"index": 3, "question": "Is there a square?", "answer": "No", "image": b, "category": "existence"},
-            {"index": 4, "question": "Are there two objects?", "answer": "Yes", "image_path": "c.png", "category": "count"},
+            {"index": 4, "question": "Are there two objects?", "answer": "Yes", "image_path": "c.png",
+             "category": "count"},
             {"index": 5, "question": "Are there three?", "answer": "No", "image_path": "c.png", "category": "count"},
             {"index": 6, "question": "Does it print 3?", "answer": "Yes", "image_path": "d.png",
              "category": "code_reasoning"},

@@ -1,4 +1,4 @@
-"""The pictures of issue 4: pool matching + reconstruction error, and training curves (PIL only)."""
+"""eval.py's pictures: the pool row and reconstruction error of each patch (PIL), training curves (matplotlib)."""
 import json
 
 import numpy as np

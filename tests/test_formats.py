@@ -1,4 +1,4 @@
-"""Checkpoints from elsewhere (issue 14): victor loads the original LLaVA code's directories (LLaVA-1.5,
+"""Checkpoints from elsewhere: victor loads the original LLaVA code's directories (LLaVA-1.5,
 Croc, ViCToR's release) and transformers' LlavaForConditionalGeneration (llava-hf), and exports to the
 latter. Offline, tiny random models, CPU, seconds.
 

@@ -1,4 +1,4 @@
-"""--report-to tensorboard / wandb (issue 14): the rows of metrics.jsonl go to TensorBoard and wandb too.
+"""--report-to tensorboard / wandb: the rows of metrics.jsonl go to TensorBoard and wandb too.
 
 Both packages are optional and need not be installed: the missing-package error is tested with the
 import made to fail, the writing path with stand-in modules put in sys.modules that record each call.

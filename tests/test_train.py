@@ -541,7 +541,7 @@ def test_demo_base_is_rebuilt_when_built_by_another_version(tmp_path, capsys):
     stamp = os.stat(weights).st_mtime_ns
     T.build_demo_base(str(tmp_path))  # the same recipe: kept as it is
     assert os.stat(weights).st_mtime_ns == stamp
-    # an older version's base (4 heads, no recipe file) is rebuilt, not silently reused
+    # a base built from other values (4 heads, no recipe file) is rebuilt, not silently reused
     os.remove(os.path.join(tmp_path, "base", "demo_base.json"))
     json.dump({**llm, "num_attention_heads": 4}, open(os.path.join(llm_dir, "config.json"), "w"))
     T.build_demo_base(str(tmp_path))
