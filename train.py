@@ -697,8 +697,10 @@ def prepare_model(cfg: TrainConfig, stage: str, rank: int, world: int, device: t
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.vision_lr > 0 and stage != "1":
             model.vision_tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    # text-only batches, an unused pool or head: the model runs them times zero (VictorModel.same_parts_every_step)
-    model.same_parts_every_step = world > 1
+    # a part a batch leaves unused (the vision side of a text-only batch, the pool, the head) runs times zero:
+    # needed with several processes, and kept in one so that 1 and N processes update alike (AdamW moves a
+    # parameter whose gradient is zero, and skips one that has none)
+    model.same_parts_every_step = True
     if fsdp:
         model = shard_with_fsdp(model, cfg.bf16 and device.type == "cuda", device)
         return model, model, tokenizer, image_processor

@@ -541,12 +541,12 @@ class VictorModel(nn.Module):
             out.loss = out.loss + self.unused_stage15_parts_times_zero(out)
         return out
 
-    # -- more than one process: every process runs the same parts in every step --
+    # -- training: every part in every step --
     # Under FSDP a layer's weights are gathered from every process when it runs, so a process that skips
     # a layer leaves the others waiting; under DDP every trained parameter needs a gradient in every
     # process. A batch that does not use a part (the vision side in a text-only batch, the pool where
     # nothing was replaced, the head where no image was reconstructed) runs it and adds it times zero.
-    same_parts_every_step = False  # train.py sets it when there is more than one process
+    same_parts_every_step = False  # train.py sets it (for 1 process too, so that 1 and N update alike)
 
     def vision_side_times_zero(self) -> torch.Tensor:
         """Zero from the vision tower and projector run on one blank image, before the LLM runs (the
