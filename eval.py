@@ -595,12 +595,6 @@ def draw_curves(series: dict[str, list[dict]], title: str, out_png: str | None =
     return _picture(fig, out_png)
 
 
-def plot_curves(paths, out_png: str | None = None) -> Image.Image:
-    """draw_curves of metrics.jsonl files (one path or a list): one line per file and stage."""
-    paths = [paths] if isinstance(paths, str) else list(paths)
-    return draw_curves(read_curves(paths), "training curves: " + ", ".join(paths), out_png)
-
-
 # -----------------------------------------------------------------------------
 # Entry points, one per input format, all on the path above
 
@@ -668,7 +662,7 @@ def format_table(results: dict) -> str:
     return "\n".join(rows)
 
 
-format_bench_table = format_table  # one table for every results dict
+format_bench_table = format_table  # the name for benchmark results: one table for every results dict
 
 
 # -----------------------------------------------------------------------------
@@ -698,7 +692,7 @@ def shapes_main(args) -> dict:
 def bench_main(args) -> dict:
     results = evaluate_bench(args.checkpoint, args.bench, args.image_folder, args.batch_size, args.limit,
                              args.max_new_tokens or 16, args.device)
-    print(format_bench_table(results))
+    print(format_table(results))
     name = os.path.splitext(os.path.basename(args.bench))[0]
     return write_results(results, args.out or os.path.join(args.checkpoint, f"eval_{name}.json"))
 

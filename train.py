@@ -258,6 +258,16 @@ def setup_distributed():
     return rank, world, device
 
 
+def uses_fsdp(cfg: TrainConfig, world: int) -> bool:
+    """--fsdp shards over the processes; with one process there is nothing to shard."""
+    return cfg.fsdp and world > 1
+
+
+def computes_in_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    """--bf16 takes effect on CUDA (autocast, or FSDP's bf16 parameters); on a CPU the run is float32."""
+    return cfg.bf16 and device.type == "cuda"
+
+
 def all_reduce_sum(x: float, device) -> float:
     if not dist.is_initialized():
         return x
@@ -688,7 +698,7 @@ def prepare_model(cfg: TrainConfig, stage: str, rank: int, world: int, device: t
     """This stage's model on its device, wrapped for the processes: (model, train_model, tokenizer,
     image_processor). The loop calls train_model (DDP's wrapper, or the model itself) and reads and saves
     model (under FSDP, sharded in place)."""
-    fsdp = cfg.fsdp and world > 1
+    fsdp = uses_fsdp(cfg, world)
     if cfg.fsdp and world == 1 and rank == 0:
         print("note: --fsdp with one process: nothing to shard over, training unsharded")
     model, tokenizer, image_processor = build_model_once(cfg, stage, rank) if fsdp else build_model(cfg, stage)
@@ -702,7 +712,7 @@ def prepare_model(cfg: TrainConfig, stage: str, rank: int, world: int, device: t
     # parameter whose gradient is zero, and skips one that has none)
     model.same_parts_every_step = True
     if fsdp:
-        model = shard_with_fsdp(model, cfg.bf16 and device.type == "cuda", device)
+        model = shard_with_fsdp(model, computes_in_bf16(cfg, device), device)
         return model, model, tokenizer, image_processor
     model.to(device)
     if world == 1:
@@ -833,7 +843,7 @@ class StageRun:
 
     @property
     def fsdp(self) -> bool:
-        return self.cfg.fsdp and self.world > 1
+        return uses_fsdp(self.cfg, self.world)
 
     @property
     def state_dir(self) -> str:
@@ -891,8 +901,7 @@ def forward_backward(r: StageRun, b: dict, n_label: float, n_recon: float, sync:
     if r.fsdp:
         r.model.set_requires_gradient_sync(sync)
     context = r.train_model.no_sync() if (r.world > 1 and not r.fsdp and not sync) else contextlib.nullcontext()
-    bf16 = r.cfg.bf16 and r.device.type == "cuda"
-    with context, torch.autocast(r.device.type, dtype=torch.bfloat16, enabled=bf16):
+    with context, torch.autocast(r.device.type, dtype=torch.bfloat16, enabled=computes_in_bf16(r.cfg, r.device)):
         out = r.train_model(input_ids=b["input_ids"].to(r.device), attention_mask=b["attention_mask"].to(r.device),
                             labels=b["labels"].to(r.device), stage=r.stage, selection_seeds=b["seeds"],
                             pixel_values=None if b["pixel_values"] is None else b["pixel_values"].to(r.device))
