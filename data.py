@@ -524,7 +524,7 @@ class ShapesSpec:
     grid: int = 3
     max_objects: int = 3
     num_train_images: int = 8000
-    num_test_images: int = 500
+    num_test_images: int = 1000
     questions_per_image: int = 4  # stage 2: one record per question, of distinct kinds
     seed: int = 0
 
@@ -540,26 +540,31 @@ def draw_shapes_image(rng: random.Random, spec: ShapesSpec):
     for _ in range(rng.randint(2, 5)):
         grey = tuple(rng.randint(90, 170) for _ in range(3))
         d.line([(rng.randrange(s), rng.randrange(s)), (rng.randrange(s), rng.randrange(s))], fill=grey, width=1)
-    n = rng.randint(1, spec.max_objects)
-    cells = rng.sample(range(g * g), n)
-    colours = rng.sample(sorted(COLOURS), n)
-    objects = []
-    for c, colour in zip(cells, colours):
-        shape, size = rng.choice(SHAPES), rng.choice(SIZES)
-        half = (cell * (0.42 if size == "large" else 0.27))
+    objects = random_objects(rng, spec)
+    for o in objects:
+        c = CELLS.index(o["cell"])
+        half = (cell * (0.42 if o["size"] == "large" else 0.27))
         cx = (c % g) * cell + cell / 2 + rng.uniform(-1.5, 1.5)
         cy = (c // g) * cell + cell / 2 + rng.uniform(-1.5, 1.5)
         box = [cx - half, cy - half, cx + half, cy + half]
-        fill = COLOURS[colour]
-        if shape == "circle":
+        fill = COLOURS[o["colour"]]
+        if o["shape"] == "circle":
             d.ellipse(box, fill=fill)
-        elif shape == "square":
+        elif o["shape"] == "square":
             d.rectangle(box, fill=fill)
         else:
             d.polygon([(cx, cy - half), (cx - half, cy + half), (cx + half, cy + half)], fill=fill)
-        objects.append({"colour": colour, "shape": shape, "size": size, "cell": CELLS[c]})
-    objects.sort(key=lambda o: CELLS.index(o["cell"]))  # reading order
     return im, objects
+
+
+def random_objects(rng: random.Random, spec: ShapesSpec) -> list[dict]:
+    """1..max_objects objects of distinct colours in distinct cells, in reading order (what an image shows)."""
+    n = rng.randint(1, spec.max_objects)
+    cells = rng.sample(range(spec.grid ** 2), n)
+    colours = rng.sample(sorted(COLOURS), n)
+    objects = [{"colour": colour, "shape": rng.choice(SHAPES), "size": rng.choice(SIZES), "cell": CELLS[c]}
+               for c, colour in zip(cells, colours)]
+    return sorted(objects, key=lambda o: CELLS.index(o["cell"]))
 
 
 def short_caption(objects) -> str:
@@ -606,6 +611,19 @@ def make_question(rng: random.Random, objects, kind: str, multiple_choice: bool)
 
 
 QUESTION_KINDS = ("colour", "shape", "position", "count", "exists")
+
+
+def text_conversation(rng: random.Random, spec: ShapesSpec, questions: int = 4) -> tuple[list[dict], list[str]]:
+    """The world's language without images, for pretraining the demo's LLM: a scene told as its detailed
+    caption, then `questions` questions about it (distinct kinds, open or multiple-choice) and their answers.
+    Returns (chat messages, the question kinds)."""
+    objects = random_objects(rng, spec)
+    messages, kinds = [], rng.sample(QUESTION_KINDS, questions)
+    for t, kind in enumerate(kinds):
+        q, a, _ = make_question(rng, objects, kind, multiple_choice=rng.random() < 0.5)
+        prompt = f"{detailed_caption(objects)}\n{q}" if t == 0 else q
+        messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": a}]
+    return messages, kinds
 
 
 def make_shapes_dataset(root: str, spec: ShapesSpec | None = None) -> dict:

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data as D
+from demo_base import DEMO_LLM, DEMO_POSITION_SCALE, DEMO_VISION, build_demo_base, demo_base_configs  # noqa: F401
 from victor import (
     IGNORE_INDEX,
     STAGES,
@@ -112,18 +113,19 @@ RECIPES = {
                 "1.5": dict(PAPER, lr=1e-5, vision_lr=2e-6, pool_lr=1.5e-4, global_batch_size=128, template="chat",
                             fsdp=True),
                 "2": dict(PAPER, lr=1e-5, vision_lr=2e-6, global_batch_size=128, template="chat", fsdp=True)}),
-    # tiny random models on the shapes data: all three stages in a few CPU minutes.
-    # The vision tower stays frozen (vision_lr 0): a random tower learns as fast and runs faster
-    # (docs/demo_log.md).
+    # tiny models on the shapes data (demo_base.py: a tower and an LLM pretrained in-project): all three
+    # stages in a few CPU minutes. Chosen from the base models and the no-stage-1.5 (llava) arm alone, on
+    # a development copy of the world (README, "The demo and its data"): stage 1 until its loss flattens,
+    # stage 2 until llava's test curve flattens (1500 steps), stage 1.5 at stage 2's learning rate as in the
+    # paper (pool lr 15x, the paper's 1.5e-4 / 1e-5). The tower stays frozen (vision_lr 0).
     "demo": dict(
         model=dict(model_overrides=dict(pool_size=128)),
-        stages={"1": dict(lr=1e-3, vision_lr=0.0, max_steps=20, warmup_steps=5, global_batch_size=32,
+        stages={"1": dict(lr=1e-3, vision_lr=0.0, max_steps=200, warmup_steps=10, global_batch_size=32,
                           batch_size=32, template="plain", max_length=256, num_workers=0),
-                "1.5": dict(lr=1e-3, vision_lr=0.0, pool_lr=1e-2, max_steps=150, warmup_steps=20, adam_beta2=0.95,
+                "1.5": dict(lr=5e-4, vision_lr=0.0, pool_lr=7.5e-3, max_steps=200, warmup_steps=20, adam_beta2=0.95,
                             global_batch_size=8, batch_size=8, max_length=256, num_workers=0),
-                "2": dict(lr=5e-4, vision_lr=0.0, max_steps=2000, warmup_steps=30, adam_beta2=0.95,
-                          global_batch_size=16,
-                          batch_size=16, max_length=256, num_workers=0)}),
+                "2": dict(lr=5e-4, vision_lr=0.0, max_steps=1500, warmup_steps=30, adam_beta2=0.95,
+                          global_batch_size=16, batch_size=16, max_length=256, num_workers=0)}),
 }
 # The paper recipes' base models, by name: their architecture as in each model's published config.json
 # on the Hugging Face hub (for CLIP and SigLIP its vision_config), so that --plan works offline.
@@ -174,64 +176,6 @@ VARIANTS = {
     "llava": {},
 }
 CROC_LR = 2e-5  # Croc's learning rate in stages 1.5 and 2 (the paper recipes; ViCToR's is 1e-5)
-
-
-# -----------------------------------------------------------------------------
-# The demo's base models: random-init, tiny, the same classes as the paper's 7B models
-
-
-# What build_demo_base builds. A base folder built from other values is rebuilt.
-DEMO_VISION = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4, patch_size=32)
-# A trained tower's patch features say where each patch is. A random one at CLIP's init barely does
-# (position embeddings std 0.02, far below the patch content: a linear probe reads a token's cell 31 %
-# of the time, chance 11 %), and the LLM cannot find "the object at the top left". At std 0.4: 100 %.
-DEMO_POSITION_SCALE = 20
-# 8 heads of 16, init std 1/sqrt(width) and RoPE base 1e6: each made the random LLM learn to look up
-# one visual token by its cell or colour sooner (docs/demo_log.md; with 4 heads, std 0.02 and base
-# 1e4 it learned mostly what the whole image holds)
-DEMO_LLM = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=8,
-                num_key_value_heads=8, head_dim=16, initializer_range=128 ** -0.5, rope_theta=1e6,
-                max_position_embeddings=512)
-
-
-def demo_base_configs():
-    """The demo's tiny CLIP tower and Llama, as transformers configs (for build_demo_base and --plan)."""
-    from transformers import CLIPVisionConfig, LlamaConfig
-    tok = D.build_shapes_tokenizer()
-    return (CLIPVisionConfig(**DEMO_VISION, image_size=D.ShapesSpec().image_size),
-            LlamaConfig(vocab_size=len(tok), **DEMO_LLM, tie_word_embeddings=False, bos_token_id=None,
-                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
-
-
-def build_demo_base(out_dir: str, seed: int = 0) -> tuple[str, str]:
-    """Save a tiny CLIP vision tower (+ image processor) and a tiny Llama (+ shapes tokenizer),
-    random-initialised from seed."""
-    from transformers import CLIPImageProcessor, CLIPVisionModel, LlamaForCausalLM
-    vision_dir, llm_dir = os.path.join(out_dir, "base", "vision"), os.path.join(out_dir, "base", "llm")
-    recipe_file = os.path.join(out_dir, "base", "demo_base.json")
-    recipe = {"vision": DEMO_VISION, "position_scale": DEMO_POSITION_SCALE, "llm": DEMO_LLM, "seed": seed}
-    if os.path.isfile(recipe_file):
-        with open(recipe_file) as f:
-            if json.load(f) == recipe:
-                return vision_dir, llm_dir
-    if os.path.isdir(os.path.join(out_dir, "base")):
-        print(f"note: {os.path.join(out_dir, 'base')} was built by another version of the demo: rebuilding it")
-    vision_config, llm_config = demo_base_configs()
-    torch.manual_seed(seed)
-    size = D.ShapesSpec().image_size
-    vision = CLIPVisionModel(vision_config)
-    with torch.no_grad():
-        vision.embeddings.position_embedding.weight.mul_(DEMO_POSITION_SCALE)
-    vision.save_pretrained(vision_dir)
-    processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-    processor.save_pretrained(vision_dir)
-    tok = D.build_shapes_tokenizer()
-    llm = LlamaForCausalLM(llm_config)
-    llm.save_pretrained(llm_dir)
-    tok.save_pretrained(llm_dir)
-    with open(recipe_file, "w") as f:  # last: a build cut short is redone
-        json.dump(recipe, f)
-    return vision_dir, llm_dir
 
 
 # -----------------------------------------------------------------------------

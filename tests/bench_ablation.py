@@ -1,14 +1,34 @@
 """
-The ablation: what does stage 1.5 buy? Arms x seeds on the built-in shapes data, one command.
+The ablation: what does stage 1.5 buy? Arms x seeds on the built-in shapes world, one command.
 
-    python tests/bench_ablation.py                                  # every arm, seeds 0 1 2 (~90 min, 2 cores)
-    python tests/bench_ablation.py --arms llava captions victor --seeds 0 1 2 3 4
-    python tests/bench_ablation.py --quick --out-dir /tmp/ablation  # a few steps, one seed, every arm
+    python tests/bench_ablation.py                      # the pre-registered grid below (~80 min on 2 cores)
+    python tests/bench_ablation.py --arms llava captions victor --seeds 0 1 2
+    python tests/bench_ablation.py --quick              # every arm, a few steps, seed 0 (~2 min): a smoke run
 
-Fair by construction. For each seed, one set of random base models and one stage-1 checkpoint, from
-which every arm starts. Every arm with a stage 1.5 trains it on the same detailed captions for the
-same number of steps (one pass over them, as the paper trains stage 1.5 for one epoch); every arm
-then runs the same stage 2 (the demo's recipe). The arms differ only in their stage-1.5 settings:
+PRE-REGISTERED PLAN (committed before the first grid run on this world; the world and recipes were chosen
+from the base models' own measurements and the llava arm alone, on a development copy of the world
+generated from another seed; README, "The demo and its data"):
+  * World: the demo's. One base for every run: a CLIP-class tower (patch 16: 36 visual tokens, 2 x 2 per
+    grid cell) pretrained to classify each cell's object, and a Llama pretrained on the world's text
+    (demo_base.py). 4000 training images; a test set of 5000 questions (1000 per type), the same for
+    every arm and seed.
+  * Per seed: one stage-1 checkpoint (projector alone against the frozen LLM, 200 steps of 32), shared by
+    every arm. Stage 1.5: 500 steps of 8 (one pass over the 4000 detailed captions), the demo recipe's
+    stage-1.5 settings. Stage 2: 1500 steps of 16 at lr 5e-4 (the demo recipe's stage 2).
+  * Arms: llava (no stage 1.5), captions (stage 1.5 with the LM loss alone), victor, victor-recon0
+    (replacement without reconstruction) on seeds 0-4; vdep and croc on seeds 0-2. Cut to fit the
+    budget: the pool-size and replace-ratio sweeps (run them with --arms).
+  * Metric: accuracy over the 5000 test questions after stage 2; per type too.
+  * Comparison: paired per seed (same stage 1, same questions): each arm minus captions and minus llava;
+    mean and 95 % t-interval over seeds. Rule: an arm beats another when that interval excludes 0; else
+    the two are within noise. Precision target: the interval of victor - captions at most +-0.02.
+  * Also reported, not tested: the learning curve (the first 1000 test questions after 500 and 1000
+    stage-2 steps) and the probe below. Whatever comes out is reported.
+
+Fair by construction. Every arm of a seed starts from the same stage-1 checkpoint, trains stage 1.5 (if
+it has one) on the same captions for the same steps, then the same stage 2. The arms differ only in
+their stage-1.5 settings; every arm L2-normalises its visual tokens (normalize_visual_tokens, ViCToR's
+default), so that normalisation is not a difference between them:
 
     llava             no stage 1.5 (stage 1, then stage 2)
     captions          stage 1.5 with the LM loss alone: no pool, no replacement, no reconstruction
@@ -16,21 +36,23 @@ then runs the same stage 2 (the demo's recipe). The arms differ only in their st
     victor-recon0     ViCToR's replacement without the reconstruction loss
     vdep              VDEP: nothing replaced, image position i reconstructs token i + 1, half the images
     croc              Croc: nearest-row matching, bidirectional prefix attention in stage 1.5
-    victor-pool16 / victor-pool1024            the pool-size sweep (victor is 128)
+    victor-pool32 / victor-pool1024            the pool-size sweep (victor is 128; 27 tokens are replaced)
     victor-replace0.5 / victor-replace0.9      the replace-ratio sweep (victor is 0.75)
 
 (The croc arm keeps the demo's learning rates: Croc's 2e-5 belongs to the 7B recipes.)
 
 Measured per arm and seed:
   * a linear probe of visual comprehension right after stage 1.5 (before stage 2): the LLM's hidden
-    state at each image position (= one grid cell of the shapes images), at its input, a middle layer
-    and its last layer, reads the cell's object (empty, or which of 4 colours x 3 shapes); fitted on
-    1000 fresh images, tested on 500 others;
-  * the shapes test set (500 questions) after 250 / 500 / 1000 stage-2 steps: the learning curve.
+    state at each image position, at its input, a middle layer and its last layer, reads the object of
+    the grid cell its patch lies in (empty, or which of 4 colours x 3 shapes); fitted on 600 fresh
+    images, tested on 300 others;
+  * the test set after 500 / 1000 stage-2 steps (its first 1000 questions) and after the last (all 5000).
 
 One (arm, seed) per process with one thread, --jobs at a time. Results go to
-OUT/runs/ARM/seed-S/result.json and a finished run is not redone, so an interrupted grid continues
-where it stopped. The report: OUT/ablation.json, OUT/ablation.md (also printed), OUT/ablation.png.
+OUT/runs/ARM/seed-S/result.json with the settings they were made with; a finished run is reused only
+when its recorded settings equal the requested ones (else it is redone, and the reason printed), so an
+interrupted grid continues where it stopped. The report (its labels from the runs' recorded settings):
+OUT/ablation.json, OUT/ablation.md (also printed), OUT/ablation.png.
 """
 from __future__ import annotations
 
@@ -55,18 +77,53 @@ ARMS = {
     "victor-recon0": dict(variant="victor", model_overrides={"recon_weight": 0.0}),
     "vdep": dict(variant="vdep"),
     "croc": dict(variant="croc"),
-    "victor-pool16": dict(variant="victor", model_overrides={"pool_size": 16}),
+    "victor-pool32": dict(variant="victor", model_overrides={"pool_size": 32}),
     "victor-pool1024": dict(variant="victor", model_overrides={"pool_size": 1024}),
     "victor-replace0.5": dict(variant="victor", model_overrides={"replace_ratio": 0.5}),
     "victor-replace0.9": dict(variant="victor", model_overrides={"replace_ratio": 0.9}),
 }
 
+# The pre-registered grid (see the docstring): the four arms that answer the question on 5 seeds; Croc and
+# VDEP on 3; the pool and replace-ratio sweeps are not in the default grid (--arms runs them)
+CORE_ARMS = ("llava", "captions", "victor", "victor-recon0")
+GRID_ARMS = (*CORE_ARMS, "vdep", "croc")
+CORE_SEEDS, OTHER_SEEDS = [0, 1, 2, 3, 4], [0, 1, 2]
 # the experiment's lengths: stage 1.5 = one pass over the 4000 detailed captions at batch 8
-FULL = dict(train_images=4000, test_images=500, stage1_steps=20, stage15_steps=500, stage2_steps=1000,
-            curve=[250, 500], probe_fit=1000, probe_test=500)
-QUICK = dict(train_images=160, test_images=40, stage1_steps=2, stage15_steps=3, stage2_steps=4,
-             curve=[2], probe_fit=60, probe_test=30)
+FULL = dict(train_images=4000, test_images=5000, curve_questions=1000, stage1_steps=200,
+            stage15_steps=500, stage2_steps=1500, curve=[500, 1000], probe_fit=600, probe_test=300,
+            base_pretrain=dict(text={}, vision={}))
+QUICK = dict(train_images=160, test_images=40, curve_questions=20, stage1_steps=2, stage15_steps=3, stage2_steps=4,
+             curve=[2], probe_fit=40, probe_test=20,
+             base_pretrain=dict(text=dict(steps=3, eval_questions=10), vision=dict(steps=2)))
 PROBE_SEED = 12345  # the probe's images: the same for every arm and seed, none of them in the training data
+
+
+def world(lengths: dict) -> dict:
+    """What every run of a grid shares and a finished run must have been made with: the shapes data, the
+    base models' recipe (demo_base) and the demo recipe's stage settings."""
+    import data as D
+    import demo_base as B
+    import train as T
+    spec = D.ShapesSpec(num_train_images=lengths["train_images"], num_test_images=lengths["test_images"])
+    return {"shapes": spec.__dict__, "vision": B.DEMO_VISION, "llm": B.DEMO_LLM,
+            "position_scale": B.DEMO_POSITION_SCALE,
+            "vision_pretraining": {**B.DEMO_VISION_PRETRAIN, **lengths["base_pretrain"]["vision"]},
+            "text_pretraining": {**B.DEMO_TEXT_PRETRAIN, **lengths["base_pretrain"]["text"]},
+            "recipe": T.RECIPES["demo"]}
+
+
+def run_settings(arm: str | None, lengths: dict) -> dict:
+    """A run's settings, recorded in its result: a finished run is reused only when they are equal."""
+    keep = ("stage1_steps",) if arm is None else tuple(lengths)
+    return {"arm": None if arm is None else ARMS[arm], "lengths": {k: lengths[k] for k in keep},
+            "world": world(lengths)}
+
+
+def recorded_settings(path: str) -> dict | None:
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f).get("settings")
 
 
 # -----------------------------------------------------------------------------
@@ -79,13 +136,16 @@ def train(**overrides):
 
 
 def run_stage1(out: str, seed: int, lengths: dict) -> dict:
-    """The seed's random base models and its stage-1 checkpoint, shared by every arm."""
-    import train as T
+    """The seed's stage-1 checkpoint from the grid's one pretrained base, shared by every arm of the seed."""
     seed_dir = os.path.join(out, "seeds", f"seed-{seed}")
-    vision, llm = T.build_demo_base(seed_dir, seed=seed)
+    base = os.path.join(out, "base")
     shapes = os.path.join(out, "shapes")
-    train(stage="1", out_dir=os.path.join(seed_dir, "stage1"), vision_model=vision, llm=llm, seed=seed,
-          data=os.path.join(shapes, "stage1.json"), image_folder=shapes, max_steps=lengths["stage1_steps"])
+    shutil.rmtree(os.path.join(seed_dir, "stage1"), ignore_errors=True)
+    train(stage="1", out_dir=os.path.join(seed_dir, "stage1"), vision_model=os.path.join(base, "vision"),
+          llm=os.path.join(base, "llm"), seed=seed, data=os.path.join(shapes, "stage1.json"), image_folder=shapes,
+          max_steps=lengths["stage1_steps"])
+    with open(os.path.join(seed_dir, "stage1.json"), "w") as f:
+        json.dump({"settings": run_settings(None, lengths)}, f, indent=1)
     return {"stage1": os.path.join(seed_dir, "stage1")}
 
 
@@ -104,6 +164,13 @@ def probe_images(n: int, offset: int):
         images.append(im)
         labels.append(cells)
     return images, np.array(labels)
+
+
+def token_cells(num_tokens: int, grid: int) -> np.ndarray:
+    """The grid cell of each visual token (row-major patches; sqrt(num_tokens) per side)."""
+    side = int(round(num_tokens ** 0.5))
+    row, col = np.divmod(np.arange(num_tokens), side)
+    return (row * grid // side) * grid + col * grid // side
 
 
 def hidden_at_images(model, tokenizer, image_processor, images, batch: int = 100) -> dict[str, np.ndarray]:
@@ -161,11 +228,15 @@ def linear_probe(x_fit, y_fit, x_test, y_test, classes: int, steps: int = 150) -
 
 
 def probe(checkpoint: str, lengths: dict) -> dict:
-    """The probe of the model leaving stage 1.5 (for llava: leaving stage 1), per layer."""
+    """The probe of the model leaving stage 1.5 (for llava: leaving stage 1), per layer: each image
+    position's hidden state -> the object of the grid cell its patch lies in."""
+    import data as D
     from victor import load_checkpoint
     model, tokenizer, image_processor = load_checkpoint(checkpoint)
     fit_images, y_fit = probe_images(lengths["probe_fit"], 0)
     test_images, y_test = probe_images(lengths["probe_test"], 1)
+    cells = token_cells(model.num_image_tokens, D.ShapesSpec().grid)
+    y_fit, y_test = y_fit[:, cells], y_test[:, cells]  # [images, N]: each token's cell's label
     h_fit = hidden_at_images(model, tokenizer, image_processor, fit_images)
     h_test = hidden_at_images(model, tokenizer, image_processor, test_images)
     classes = 1 + 4 * 3
@@ -177,11 +248,14 @@ def probe(checkpoint: str, lengths: dict) -> dict:
     return out
 
 
-def evaluate(checkpoint: str, out: str) -> dict:
+def evaluate(checkpoint: str, out: str, limit: int = 0) -> dict:
+    """The shapes test set (its first `limit` questions if given): accuracy, per type, and each
+    question's correctness as a string of 0/1 (for paired per-question analyses)."""
     import eval as E
     shapes = os.path.join(out, "shapes")
-    r = E.evaluate(checkpoint, os.path.join(shapes, "test.jsonl"), shapes, batch_size=100)
-    return {"accuracy": r["accuracy"], "per_type": {k: v["accuracy"] for k, v in r["per_type"].items()}}
+    r = E.evaluate(checkpoint, os.path.join(shapes, "test.jsonl"), shapes, batch_size=100, limit=limit)
+    return {"accuracy": r["accuracy"], "per_type": {k: v["accuracy"] for k, v in r["per_type"].items()},
+            "correct": "".join("1" if p["correct"] else "0" for p in r["predictions"])}
 
 
 def run_arm(out: str, arm: str, seed: int, lengths: dict) -> dict:
@@ -205,12 +279,14 @@ def run_arm(out: str, arm: str, seed: int, lengths: dict) -> dict:
     stage2 = os.path.join(run_dir, "stage2")
     train(stage="2", init=start, out_dir=stage2, data=os.path.join(shapes, "stage2.json"),
           max_steps=lengths["stage2_steps"], snapshot_steps=",".join(map(str, lengths["curve"])), **common)
-    curve = {}
-    for step in lengths["curve"]:
-        curve[str(step)] = evaluate(os.path.join(stage2, "snapshots", f"step-{step}"), out)["accuracy"]
+    # the curve on the first curve_questions of the test set (the same questions at every step)
+    n = lengths["curve_questions"]
+    curve = {str(step): evaluate(os.path.join(stage2, "snapshots", f"step-{step}"), out, n)["accuracy"]
+             for step in lengths["curve"]}
     final = evaluate(stage2, out)
-    curve[str(lengths["stage2_steps"])] = final["accuracy"]
-    result.update(accuracy=final["accuracy"], per_type=final["per_type"], curve=curve,
+    curve[str(lengths["stage2_steps"])] = final["correct"][:n].count("1") / n
+    result.update(accuracy=final["accuracy"], per_type=final["per_type"], correct=final["correct"], curve=curve,
+                  settings=run_settings(arm, lengths),
                   seconds={"stage1.5": t_probe - t0, "probe": t_stage2 - t_probe,
                            "stage2+eval": time.time() - t_stage2})
     for d in (os.path.join(stage2, "snapshots"), os.path.join(run_dir, "stage1.5", "checkpoints")):
@@ -271,21 +347,66 @@ def stats(values: list[float]) -> dict:
             "per_seed": [float(x) for x in v]}
 
 
-def aggregate(out: str, arms: list[str], seeds: list[int], config: dict) -> dict:
-    report = {"arms": {}, "config": config}
-    for arm in arms:
-        results = []
+def paired(a: list[float], b: list[float]) -> dict:
+    """The per-seed differences a - b, their mean and its 95 % t-interval over seeds (n - 1 degrees of
+    freedom); ci95 is [low, high], None with one seed."""
+    from scipy import stats as S
+    d = np.array(a, dtype=float) - np.array(b, dtype=float)
+    out = {"mean": float(d.mean()), "ci95": None, "half_width": None, "per_seed": [float(x) for x in d]}
+    if len(d) > 1:
+        half = float(S.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)))
+        out.update(ci95=[float(d.mean() - half), float(d.mean() + half)], half_width=half)
+    return out
+
+
+def test_sampling_se(a: str, b: str) -> float:
+    """The standard error of one seed's paired difference due to the test questions alone: the
+    per-question differences (each 1, 0 or -1) over the same questions, sd / sqrt(n)."""
+    d = np.array([int(x) - int(y) for x, y in zip(a, b)], dtype=float)
+    return float(d.std(ddof=1) / np.sqrt(len(d)))
+
+
+def verdict(p: dict) -> str:
+    """The pre-registered rule: one arm beats another when the 95 % CI of their paired difference excludes 0."""
+    if p["ci95"] is None:
+        return "one seed"
+    low, high = p["ci95"]
+    return "better" if low > 0 else "worse" if high < 0 else "within noise"
+
+
+def aggregate(out: str, plan: dict[str, list[int]], config: dict) -> dict:
+    report = {"arms": {}, "paired": {}, "config": config}
+    results = {}
+    for arm, seeds in plan.items():
+        results[arm] = {}
         for s in seeds:
             with open(os.path.join(out, "runs", arm, f"seed-{s}", "result.json")) as f:
-                results.append(json.load(f))
+                results[arm][s] = json.load(f)
+        rs = list(results[arm].values())
         report["arms"][arm] = {
             "seeds": seeds,
-            "accuracy": stats([r["accuracy"] for r in results]),
-            "per_type": {k: stats([r["per_type"][k] for r in results]) for k in results[0]["per_type"]},
-            "curve": {k: stats([r["curve"][k] for r in results]) for k in results[0]["curve"]},
-            "probe": {layer: {m: stats([r["probe"][layer][m] for r in results]) for m in results[0]["probe"][layer]}
-                      for layer in results[0]["probe"]},
+            "settings": rs[0]["settings"],  # the report's labels come from what the runs recorded
+            "accuracy": stats([r["accuracy"] for r in rs]),
+            "per_type": {k: stats([r["per_type"][k] for r in rs]) for k in rs[0]["per_type"]},
+            "curve": {k: stats([r["curve"][k] for r in rs]) for k in rs[0]["curve"]},
+            "probe": {layer: {m: stats([r["probe"][layer][m] for r in rs]) for m in rs[0]["probe"][layer]}
+                      for layer in rs[0]["probe"]},
         }
+    # paired differences: each arm minus a reference arm, over the seeds both ran (same stage 1, same questions)
+    for ref in ("captions", "llava"):
+        if ref not in results:
+            continue
+        for arm in plan:
+            if arm == ref:
+                continue
+            seeds = [s for s in plan[arm] if s in results[ref]]
+            a, b = [results[arm][s] for s in seeds], [results[ref][s] for s in seeds]
+            entry = {"seeds": seeds, "overall": paired([r["accuracy"] for r in a], [r["accuracy"] for r in b]),
+                     "per_type": {k: paired([r["per_type"][k] for r in a], [r["per_type"][k] for r in b])
+                                  for k in a[0]["per_type"]} if seeds else {},
+                     "test_sampling_se": [test_sampling_se(x["correct"], y["correct"]) for x, y in zip(a, b)]}
+            entry["overall"]["verdict"] = verdict(entry["overall"])
+            report["paired"].setdefault(f"vs_{ref}", {})[arm] = entry
     return report
 
 
@@ -293,41 +414,62 @@ def pm(s: dict) -> str:
     return f"{s['mean']:.3f} ± {s['std']:.3f}"
 
 
+def ci(p: dict) -> str:
+    if p["ci95"] is None:
+        return f"{p['mean']:+.3f}"
+    return f"{p['mean']:+.3f} [{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}]"
+
+
+def describe(settings: dict) -> str:
+    """An arm's stage-1.5 settings as the run recorded them."""
+    arm = settings["arm"]
+    if arm["variant"] == "llava":
+        return "no stage 1.5"
+    return " ".join([arm["variant"], *(f"{k}={v}" for k, v in arm.get("model_overrides", {}).items())])
+
+
 def markdown(report: dict) -> str:
     arms = report["arms"]
     first = next(iter(arms.values()))
     types = list(first["per_type"])
     steps = list(first["curve"])
-    ref = arms.get("llava")
+    lengths = first["settings"]["lengths"]
     lines = ["### Shapes test set after stage 2 (mean ± std over seeds)", "",
-             "| arm | overall | " + " | ".join(types) + " | vs llava | per seed |",
-             "|---|---|" + "---|" * len(types) + "---|---|"]
-    # "vs llava": the difference of means, and that difference in units of the pooled seed std
+             "| arm | stage 1.5 | seeds | overall | " + " | ".join(types) + " | per seed |",
+             "|---|---|---|---|" + "---|" * len(types) + "---|"]
     for name, a in arms.items():
-        diff = ""
-        if ref is not None and name != "llava":
-            d = a["accuracy"]["mean"] - ref["accuracy"]["mean"]
-            noise = ((a["accuracy"]["std"] ** 2 + ref["accuracy"]["std"] ** 2) / 2) ** 0.5  # the pooled seed std
-            diff = f"{d:+.3f}" + (f" ({d / noise:+.1f} std)" if noise > 0 else "")
-        lines.append(f"| {name} | {pm(a['accuracy'])} | " + " | ".join(pm(a["per_type"][t]) for t in types)
-                     + f" | {diff} | " + ", ".join(f"{x:.3f}" for x in a["accuracy"]["per_seed"]) + " |")
-    lines += ["", "### Learning curve: test accuracy after N stage-2 steps", "",
-              "| arm | " + " | ".join(steps) + " |", "|---|" + "---|" * len(steps)]
+        lines.append(f"| {name} | {describe(a['settings'])} | {len(a['seeds'])} | {pm(a['accuracy'])} | "
+                     + " | ".join(pm(a["per_type"][t]) for t in types)
+                     + " | " + ", ".join(f"{x:.3f}" for x in a["accuracy"]["per_seed"]) + " |")
+    for ref, table in report["paired"].items():
+        lines += ["", f"### Paired differences {ref.replace('_', ' ')}: mean [95 % CI] over the seeds both ran",
+                  "", "Same stage 1, same test questions per seed; t-interval over seeds. The rule (pre-registered): "
+                  "an arm is better or worse when the CI excludes 0, else within noise.", "",
+                  "| arm | seeds | overall | verdict | " + " | ".join(types) + " | test-sampling SE per seed |",
+                  "|---|---|---|---|" + "---|" * len(types) + "---|"]
+        for name, e in table.items():
+            if not e["seeds"]:
+                continue
+            lines.append(f"| {name} | {len(e['seeds'])} | {ci(e['overall'])} | {e['overall']['verdict']} | "
+                         + " | ".join(ci(e["per_type"][t]) for t in types)
+                         + " | " + ", ".join(f"{x:.4f}" for x in e["test_sampling_se"]) + " |")
+    lines += ["", f"### Learning curve: test accuracy after N stage-2 steps (first {lengths['curve_questions']} "
+              "test questions)", "", "| arm | " + " | ".join(steps) + " |", "|---|" + "---|" * len(steps)]
     for name, a in arms.items():
         lines.append(f"| {name} | " + " | ".join(pm(a["curve"][k]) for k in steps) + " |")
     layers = list(first["probe"])
-    lines += ["", "### Linear probe right after stage 1.5: a cell's object from the hidden state at its image position",
-              "", "object: colour and shape of the object in an occupied cell (chance 1/12); colour (1/4), "
-              "shape (1/3).", "",
+    lines += ["", "### Linear probe right after stage 1.5: the object of a token's grid cell from the hidden state "
+              "at its image position", "", "object: colour and shape of the object in an occupied cell (chance "
+              "1/12); colour (1/4), shape (1/3).", "",
               "| arm | " + " | ".join(f"{layer} object | {layer} colour | {layer} shape" for layer in layers) + " |",
               "|---|" + "---|" * (3 * len(layers))]
     for name, a in arms.items():
         cells = [pm(a["probe"][layer][m]) for layer in layers for m in ("object", "colour", "shape")]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     c = report["config"]
-    lines += ["", f"Seeds {c['seeds']}; stage 1.5: {c['lengths']['stage15_steps']} steps; stage 2: "
-              f"{c['lengths']['stage2_steps']} steps; wall time {c.get('wall_time_s', 0) / 60:.1f} min with "
-              f"{c['jobs']} parallel runs."]
+    lines += ["", f"Stage 1: {lengths['stage1_steps']} steps; stage 1.5: {lengths['stage15_steps']} steps; stage 2: "
+              f"{lengths['stage2_steps']} steps; {lengths['test_images']} test questions (as the runs recorded "
+              f"them). Wall time {c.get('wall_time_s', 0) / 60:.1f} min with {c['jobs']} parallel runs."]
     return "\n".join(lines) + "\n"
 
 
@@ -363,44 +505,82 @@ def plot(report: dict, path: str):
     plt.close(fig)
 
 
+def grid_plan(arms: list[str] | None, seeds: list[int] | None, quick: bool) -> dict[str, list[int]]:
+    """Which seeds each arm runs: the pre-registered grid by default (CORE_ARMS on CORE_SEEDS, the rest
+    on OTHER_SEEDS); --seeds gives every chosen arm the same seeds; --quick alone runs seed 0."""
+    arms = arms or list(GRID_ARMS if not quick else ARMS)
+    if seeds is None and quick:
+        seeds = [0]
+    return {a: list(seeds) if seeds is not None else (CORE_SEEDS if a in CORE_ARMS else OTHER_SEEDS) for a in arms}
+
+
+def stale(path: str, wanted: dict) -> str | None:
+    """Why a finished run at path cannot be reused (None: it can; '' : there is none)."""
+    have = recorded_settings(path)
+    if have is None:
+        return ""
+    if have == wanted:
+        return None
+    diff = sorted(k for k in set(have) | set(wanted) if have.get(k) != wanted.get(k))
+    return f"recorded settings differ in {diff}"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arms", nargs="+", default=list(ARMS), metavar="ARM", help=f"from {list(ARMS)}")
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--quick", action="store_true", help="a few steps, one seed (unless --seeds), every arm")
+    ap.add_argument("--arms", nargs="+", default=None, metavar="ARM",
+                    help=f"from {list(ARMS)} (default: the plan's {list(GRID_ARMS)}; every arm with --quick)")
+    ap.add_argument("--seeds", nargs="+", type=int, default=None,
+                    help=f"the same seeds for every arm (default: the plan, {CORE_SEEDS} for {list(CORE_ARMS)}, "
+                         f"{OTHER_SEEDS} for the rest)")
+    ap.add_argument("--quick", action="store_true", help="a few steps, seed 0 (unless --seeds), every arm")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
-    ap.add_argument("--out-dir", default="out/ablation")
+    ap.add_argument("--out-dir", default=None, help="default: out/ablation, or out/ablation-quick with --quick")
     ap.add_argument("--job", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.job:
         return job_main(json.loads(args.job))
-    unknown = [a for a in args.arms if a not in ARMS]
+    unknown = [a for a in args.arms or [] if a not in ARMS]
     if unknown:
         ap.error(f"unknown arm(s) {unknown}; choose from {list(ARMS)}")
-    if args.quick and "--seeds" not in (argv if argv is not None else sys.argv):
-        args.seeds = [0]
     if args.jobs < 1:
         ap.error("--jobs must be >= 1")
+    plan = grid_plan(args.arms, args.seeds, args.quick)
     lengths = QUICK if args.quick else FULL
-    out = os.path.abspath(args.out_dir)
+    out = os.path.abspath(args.out_dir or ("out/ablation-quick" if args.quick else "out/ablation"))
     t0 = time.time()
     import data as D
+    import demo_base as B
     D.shapes_files(os.path.join(out, "shapes"), D.ShapesSpec(num_train_images=lengths["train_images"],
                                                              num_test_images=lengths["test_images"]))
-    print(f"ablation: arms {args.arms}, seeds {args.seeds}, stage 1.5 {lengths['stage15_steps']} steps, "
+    B.build_demo_base(out, seed=0, pretrain=lengths["base_pretrain"]["text"],
+                      vision_pretrain=lengths["base_pretrain"]["vision"])  # one pretrained base for every run
+    seeds = sorted({s for ss in plan.values() for s in ss})
+    print(f"ablation: {plan}, stage 1 {lengths['stage1_steps']}, stage 1.5 {lengths['stage15_steps']}, "
           f"stage 2 {lengths['stage2_steps']} steps -> {out}", flush=True)
-    done = lambda kind, arm, s: os.path.isfile(  # noqa: E731
-        os.path.join(out, "seeds", f"seed-{s}", "stage1", "model.safetensors") if kind == "stage1"
-        else os.path.join(out, "runs", arm, f"seed-{s}", "result.json"))
-    run_jobs([dict(kind="stage1", seed=s, out=out, lengths=lengths) for s in args.seeds
-              if not done("stage1", None, s)], args.jobs, out)
-    run_jobs([dict(kind="arm", arm=a, seed=s, out=out, lengths=lengths) for s in args.seeds for a in args.arms
-              if not done("arm", a, s)], args.jobs, out)
-    config = {"seeds": args.seeds, "arms": {a: ARMS[a] for a in args.arms}, "lengths": lengths, "jobs": args.jobs,
-              "quick": args.quick, "wall_time_s": time.time() - t0,
-              "stage2_recipe": "the demo recipe's stage 2 (lr 5e-4, batch 16, warm-up 30, beta2 0.95), "
-                               "max_steps as above"}
-    report = aggregate(out, args.arms, args.seeds, config)
+    # a finished run is reused only when it was made with these settings; otherwise it is redone
+    todo = {"stage1": [], "arm": []}
+    for s in seeds:
+        why = stale(os.path.join(out, "seeds", f"seed-{s}", "stage1.json"), run_settings(None, lengths))
+        if why is not None:
+            todo["stage1"].append(dict(kind="stage1", seed=s, out=out, lengths=lengths))
+            if why:
+                print(f"  redoing stage 1 of seed {s}: {why}")
+    for a, ss in plan.items():
+        for s in ss:
+            redo_stage1 = any(j["seed"] == s for j in todo["stage1"])
+            why = stale(os.path.join(out, "runs", a, f"seed-{s}", "result.json"), run_settings(a, lengths))
+            if why is not None or redo_stage1:
+                todo["arm"].append(dict(kind="arm", arm=a, seed=s, out=out, lengths=lengths))
+                if why or redo_stage1:
+                    print(f"  redoing {a} seed {s}: {why or 'its stage 1 is redone'}")
+    # the arms that answer the question first, seed by seed: a grid cut short still has them paired
+    todo["arm"].sort(key=lambda j: (j["arm"] not in CORE_ARMS, j["seed"], list(ARMS).index(j["arm"])))
+    run_jobs(todo["stage1"], args.jobs, out)
+    run_jobs(todo["arm"], args.jobs, out)
+    config = {"plan": plan, "jobs": args.jobs, "quick": args.quick, "wall_time_s": time.time() - t0,
+              "reused_runs": sum(len(ss) for ss in plan.values()) - len(todo["arm"]),
+              "stage_recipe": "the demo recipe's stages 1.5 and 2 (train.RECIPES['demo']), max_steps as recorded"}
+    report = aggregate(out, plan, config)
     with open(os.path.join(out, "ablation.json"), "w") as f:
         json.dump(report, f, indent=1)
     table = markdown(report)

@@ -15,15 +15,14 @@ def test_bench_ablation_quick_writes_a_valid_report(tmp_path):
                           env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     report = json.loads((out / "ablation.json").read_text())
-    assert set(report["arms"]) == set(ARMS) and report["config"]["seeds"] == [0]
+    assert set(report["arms"]) == set(ARMS) and report["config"]["plan"] == {a: [0] for a in ARMS}
     for arm in report["arms"].values():
-        assert arm["seeds"] == [0]
+        assert arm["seeds"] == [0] and arm["settings"]["lengths"]["stage2_steps"] == 4
         for s in [arm["accuracy"], *arm["per_type"].values(), *arm["curve"].values()]:
             assert set(s) == {"mean", "std", "per_seed"} and len(s["per_seed"]) == 1
             assert 0.0 <= s["mean"] <= 1.0 and s["std"] == 0.0 and s["mean"] == s["per_seed"][0]
         assert set(arm["per_type"]) == {"colour", "count", "exists", "position", "shape"}
         assert list(arm["curve"]) == ["2", "4"]  # the snapshot and the final step
-        assert arm["accuracy"]["mean"] == arm["curve"]["4"]["mean"]
         assert set(arm["probe"]) == {"input", "middle", "last"}
         for layer in arm["probe"].values():
             assert set(layer) == {"object", "colour", "shape", "occupied"}
@@ -34,7 +33,7 @@ def test_bench_ablation_quick_writes_a_valid_report(tmp_path):
     assert run("llava")["seconds"]["stage1.5"] < run("victor")["seconds"]["stage1.5"]
     # the stage-1.5 checkpoints hold each arm's settings (the variant and its overrides took effect)
     cfg = lambda arm: json.loads((out / "runs" / arm / "seed-0" / "stage1.5" / "config.json").read_text())["victor"]  # noqa: E731
-    assert cfg("victor-pool16")["pool_size"] == 16 and cfg("victor")["pool_size"] == 128
+    assert cfg("victor-pool32")["pool_size"] == 32 and cfg("victor")["pool_size"] == 128
     assert cfg("croc")["matcher"] == "nearest" and cfg("croc")["stage15_attention"] == "mixed"
     assert cfg("vdep")["replace_ratio"] == 0.0 and cfg("vdep")["recon_target_offset"] == 1
     assert cfg("captions")["recon_weight"] == 0.0 and cfg("victor-recon0")["recon_weight"] == 0.0
@@ -44,3 +43,23 @@ def test_bench_ablation_quick_writes_a_valid_report(tmp_path):
     assert all(f"| {name} |" in table for name in ARMS)
     assert (out / "ablation.png").stat().st_size > 10_000
     assert table.strip() in proc.stdout  # the table is printed too
+    # paired differences against both references, over the seed both ran (one: no interval)
+    for ref in ("captions", "llava"):
+        table_ = report["paired"][f"vs_{ref}"]
+        assert set(table_) == set(ARMS) - {ref}
+        for e in table_.values():
+            assert e["seeds"] == [0] and e["overall"]["ci95"] is None and e["overall"]["verdict"] == "one seed"
+            assert set(e["per_type"]) == {"colour", "count", "exists", "position", "shape"}
+            assert len(e["test_sampling_se"]) == 1
+    assert "Paired differences vs captions" in table and "stage 1.5: 3 steps; stage 2: 4 steps" in table
+    # every arm answered the same questions (one 0/1 string per question, as many as the test set)
+    assert len({len(run(a)["correct"]) for a in ARMS}) == 1 and len(run("victor")["correct"]) == 40
+    for a in ARMS:  # the final accuracy over all 40; the curve's last point over its first 20, as its others
+        r = run(a)
+        assert r["accuracy"] == r["correct"].count("1") / 40 == report["arms"][a]["accuracy"]["mean"]
+        assert r["curve"]["4"] == r["correct"][:20].count("1") / 20
+    # run again with the same settings: every run is reused, nothing is trained
+    again = subprocess.run([sys.executable, "tests/bench_ablation.py", "--quick", "--out-dir", str(out)], cwd=MAIN,
+                           env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "started" not in again.stdout, again.stdout[-2000:]
+    assert json.loads((out / "ablation.json").read_text())["config"]["reused_runs"] == len(ARMS)

@@ -1,0 +1,120 @@
+"""The demo's small world keeps the method's premises: an LLM that has the world's language before
+stage 1, and several visual tokens per object; and the ablation's statistics are what they say."""
+import os
+import random
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import data as D
+import demo_base as B
+from conftest import MAIN
+
+sys.path.insert(0, os.path.join(MAIN, "tests"))
+import bench_ablation as A  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_text_conversation_tells_a_scene_then_asks_about_it():
+    messages, kinds = D.text_conversation(random.Random(0), D.ShapesSpec(), questions=4)
+    assert [m["role"] for m in messages] == ["user", "assistant"] * 4 and len(set(kinds)) == 4
+    assert messages[0]["content"].startswith("There ") and "\n" in messages[0]["content"]
+    assert all("There " not in m["content"] for m in messages[2::2])  # the scene is told once
+    again, _ = D.text_conversation(random.Random(0), D.ShapesSpec(), questions=4)
+    assert again == messages  # deterministic from the generator
+
+
+def test_pretrained_llm_answers_text_only_questions_far_above_chance():
+    """A short text pretraining (a fifth of the demo's) already answers questions about a described
+    scene: counting is learned first; the random LLM answers nothing."""
+    from transformers import LlamaForCausalLM
+    tok = D.build_shapes_tokenizer()
+    torch.manual_seed(0)
+    llm = LlamaForCausalLM(B.demo_base_configs()[1])
+    before = B.text_qa_accuracy(llm, tok, n=100, seed=5)
+    loss = B.pretrain_on_text(llm, tok, **{**B.DEMO_TEXT_PRETRAIN, "steps": 50})
+    after = B.text_qa_accuracy(llm, tok, n=100, seed=5)
+    assert before["accuracy"] < 0.1 and loss < 1.0
+    assert after["per_kind"]["count"] >= 0.9  # chance 1/3 (multiple choice) or below (open)
+    assert after["accuracy"] > before["accuracy"] + 0.3
+
+
+def probe_features(vision, processor, n, seed):
+    images, labels = A.probe_images(n, seed)
+    with torch.no_grad():
+        h = vision(pixel_values=D.preprocess_images(images, processor), output_hidden_states=True).hidden_states[-2]
+    return h[:, 1:].numpy(), labels  # CLIP: drop CLS, as the model does
+
+
+def test_several_visual_tokens_per_object_and_neighbours_carry_a_replaced_token():
+    """The demo tower (patch 16 on 96 px) gives 36 tokens, 2 x 2 per grid cell. A linear probe reads a
+    cell's object from a *neighbouring* token of the same cell (what is left when a token is
+    replaced) far above chance, and not from a token of another cell."""
+    from transformers import CLIPImageProcessor, CLIPVisionModel
+    torch.manual_seed(0)
+    vision = CLIPVisionModel(B.demo_base_configs()[0]).eval()
+    with torch.no_grad():
+        vision.embeddings.position_embedding.weight.mul_(B.DEMO_POSITION_SCALE)
+    size = D.ShapesSpec().image_size
+    processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    h_fit, y_fit = probe_features(vision, processor, 300, 0)
+    h_test, y_test = probe_features(vision, processor, 150, 1)
+    n = h_fit.shape[1]
+    cells = A.token_cells(n, D.ShapesSpec().grid)
+    assert n == 36 and np.bincount(cells).tolist() == [4] * 9
+    side = 6
+    right = np.arange(n) + np.where(np.arange(n) % 2 == 0, 1, -1)  # the other token of its cell in its row
+    assert (cells[right] == cells).all()
+    other = (np.arange(n) + 2 * side) % n  # two rows down: a token of another cell
+    assert (cells[other] != cells).all()
+    d = h_fit.shape[-1]
+
+    def probe(source):
+        return A.linear_probe(h_fit[:, source].reshape(-1, d), y_fit[:, cells].reshape(-1),
+                              h_test[:, source].reshape(-1, d), y_test[:, cells].reshape(-1), 13)
+    neighbour, elsewhere = probe(right), probe(other)
+    assert neighbour["object"] > 0.5 and neighbour["colour"] > 0.8  # chance 1/12 and 1/4
+    assert elsewhere["object"] < 0.3 and neighbour["object"] > elsewhere["object"] + 0.3
+
+
+def test_paired_differences_equal_a_hand_computation():
+    a, b = [0.80, 0.83, 0.81, 0.85, 0.81], [0.78, 0.80, 0.80, 0.81, 0.78]
+    p = A.paired(a, b)
+    d = [0.02, 0.03, 0.01, 0.04, 0.03]
+    mean = sum(d) / 5
+    sd = (sum((x - mean) ** 2 for x in d) / 4) ** 0.5
+    half = 2.7764451051977987 * sd / 5 ** 0.5  # t(0.975, 4 degrees of freedom)
+    assert p["per_seed"] == pytest.approx(d) and p["mean"] == pytest.approx(mean)
+    assert p["half_width"] == pytest.approx(half) and p["ci95"] == pytest.approx([mean - half, mean + half])
+    assert A.verdict(p) == "better" and A.verdict(A.paired(b, a)) == "worse"
+    assert A.verdict(A.paired([0.8, 0.7], [0.75, 0.76])) == "within noise"
+    assert A.paired([0.8], [0.7])["ci95"] is None and A.verdict(A.paired([0.8], [0.7])) == "one seed"
+    # one seed's test-sampling error: per-question differences 1, 0, -1 over the same questions
+    se = A.test_sampling_se("1101", "1000")
+    q = np.array([0, 1, 0, 1], dtype=float)
+    assert se == pytest.approx(q.std(ddof=1) / 2)
+
+
+def test_a_finished_run_is_reused_only_with_the_same_settings(tmp_path):
+    import json
+    path = tmp_path / "result.json"
+    wanted = A.run_settings("victor", A.FULL)
+    assert A.stale(str(path), wanted) == ""  # nothing there: run it
+    path.write_text(json.dumps({"settings": A.run_settings("victor", A.QUICK)}))
+    why = A.stale(str(path), wanted)
+    assert why and "lengths" in why and "world" in why  # a quick run is not a full one
+    path.write_text(json.dumps({"settings": A.run_settings("victor-recon0", A.FULL)}))
+    assert "arm" in A.stale(str(path), wanted)
+    path.write_text(json.dumps({"settings": wanted}))
+    assert A.stale(str(path), wanted) is None
+
+
+def test_grid_plan_is_the_pre_registered_one():
+    plan = A.grid_plan(None, None, quick=False)
+    assert all(len(plan[a]) >= 5 for a in A.CORE_ARMS) and all(len(s) >= 3 for s in plan.values())
+    assert set(plan) == set(A.GRID_ARMS) and set(A.CORE_ARMS) <= set(plan)
+    assert A.grid_plan(["victor"], None, quick=True) == {"victor": [0]}
+    assert A.grid_plan(["victor", "llava"], [3, 4], quick=False) == {"victor": [3, 4], "llava": [3, 4]}
