@@ -571,7 +571,7 @@ def main(argv=None):
             why = stale(os.path.join(out, "runs", a, f"seed-{s}", "result.json"), run_settings(a, lengths))
             if why is not None or redo_stage1:
                 todo["arm"].append(dict(kind="arm", arm=a, seed=s, out=out, lengths=lengths))
-                if why or redo_stage1:
+                if why or (why is None and redo_stage1):  # a finished run that is not reused
                     print(f"  redoing {a} seed {s}: {why or 'its stage 1 is redone'}")
     # the arms that answer the question first, seed by seed: a grid cut short still has them paired
     todo["arm"].sort(key=lambda j: (j["arm"] not in CORE_ARMS, j["seed"], list(ARMS).index(j["arm"])))

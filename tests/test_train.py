@@ -531,21 +531,29 @@ def test_killed_and_resumed_run_equals_uninterrupted(base, tmp_path):
 
 
 def test_demo_base_is_rebuilt_when_built_by_another_version(tmp_path, capsys):
-    vision_dir, llm_dir = T.build_demo_base(str(tmp_path))
+    short = dict(pretrain=dict(steps=2, eval_questions=10), vision_pretrain=dict(steps=2))  # a quick base
+    vision_dir, llm_dir = T.build_demo_base(str(tmp_path), **short)
     llm = json.load(open(os.path.join(llm_dir, "config.json")))
     assert llm["num_attention_heads"] == T.DEMO_LLM["num_attention_heads"]
     assert llm["rope_parameters"]["rope_theta"] == T.DEMO_LLM["rope_theta"]
     first = load_file(os.path.join(vision_dir, "model.safetensors"))["embeddings.position_embedding.weight"]
     assert 0.3 < first.std() < 0.5  # CLIP's init (0.02) x DEMO_POSITION_SCALE
+    recorded = json.load(open(os.path.join(tmp_path, "base", "demo_base.json")))
+    assert recorded["recipe"]["text_pretraining"]["steps"] == recorded["recipe"]["vision_pretraining"]["steps"] == 2
+    assert set(recorded["measured"]) >= {"text_loss", "text_qa", "vision_loss", "seconds"}
     weights = os.path.join(llm_dir, "model.safetensors")
     stamp = os.stat(weights).st_mtime_ns
-    T.build_demo_base(str(tmp_path))  # the same recipe: kept as it is
+    T.build_demo_base(str(tmp_path), **short)  # the same recipe: kept as it is
     assert os.stat(weights).st_mtime_ns == stamp
     # a base built from other values (4 heads, no recipe file) is rebuilt, not silently reused
     os.remove(os.path.join(tmp_path, "base", "demo_base.json"))
     json.dump({**llm, "num_attention_heads": 4}, open(os.path.join(llm_dir, "config.json"), "w"))
-    T.build_demo_base(str(tmp_path))
+    T.build_demo_base(str(tmp_path), **short)
     assert "rebuilding" in capsys.readouterr().out
     assert json.load(open(os.path.join(llm_dir, "config.json")))["num_attention_heads"] == 8
     again = load_file(os.path.join(vision_dir, "model.safetensors"))["embeddings.position_embedding.weight"]
     assert torch.equal(first, again)  # deterministic: the same models as a fresh build
+    # a base pretrained otherwise (another number of text steps) is rebuilt too
+    T.build_demo_base(str(tmp_path), pretrain=dict(steps=3, eval_questions=10), vision_pretrain=dict(steps=2))
+    assert "rebuilding" in capsys.readouterr().out
+    assert json.load(open(os.path.join(tmp_path, "base", "demo_base.json")))["recipe"]["text_pretraining"]["steps"] == 3
