@@ -478,7 +478,7 @@ def plot(report: dict, path: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     arms = report["arms"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
+    fig, (ax1, ax3, ax2) = plt.subplots(1, 3, figsize=(18, 4.8))
     names = list(arms)
     means = [arms[n]["accuracy"]["mean"] for n in names]
     stds = [arms[n]["accuracy"]["std"] for n in names]
@@ -490,6 +490,22 @@ def plot(report: dict, path: str):
     lo = min(m - s for m, s in zip(means, stds))
     ax1.set_ylim(max(0.0, lo - 0.05), min(1.0, max(m + s for m, s in zip(means, stds)) + 0.03))
     ax1.set_title("mean ± std over seeds (dots: seeds)")
+    # the paired differences with their 95 % intervals: what the pre-registered rule reads
+    for k, (ref, colour) in enumerate((("captions", "tab:green"), ("llava", "tab:orange"))):
+        table = report["paired"].get(f"vs_{ref}", {})
+        for i, n in enumerate(names):
+            e = table.get(n)
+            if not e or not e["seeds"]:
+                continue
+            p = e["overall"]
+            err = None if p["ci95"] is None else [[p["mean"] - p["ci95"][0]], [p["ci95"][1] - p["mean"]]]
+            ax3.errorbar(i + (k - 0.5) * 0.3, p["mean"], yerr=err, fmt="o", color=colour, capsize=4,
+                         label=f"minus {ref}" if i == next(j for j, m in enumerate(names) if m in table) else None)
+    ax3.axhline(0, color="k", lw=0.8)
+    ax3.set_xticks(range(len(names)), names, rotation=40, ha="right")
+    ax3.set_ylabel("paired difference in test accuracy")
+    ax3.set_title("paired differences, mean and 95 % CI over seeds")
+    ax3.legend(fontsize=8)
     for n in names:
         steps = [int(k) for k in arms[n]["curve"]]
         m = np.array([arms[n]["curve"][str(k)]["mean"] for k in steps])
