@@ -392,6 +392,7 @@ def aggregate(out: str, plan: dict[str, list[int]], config: dict) -> dict:
             "probe": {layer: {m: stats([r["probe"][layer][m] for r in rs]) for m in rs[0]["probe"][layer]}
                       for layer in rs[0]["probe"]},
         }
+    config["run_seconds"] = sum(sum(r["seconds"].values()) for runs in results.values() for r in runs.values())
     # paired differences: each arm minus a reference arm, over the seeds both ran (same stage 1, same questions)
     for ref in ("captions", "llava"):
         if ref not in results:
@@ -469,7 +470,9 @@ def markdown(report: dict) -> str:
     c = report["config"]
     lines += ["", f"Stage 1: {lengths['stage1_steps']} steps; stage 1.5: {lengths['stage15_steps']} steps; stage 2: "
               f"{lengths['stage2_steps']} steps; {lengths['test_images']} test questions (as the runs recorded "
-              f"them). Wall time {c.get('wall_time_s', 0) / 60:.1f} min with {c['jobs']} parallel runs."]
+              f"them). This report's invocation: {c.get('wall_time_s', 0) / 60:.1f} min with {c['jobs']} parallel "
+              f"runs, {c.get('reused_runs', 0)} of {sum(len(a['seeds']) for a in arms.values())} runs reused from "
+              f"an earlier one; the runs' own time summed: {c.get('run_seconds', 0) / 60:.0f} min."]
     return "\n".join(lines) + "\n"
 
 
