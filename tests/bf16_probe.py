@@ -74,8 +74,8 @@ def run_case(model, stage: str, bf16: bool, batch, seeds) -> dict:
     grad = model.token_pool.grad
     if grad is not None and hasattr(grad, "full_tensor"):  # FSDP: a sharded DTensor
         grad = grad.full_tensor()
-    return dict(loss=float(out.loss), lm_loss=float(out.lm_loss),
-                recon_loss=None if out.recon_loss is None else float(out.recon_loss),
+    return dict(loss=float(out.loss.detach()), lm_loss=float(out.lm_loss.detach()),
+                recon_loss=None if out.recon_loss is None else float(out.recon_loss.detach()),
                 pool_grad=None if grad is None else grad.detach().float().clone(), **seen)
 
 
