@@ -95,7 +95,7 @@ def step_flops(model: VictorModel, batch: dict, stage: str) -> float:
     used = len(model.vision_tower.encoder.layers) + 1 + model.cfg.vision_feature_layer
     tokens = (v.image_size // v.patch_size) ** 2 + 1
     per_layer = sum(p.numel() for p in model.vision_tower.encoder.layers[0].parameters())
-    trained = model.vision_tower.encoder.layers[0].fc1.weight.requires_grad
+    trained = next(model.vision_tower.encoder.layers[0].parameters()).requires_grad
     flops += (6 if trained else 2) * (used * per_layer * tokens + 2 * used * v.hidden_size * tokens * tokens) * b
     flops += 6 * sum(p.numel() for p in model.projector.parameters()) * b * model.num_image_tokens
     if stage == "1.5":  # the reconstruction head at every image position
