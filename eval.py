@@ -204,6 +204,13 @@ class EvalDataset(D.LlavaDataset):
         return super().load_images(rec)
 
 
+def load_model(checkpoint: str, device, dtype: torch.dtype | None = None):
+    """(model, tokenizer, image_processor) from any checkpoint load_checkpoint reads, the model in dtype
+    (bfloat16: half the memory of float32; a CPU without native bf16 computes it more slowly)."""
+    model, tokenizer, image_processor = load_checkpoint(checkpoint, device)
+    return (model if dtype is None else model.to(dtype)), tokenizer, image_processor
+
+
 @torch.no_grad()
 def generate_answers(model, tokenizer, image_processor, template, records, batch_size: int, max_new_tokens: int,
                      device) -> dict:
@@ -226,11 +233,13 @@ def generate_answers(model, tokenizer, image_processor, template, records, batch
     return outputs
 
 
-def answer_items(checkpoint: str, items: list[dict], batch_size: int, max_new_tokens: int, device=None) -> dict:
-    """The checkpoint's answer to every item, {item id: text}, prompted with its own chat template."""
+def answer_items(checkpoint: str, items: list[dict], batch_size: int, max_new_tokens: int, device=None,
+                 dtype: torch.dtype | None = None) -> dict:
+    """The checkpoint's answer to every item, {item id: text}, prompted with its own chat template.
+    dtype: the model's weights and computation (torch.bfloat16: --bf16); None keeps the checkpoint's float32."""
     device = default_device(device)
     torch.manual_seed(0)
-    model, tokenizer, image_processor = load_checkpoint(checkpoint, device)
+    model, tokenizer, image_processor = load_model(checkpoint, device, dtype)
     model.eval()
     trained = read_config_json(checkpoint).get("train_config", {})  # {} for the other formats
     template = D.resolve_template(trained.get("template", "auto"), tokenizer, stage="2")
@@ -514,7 +523,7 @@ def pool_rows_and_errors(model, input_ids, pixel_values, seed: int = 0, assignme
 
 def visualize_pool(checkpoint_or_model, image_path: str, out_png: str | None = None, tokenizer=None,
                    image_processor=None, template: str | None = None, seed: int = 0, device: str | None = None,
-                   panel: int = 384, assignment: str = "hungarian"):
+                   panel: int = 384, assignment: str = "hungarian", dtype: torch.dtype | None = None):
     """Draw, for one image, the pool row step 3's matching gives each visual token (all N at once)
     and the per-patch reconstruction error of a stage-1.5 forward (replacement drawn with a fixed
     torch.Generator seeded with `seed`, as in training). Writes out_png if given; returns the PIL image.
@@ -522,12 +531,12 @@ def visualize_pool(checkpoint_or_model, image_path: str, out_png: str | None = N
     checkpoint_or_model: a checkpoint directory, or a VictorModel (then give tokenizer and
     image_processor; template defaults to "auto" for stage 1.5). assignment: "hungarian" (one-to-one,
     as in training: every patch of the image gets a distinct row) or "nearest" (each token's nearest
-    row, so similar regions can share a row and a colour).
+    row, so similar regions can share a row and a colour). dtype: as answer_items' (a checkpoint only).
     """
     if assignment not in ("hungarian", "nearest"):
         raise ValueError(f"assignment must be 'hungarian' or 'nearest', got {assignment!r}")
     if isinstance(checkpoint_or_model, str):
-        model, tok, proc = load_checkpoint(checkpoint_or_model, default_device(device))
+        model, tok, proc = load_model(checkpoint_or_model, default_device(device), dtype)
         tokenizer, image_processor = tokenizer or tok, image_processor or proc
         trained = read_config_json(checkpoint_or_model).get("train_config", {})
         template, stage = template or trained.get("template", "auto"), trained.get("stage", "1.5")
@@ -600,34 +609,34 @@ def draw_curves(series: dict[str, list[dict]], title: str, out_png: str | None =
 
 
 def evaluate(checkpoint: str, test_file: str, image_folder: str, batch_size: int = 32, limit: int = 0,
-             max_new_tokens: int = 8, device: str | None = None) -> dict:
+             max_new_tokens: int = 8, device: str | None = None, dtype: torch.dtype | None = None) -> dict:
     """The shapes test set (LLaVA records with a type and options): accuracy overall and per type,
     each beside chance; POPE's metrics over the yes/no questions."""
     items = read_test_set(test_file, image_folder)[:limit or None]
-    outputs = answer_items(checkpoint, items, batch_size, max_new_tokens, device)
+    outputs = answer_items(checkpoint, items, batch_size, max_new_tokens, device, dtype)
     return {"checkpoint": checkpoint, "test_file": test_file,
             **score(items, outputs, group="type", fields=("id", "type"), chance=True)}
 
 
 def evaluate_bench(checkpoint: str, bench_file: str, image_folder: str = "", batch_size: int = 32, limit: int = 0,
-                   max_new_tokens: int = 16, device: str | None = None) -> dict:
+                   max_new_tokens: int = 16, device: str | None = None, dtype: torch.dtype | None = None) -> dict:
     """Accuracy (overall, per category and per l2-category) on a multiple-choice benchmark TSV, or
     POPE's metrics on a yes/no one; with the leaderboards' own scores where the file calls for them:
     MMBench's circular accuracy (circular copies present) and MME's score (MME's sub-tasks)."""
     kind, items = load_bench(bench_file, image_folder)
     items = items[:limit or None]
-    outputs = answer_items(checkpoint, items, batch_size, max_new_tokens, device)
+    outputs = answer_items(checkpoint, items, batch_size, max_new_tokens, device, dtype)
     return {"checkpoint": checkpoint, "bench": bench_file, "kind": kind,
             **score(items, outputs, group="category", fields=("index", "category", "l2-category"))}
 
 
 def answer_question_file(checkpoint: str, question_file: str, image_folder: str, answers_file: str,
                          batch_size: int = 32, limit: int = 0, max_new_tokens: int = 128,
-                         device: str | None = None) -> list[dict]:
+                         device: str | None = None, dtype: torch.dtype | None = None) -> list[dict]:
     """LLaVA's model_vqa: question lines {question_id, image, text} -> answer lines
     {question_id, prompt, text, answer_id, model_id}, so LLaVA's scoring scripts read them unchanged."""
     items = read_question_file(question_file, image_folder)[:limit or None]
-    outputs = answer_items(checkpoint, items, batch_size, max_new_tokens, device)
+    outputs = answer_items(checkpoint, items, batch_size, max_new_tokens, device, dtype)
     model_id = os.path.basename(os.path.normpath(checkpoint))
     answers = [{"question_id": it["question_id"], "prompt": it["text"], "text": outputs[it["id"]],
                 "answer_id": short_uuid(), "model_id": model_id, "metadata": {}} for it in items]
@@ -676,6 +685,11 @@ def write_results(results: dict, out: str) -> dict:
     return results
 
 
+def run_dtype(args) -> torch.dtype | None:
+    """--bf16: the model in bfloat16; else as saved (float32)."""
+    return torch.bfloat16 if args.bf16 else None
+
+
 def shapes_main(args) -> dict:
     test_file, folder = args.test_file, args.image_folder
     if not test_file:  # the shapes test set beside the demo run that made the checkpoint
@@ -684,14 +698,14 @@ def shapes_main(args) -> dict:
         if not os.path.isfile(test_file):
             raise InputError(f"{test_file} not found: give --test-file and --image-folder")
     results = evaluate(args.checkpoint, test_file, folder, args.batch_size, args.limit,
-                       max_new_tokens=args.max_new_tokens or 8, device=args.device)
+                       max_new_tokens=args.max_new_tokens or 8, device=args.device, dtype=run_dtype(args))
     print(format_table(results))
     return write_results(results, args.out or os.path.join(args.checkpoint, "eval.json"))
 
 
 def bench_main(args) -> dict:
     results = evaluate_bench(args.checkpoint, args.bench, args.image_folder, args.batch_size, args.limit,
-                             args.max_new_tokens or 16, args.device)
+                             args.max_new_tokens or 16, args.device, run_dtype(args))
     print(format_table(results))
     name = os.path.splitext(os.path.basename(args.bench))[0]
     return write_results(results, args.out or os.path.join(args.checkpoint, f"eval_{name}.json"))
@@ -701,7 +715,8 @@ def question_file_main(args) -> list[dict]:
     if not args.answers_file:
         raise InputError("--question-file needs --answers-file")
     answers = answer_question_file(args.checkpoint, args.question_file, args.image_folder, args.answers_file,
-                                   args.batch_size, args.limit, args.max_new_tokens or 128, args.device)
+                                   args.batch_size, args.limit, args.max_new_tokens or 128, args.device,
+                                   run_dtype(args))
     print(f"wrote {len(answers)} answers to {args.answers_file}")
     return answers
 
@@ -723,7 +738,7 @@ def pictures_main(args) -> str:
         stem = os.path.splitext(os.path.basename(args.visualize))[0]
         out = args.out_png or os.path.join(args.checkpoint, f"pool_{stem}.png")
         picture = visualize_pool(args.checkpoint, args.visualize, out, seed=args.seed, device=args.device,
-                                 assignment=args.pool_assign)
+                                 assignment=args.pool_assign, dtype=run_dtype(args))
     else:
         out = args.out_png or os.path.join(os.path.dirname(os.path.abspath(args.curves[0])), "curves.png")
         try:
@@ -737,10 +752,10 @@ def pictures_main(args) -> str:
 
 # each mode: the flag that selects it (the first one given; else the shapes test set), the function that
 # runs it, and the flags it reads: any other flag given is refused, never ignored
-EVAL_FLAGS = {"image_folder", "batch_size", "limit", "max_new_tokens"}
+EVAL_FLAGS = {"image_folder", "batch_size", "limit", "max_new_tokens", "bf16"}
 MODES = {
     "export": ("export_llava_hf", export_main, {"export_llava_hf"}),
-    "visualize": ("visualize", pictures_main, {"visualize", "out_png", "seed", "pool_assign"}),
+    "visualize": ("visualize", pictures_main, {"visualize", "out_png", "seed", "pool_assign", "bf16"}),
     "curves": ("curves", pictures_main, {"curves", "out_png"}),
     "question file": ("question_file", question_file_main, {"question_file", "answers_file", *EVAL_FLAGS}),
     "bench": ("bench", bench_main, {"bench", "out", *EVAL_FLAGS}),
@@ -769,6 +784,8 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--limit", type=int, default=0)
     ap.add_argument("--device", default=None)
+    ap.add_argument("--bf16", action="store_true",
+                    help="the model's weights and computation in bfloat16 (half the memory; default: float32)")
     ap.add_argument("--visualize", default="", metavar="IMAGE", help="pool rows and reconstruction error of IMAGE")
     ap.add_argument("--curves", nargs="+", default=None, metavar="METRICS_JSONL", help="plot training curves")
     ap.add_argument("--out-png", default="", help="PNG path for --visualize / --curves")

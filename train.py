@@ -77,7 +77,9 @@ class TrainConfig:
     global_batch_size: int = 128  # = batch_size x grad_accum x world size
     batch_size: int = 16  # per device
     # systems
-    bf16: bool = True  # autocast on CUDA (under --fsdp: bf16 parameters, fp32 gradient reduction)
+    # compute in bf16 (autocast; under --fsdp: bf16 parameters, fp32 gradient reduction). Not given: bf16 on CUDA,
+    # float32 on a CPU (slow in bf16 without native support); --bf16 / --no-bf16: as said, on any device
+    bf16: bool | None = None
     gradient_checkpointing: bool = False
     fsdp: bool = False  # shard with FSDP2 (fully_shard per decoder / vision layer) instead of DDP
     num_workers: int = 2
@@ -92,7 +94,7 @@ class TrainConfig:
     demo_images: int = 4000  # demo recipe: how many shapes training images to generate
 
 
-PAPER = dict(warmup_ratio=0.03, weight_decay=0.0, epochs=1.0, bf16=True, gradient_checkpointing=True,
+PAPER = dict(warmup_ratio=0.03, weight_decay=0.0, epochs=1.0, gradient_checkpointing=True,
              max_length=2048, batch_size=16, num_workers=8, save_every=500, resume="auto")
 RECIPES = {
     # the published settings (arXiv 2410.14332, training details); per-stage global batch 256 / 128 / 128.
@@ -208,8 +210,9 @@ def uses_fsdp(cfg: TrainConfig, world: int) -> bool:
 
 
 def computes_in_bf16(cfg: TrainConfig, device: torch.device) -> bool:
-    """--bf16 takes effect on CUDA (autocast, or FSDP's bf16 parameters); on a CPU the run is float32."""
-    return cfg.bf16 and device.type == "cuda"
+    """bf16 (autocast, or FSDP's bf16 parameters) where --bf16 says so, on any device; without the flag on
+    CUDA only, so a CPU run (the demo, the tests) trains in float32 unless told otherwise."""
+    return cfg.bf16 if cfg.bf16 is not None else device.type == "cuda"
 
 
 def all_reduce_sum(x: float, device) -> float:
@@ -358,7 +361,7 @@ def memory_plan(cfg: TrainConfig, stage: str, world: int, offline: bool = True) 
     layers = [count(layer.parameters())
               for layer in [*model.vision_tower.encoder.layers, *model.llm.get_decoder().layers]]
     root = (params - sum(n for n, _ in layers), trained - sum(t for _, t in layers))  # FSDP's root unit
-    compute_bytes = 2 if cfg.bf16 else 4  # what a GPU computes in: bf16 (autocast / FSDP's param_dtype)
+    compute_bytes = 4 if cfg.bf16 is False else 2  # what a GPU computes in: bf16 unless --no-bf16
     vision_trained = parts["vision_tower"][1] > 0
     seqs = sorted({model.num_image_tokens, max(model.num_image_tokens, cfg.max_length)})
     activations = {ckpt: [activation_bytes(model, cfg.batch_size, s, vision_trained, ckpt, compute_bytes)
@@ -1119,7 +1122,8 @@ def check_knobs(given: dict, recipe: str, stages: list[str]):
     if "pool_lr" in given and set(stages) - {"1.5"}:
         off("pool-lr", "has no effect outside stage 1.5 (the only stage that trains the token pool)", False)
     if given.get("bf16") and not torch.cuda.is_available():
-        off("bf16", "has no effect without CUDA: this run trains in float32", False)
+        print("note: --bf16 on a CPU: autocast to bfloat16 (under --fsdp: bf16 parameters), slower than float32 "
+              "where the CPU has no native bf16")
     if given.get("variant") == "croc" and recipe == "demo" and set(stages) & {"1.5", "2"}:
         print(f"note: --variant croc: Croc's learning rate {CROC_LR} (stages 1.5 and 2) belongs to the paper "
               f"recipes; the demo recipe keeps its own learning rates")
@@ -1186,7 +1190,7 @@ def parse_args(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool":
+        if f.type in ("bool", "bool | None"):
             ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
         elif f.type == "dict":
             ap.add_argument(flag, type=json.loads, default=argparse.SUPPRESS, help="JSON, e.g. '{\"pool_size\": 4096}'")
