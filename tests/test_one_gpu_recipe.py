@@ -59,9 +59,11 @@ def test_one_stage15_step_of_the_recipe_on_its_architecture(base, shapes_tokeniz
     assert type(model.llm).__name__ == "Qwen2ForCausalLM" and model.llm.config.tie_word_embeddings
     assert type(model.vision_tower).__name__ == "SiglipVisionModel"
     llm_config = model.llm.config
-    for key in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "rope_theta",
+    for key in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
                 "rms_norm_eps"):  # the recorded values reached the model built
         assert getattr(llm_config, key) == T.PAPER_MODELS[LLM][key], key
+    rope = getattr(llm_config, "rope_parameters", None) or {"rope_theta": llm_config.rope_theta}  # transformers 5
+    assert rope["rope_theta"] == T.PAPER_MODELS[LLM]["rope_theta"]
     init = str(tmp_path / "init")
     save_checkpoint(model, init, shapes_tokenizer, SiglipImageProcessor(size={"height": 224, "width": 224}))
     out = str(tmp_path / "stage1.5")
