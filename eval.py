@@ -9,6 +9,8 @@ Evaluate a victor checkpoint (victor's own, the original LLaVA code's or llava-h
     python eval.py out/demo/stage1.5 --visualize IMAGE.png   # pool row per patch + reconstruction error
     python eval.py --curves out/demo/stage1.5/metrics.jsonl out/demo/stage2/metrics.jsonl  # training curves
     python eval.py CKPT --export-llava-hf OUT        # a transformers LlavaForConditionalGeneration directory
+    python eval.py CKPT --image IMAGE.png --ask "What is left of the red circle?"   # one answer
+    python eval.py CKPT --image IMAGE.png --ask      # a conversation about the image, until an empty line
 
 Every evaluation takes one path: a reader turns its file into items (prompt records plus what scoring
 needs), generate_answers answers them, and score (or the answers file) takes each item by its kind.
@@ -33,7 +35,14 @@ from PIL import Image
 from tqdm import tqdm
 
 import data as D
-from victor import default_device, export_llava_hf, load_checkpoint, match_tokens_to_pool, read_config_json
+from victor import (
+    WEIGHT_FILES,
+    default_device,
+    export_llava_hf,
+    load_checkpoint,
+    match_tokens_to_pool,
+    read_config_json,
+)
 
 
 class InputError(ValueError):
@@ -213,38 +222,81 @@ def load_model(checkpoint: str, device, dtype: torch.dtype | None = None):
 
 @torch.no_grad()
 def generate_answers(model, tokenizer, image_processor, template, records, batch_size: int, max_new_tokens: int,
-                     device) -> dict:
-    """Greedy answers to prompt records (items), batched with left padding: {record id: text}. A record
-    that cannot be used (an image missing or unreadable, a conversation the template cannot take) is
-    an error naming it: an evaluation never shrinks silently."""
+                     device, sampling: dict | None = None, progress: bool = True) -> dict:
+    """Answers to prompt records (items), batched with left padding: {record id: text}. Greedy, unless
+    sampling gives generate's do_sample/temperature/top_p. A record that cannot be used (an image missing
+    or unreadable, a conversation the template cannot take) is an error naming it: an evaluation never
+    shrinks silently."""
     dataset = EvalDataset(records, "", tokenizer, image_processor, template, model.num_image_tokens,
                           max_length=None, image_token_id=model.cfg.image_token_id)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
                                          collate_fn=D.Collator(tokenizer.pad_token_id, padding_side="left"))
     outputs = {}
-    for batch in tqdm(loader, desc="eval"):
+    for batch in tqdm(loader, desc="eval", disable=not progress):
         if batch["skipped"]:
             raise InputError("; ".join(f"record {rid}: {why}" for rid, why in batch["skipped"]))
         pixel_values = None if batch["pixel_values"] is None else batch["pixel_values"].to(device)
         new = model.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device), pixel_values,
                              max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id)
+                             pad_token_id=tokenizer.pad_token_id, **(sampling or {}))
         outputs.update(zip(batch["ids"], (t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))))
     return outputs
 
 
-def answer_items(checkpoint: str, items: list[dict], batch_size: int, max_new_tokens: int, device=None,
-                 dtype: torch.dtype | None = None) -> dict:
-    """The checkpoint's answer to every item, {item id: text}, prompted with its own chat template.
-    dtype: the model's weights and computation (torch.bfloat16: --bf16); None keeps the checkpoint's float32."""
-    device = default_device(device)
-    torch.manual_seed(0)
+def load_for_answers(checkpoint: str, device, dtype: torch.dtype | None = None) -> tuple:
+    """(model, tokenizer, image processor, chat template): the checkpoint ready to answer (the model in dtype,
+    as load_model), prompted with the template it was trained with (else its tokenizer's own, else vicuna_v1)."""
     model, tokenizer, image_processor = load_model(checkpoint, device, dtype)
     model.eval()
     trained = read_config_json(checkpoint).get("train_config", {})  # {} for the other formats
     template = D.resolve_template(trained.get("template", "auto"), tokenizer, stage="2")
     D.ensure_pad_token(tokenizer)
+    return model, tokenizer, image_processor, template
+
+
+def answer_items(checkpoint: str, items: list[dict], batch_size: int, max_new_tokens: int, device=None,
+                 dtype: torch.dtype | None = None) -> dict:
+    """The checkpoint's greedy answer to every item, {item id: text}, prompted with its own chat template.
+    dtype: the model's weights and computation (torch.bfloat16: --bf16); None keeps the checkpoint's float32."""
+    device = default_device(device)
+    torch.manual_seed(0)
+    model, tokenizer, image_processor, template = load_for_answers(checkpoint, device, dtype)
     return generate_answers(model, tokenizer, image_processor, template, items, batch_size, max_new_tokens, device)
+
+
+def why_it_cannot_answer(checkpoint: str) -> str | None:
+    """Why a checkpoint cannot answer questions, or None: a stage-1 checkpoint holds a projector alone
+    (victor's saved_parts "projector", LLaVA's mm_projector.bin without the model's weights), and its
+    LLM was never taught to take an image and a question."""
+    if read_config_json(checkpoint).get("saved_parts") == "projector" or (
+            os.path.isfile(os.path.join(checkpoint, "mm_projector.bin"))
+            and not any(os.path.isfile(os.path.join(checkpoint, n)) for n in WEIGHT_FILES)):
+        return (f"{checkpoint} is a stage-1 checkpoint (a projector alone, trained to caption): it cannot "
+                f"answer questions; ask a stage-1.5 or stage-2 checkpoint")
+    return None
+
+
+class Conversation:
+    """A conversation about one image, in the chat template: the image before the first question, every
+    earlier question and answer in each prompt. Each answer is generated by generate_answers, the path
+    every evaluation takes, so one question gets the answer an evaluation gets."""
+
+    def __init__(self, checkpoint: str, image_path: str, device=None, max_new_tokens: int = 128,
+                 sampling: dict | None = None):
+        self.device = default_device(device)
+        self.model, self.tokenizer, self.image_processor, self.template = load_for_answers(checkpoint, self.device)
+        self.image_path, self.max_new_tokens, self.sampling = image_path, max_new_tokens, sampling
+        self.turns: list[dict] = []
+
+    def ask(self, question: str) -> str:
+        if D.IMAGE_PLACEHOLDER in question:  # one image, placed before the first question
+            raise InputError(f"the question contains {D.IMAGE_PLACEHOLDER}: the image is given once, by --image")
+        turns = self.turns + _question(question, has_image=not self.turns)
+        item = {"id": "question", "conversations": turns, "image_path": self.image_path}
+        answer = generate_answers(self.model, self.tokenizer, self.image_processor, self.template, [item], 1,
+                                  self.max_new_tokens, self.device, self.sampling, progress=False)["question"]
+        self.turns = turns + [{"from": "gpt", "value": answer}]
+        return answer
 
 
 # -----------------------------------------------------------------------------
@@ -750,10 +802,64 @@ def pictures_main(args) -> str:
     return out
 
 
+def sampling_settings(args) -> dict | None:
+    """--temperature / --top-p as generate takes them: None (greedy) at temperature 0."""
+    if args.temperature < 0:
+        raise InputError(f"--temperature {args.temperature}: must be 0 (greedy) or more")
+    if not 0 < args.top_p <= 1:
+        raise InputError(f"--top-p {args.top_p}: must be in (0, 1]")
+    if args.temperature == 0:
+        if args.top_p != 1.0:
+            raise InputError("--top-p: no effect when answers are greedy (give --temperature > 0 to sample)")
+        if args.seed != 0:
+            raise InputError("--seed: no effect when answers are greedy (give --temperature > 0 to sample)")
+        return None
+    return dict(do_sample=True, temperature=args.temperature, top_p=args.top_p)
+
+
+def ask_main(args) -> list[str]:
+    """--ask QUESTION: print the answer. --ask alone: a conversation on stdin, one question a line,
+    until an empty line or the end of input. Returns the answers."""
+    sampling = sampling_settings(args)
+    if not args.image:
+        raise InputError("--ask needs --image PATH: the image to ask about")
+    D.load_image(args.image)  # a missing or unreadable image is one line, before the model loads
+    why = why_it_cannot_answer(args.checkpoint)
+    if why:
+        raise InputError(why)
+    torch.manual_seed(args.seed)  # sampling's seed
+    chat = Conversation(args.checkpoint, args.image, args.device, args.max_new_tokens or 128, sampling)
+    if args.ask:  # a question given
+        answer = chat.ask(args.ask)
+        print(answer)
+        return [answer]
+    print(f"asking {args.checkpoint} about {args.image}; an empty line or end of input ends the conversation")
+    answers = []
+    while True:
+        try:
+            question = input("USER: ").strip()
+        except EOFError:
+            print()
+            break
+        if not sys.stdin.isatty():  # piped questions are not echoed by a terminal: the transcript shows them
+            print(question)
+        if not question:
+            break
+        try:
+            answers.append(chat.ask(question))
+        except InputError as e:  # a question the conversation cannot take: say so, and go on
+            print(f"error: {e}")
+            continue
+        print(f"ASSISTANT: {answers[-1]}")
+    return answers
+
+
 # each mode: the flag that selects it (the first one given; else the shapes test set), the function that
 # runs it, and the flags it reads: any other flag given is refused, never ignored
+ASK_INTERACTIVELY = ""  # --ask without a question
 EVAL_FLAGS = {"image_folder", "batch_size", "limit", "max_new_tokens", "bf16"}
 MODES = {
+    "ask": ("ask", ask_main, {"ask", "image", "max_new_tokens", "temperature", "top_p", "seed"}),
     "export": ("export_llava_hf", export_main, {"export_llava_hf"}),
     "visualize": ("visualize", pictures_main, {"visualize", "out_png", "seed", "pool_assign", "bf16"}),
     "curves": ("curves", pictures_main, {"curves", "out_png"}),
@@ -766,8 +872,8 @@ COMMON_FLAGS = {"checkpoint", "device"}
 
 def refuse_unused_flags(ap: argparse.ArgumentParser, args) -> str:
     """The mode the flags select; one clear line when a flag given has no effect in it."""
-    mode = next(mode for mode, (key, _, _) in MODES.items() if key is None or getattr(args, key, None))
     given = {k for k, v in vars(args).items() if v != ap.get_default(k)}
+    mode = next(mode for mode, (key, _, _) in MODES.items() if key is None or key in given)
     unused = ", ".join("--" + k.replace("_", "-") for k in sorted(given - MODES[mode][2] - COMMON_FLAGS))
     if unused:
         ap.error(f"{unused}: no effect when evaluating the {mode}" if mode == "shapes test set" else
@@ -789,13 +895,20 @@ def main(argv=None):
     ap.add_argument("--visualize", default="", metavar="IMAGE", help="pool rows and reconstruction error of IMAGE")
     ap.add_argument("--curves", nargs="+", default=None, metavar="METRICS_JSONL", help="plot training curves")
     ap.add_argument("--out-png", default="", help="PNG path for --visualize / --curves")
-    ap.add_argument("--seed", type=int, default=0, help="replacement seed for --visualize")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="replacement seed for --visualize; sampling seed for --ask with --temperature > 0")
     ap.add_argument("--pool-assign", choices=("hungarian", "nearest"), default="hungarian",
                     help="--visualize: one-to-one matching of all tokens, or each token's nearest pool row")
     ap.add_argument("--bench", default="", help="a VLMEvalKit TSV (multiple choice or yes/no): MMStar, POPE...")
     ap.add_argument("--question-file", default="", help="LLaVA question JSONL {question_id, image, text}")
     ap.add_argument("--answers-file", default="", help="with --question-file: the LLaVA answers JSONL to write")
-    ap.add_argument("--max-new-tokens", type=int, default=0, help="default: 16 (TSV), 128 (questions), 8 (shapes)")
+    ap.add_argument("--max-new-tokens", type=int, default=0,
+                    help="default: 16 (TSV), 128 (questions, --ask), 8 (shapes)")
+    ap.add_argument("--ask", nargs="?", const=ASK_INTERACTIVELY, default=None, metavar="QUESTION",
+                    help="with --image: print the answer to QUESTION; without QUESTION, a conversation on stdin")
+    ap.add_argument("--image", default="", help="the image --ask asks about")
+    ap.add_argument("--temperature", type=float, default=0.0, help="--ask: 0 answers greedily, > 0 samples")
+    ap.add_argument("--top-p", type=float, default=1.0, help="--ask with --temperature > 0: nucleus sampling")
     ap.add_argument("--export-llava-hf", default="", metavar="OUT",
                     help="write CHECKPOINT as a transformers LlavaForConditionalGeneration directory, no evaluation")
     args = ap.parse_args(argv)

@@ -115,6 +115,21 @@ RECIPES = {
                 "1.5": dict(PAPER, lr=1e-5, vision_lr=2e-6, pool_lr=1.5e-4, global_batch_size=128, template="chat",
                             fsdp=True),
                 "2": dict(PAPER, lr=1e-5, vision_lr=2e-6, global_batch_size=128, template="chat", fsdp=True)}),
+    # one GPU of 24-80 GB, small published models: SigLIP-B/16-224 (196 visual tokens) and Qwen2.5-0.5B-Instruct,
+    # the paper's siglip-qwen25-7b at a size that trains on one card. Global batches and learning rates are
+    # LLaVA-1.5's (arXiv 2310.03744, Table 9: stage 1 256 at 1e-3, fine-tuning 128 at 2e-5), which TinyLLaVA
+    # (arXiv 2402.14289) keeps for its 0.5-3B LLMs with SigLIP; the tower at 2e-6 and the pool at 15x the
+    # LLM's rate are the paper's ratios. One GPU: no sharding; the global batch by gradient accumulation.
+    # Per-GPU batches so that --plan's worst case (every sequence at max_length, gradient checkpointing)
+    # fits 24 GB: stage 1's captions are short (196 image tokens + a caption: max_length 512 cuts none).
+    "siglip-qwen25-0.5b": dict(
+        model=dict(vision_model="google/siglip-base-patch16-224", llm="Qwen/Qwen2.5-0.5B-Instruct",
+                   model_overrides=dict(pool_size=2048)),
+        stages={"1": dict(PAPER, lr=1e-3, vision_lr=0.0, global_batch_size=256, batch_size=16, max_length=512,
+                          template="plain"),
+                "1.5": dict(PAPER, lr=2e-5, vision_lr=2e-6, pool_lr=3e-4, global_batch_size=128, batch_size=4,
+                            template="chat"),
+                "2": dict(PAPER, lr=2e-5, vision_lr=2e-6, global_batch_size=128, batch_size=4, template="chat")}),
     # tiny models on the shapes data (demo_base.py: a tower and an LLM pretrained in-project): all three
     # stages in a few CPU minutes. Chosen from the base models and the no-stage-1.5 (llava) arm alone, on
     # a development copy of the world (README, "The demo and its data"): stage 1 until its loss flattens,
@@ -145,6 +160,17 @@ PAPER_MODELS = {
         num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
         rope_theta=10000.0, hidden_act="silu", tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
         pad_token_id=0),
+    # the one-GPU recipe's: google/siglip-base-patch16-224's config.json leaves its vision_config at
+    # SiglipVisionConfig's defaults, which are these values (ViT-B/16 at 224 px)
+    "google/siglip-base-patch16-224": dict(
+        model_type="siglip_vision_model", hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+        num_attention_heads=12, image_size=224, patch_size=16, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6),
+    # Qwen/Qwen2.5-0.5B-Instruct's config.json (its embeddings and LM head are tied)
+    "Qwen/Qwen2.5-0.5B-Instruct": dict(
+        model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+        num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rms_norm_eps=1e-6,
+        rope_theta=1000000.0, hidden_act="silu", tie_word_embeddings=True, bos_token_id=151643,
+        eos_token_id=151645),
     "Qwen/Qwen2.5-7B-Instruct": dict(
         model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
         num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768, rms_norm_eps=1e-6,
