@@ -133,6 +133,7 @@ def test_every_ablation_arm_normalises_alike():
     """bench_ablation's arms differ only by stage 1.5: llava keeps normalize_visual_tokens=True explicitly."""
     sys.path.insert(0, f"{MAIN}/tests")
     from bench_ablation import ARMS
+
     from victor import VictorConfig, config_with_overrides
     stage1 = VictorConfig(vision_model="v", llm="l")  # the shared stage-1 checkpoint's settings (no variant)
     for arm, spec in ARMS.items():
