@@ -641,15 +641,20 @@ def build_model(cfg: TrainConfig, stage: str, settings: dict | None = None):
         tokenizer = AutoTokenizer.from_pretrained(cfg.init or cfg.llm)
         image_processor = AutoImageProcessor.from_pretrained(cfg.init or cfg.vision_model)
     elif cfg.init:
+        def moved(why: str) -> UsageError:
+            return UsageError(f"--init {cfg.init}: cannot load a base model it refers to (vision_model "
+                              f"{saved.get('vision_model')!r}, llm {saved.get('llm')!r}): {why}; put the model "
+                              f"back at that path (or name), or train this checkpoint's stage again")
+        saved = read_config_json(cfg.init).get("victor", {}) if os.path.isdir(cfg.init) else {}
+        for key in ("vision_model", "llm"):  # a local directory that is gone: said now (else the hub is asked)
+            if os.path.isabs(saved.get(key) or "") and not os.path.isdir(saved[key]):
+                raise moved(f"{saved[key]} does not exist")
         try:
             model, tokenizer, image_processor = load_checkpoint(cfg.init, overrides=cfg.model_overrides)
         except ValueError as e:  # a setting the checkpoint refuses, or not a checkpoint at all
             raise UsageError(f"--init {cfg.init}: {e}") from None
-        except OSError as e:  # transformers' way of saying a base model it names is not there
-            meta = read_config_json(cfg.init).get("victor", {})
-            raise UsageError(f"--init {cfg.init}: cannot load a base model it refers to (vision_model "
-                             f"{meta.get('vision_model')!r}, llm {meta.get('llm')!r}): {first_line(e)}; put the "
-                             f"model back at that path (or name), or train this checkpoint's stage again") from None
+        except OSError as e:  # transformers' way of saying a base model it names cannot be had
+            raise moved(first_line(e)) from None
         note_normalisation_change(cfg.init, model.cfg)
         for key in ("vision_model", "llm"):  # named on the command line: must be the checkpoint's own
             given, held = getattr(cfg, key), getattr(model.cfg, key)

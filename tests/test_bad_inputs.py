@@ -10,6 +10,7 @@ with a saved state.
 import io
 import json
 import os
+import re
 import struct
 import zlib
 
@@ -398,3 +399,51 @@ def test_high_skip_rate_warns_at_once_and_at_the_end_and_counts_each_record_once
         assert sorted(s["id"] for s in json.load(f)) == sorted(SKIPPED)
     _, done = read_metrics(cfg.out_dir)
     assert done[0]["skipped"] == len(SKIPPED)
+
+
+# -----------------------------------------------------------------------------
+# A user's situation, not a bug: one line from train.py, naming the record, step or path and what to do
+
+
+def main_says(flags) -> str:
+    with pytest.raises(SystemExit) as e:
+        T.main(flags)
+    said = e.value.code
+    assert isinstance(said, str) and said.startswith("error: ") and len(said.splitlines()) == 1, said
+    return said
+
+
+def test_strict_on_a_bad_record_is_one_line(base, tmp_path):
+    with open(base.data["2"]) as f:
+        good = json.load(f)[:8]
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join([json.dumps(good[0]), "{this is not json", *map(json.dumps, good[1:])]) + "\n")
+    said = main_says(stage2_flags(base, tmp_path / "out", str(path), image_folder=base.shapes, strict=True))
+    assert "1 bad records (strict): line 2: invalid JSON" in said and "without --strict" in said, said
+    # a record that fails when it loads (a corrupt image) is named too
+    said = main_says(stage2_flags(base, tmp_path / "out", lfs_pointer_copy(base, tmp_path), strict=True))
+    assert re.search(r"record shapes-\d+(-q\d)?: image unreadable: .*strict: not skipping it", said), said
+
+
+def test_the_non_finite_stop_is_one_line(base, tmp_path, monkeypatch):
+    poison(monkeypatch, "all")
+    said = main_says(stage2_flags(base, tmp_path / "out", base.data["2"], image_folder=base.shapes,
+                                  max_bad_steps=2))
+    assert "stage 2: 2 steps in a row had a non-finite loss or gradient (last: step 2); stopped" in said, said
+    assert "then --resume auto" in said
+
+
+def test_a_stage1_checkpoint_whose_base_model_moved_is_one_line(base, tmp_path, shapes_tokenizer,
+                                                                tiny_image_processor):
+    import shutil
+
+    from victor import VictorConfig, VictorModel, save_checkpoint
+    moved_llm = str(tmp_path / "llm")
+    shutil.copytree(base.llm, moved_llm)
+    stage1 = str(tmp_path / "stage1")
+    model = VictorModel(VictorConfig(vision_model=base.vision, llm=moved_llm, pool_size=32))
+    save_checkpoint(model, stage1, shapes_tokenizer, tiny_image_processor, parts="projector")
+    shutil.rmtree(moved_llm)
+    said = main_says(stage2_flags(base, tmp_path / "out", base.data["2"], image_folder=base.shapes, init=stage1))
+    assert said.startswith(f"error: --init {stage1}: cannot load a base model it refers to") and moved_llm in said
+    assert "put the model back at that path" in said
