@@ -1302,15 +1302,6 @@ def check_knobs(given: dict, recipe: str, stages: list[str]):
         if refuse:
             raise UsageError(f"--{flag} {why}")
         print(f"note: --{flag} {why}")
-    recipe_stages = RECIPES.get(recipe, {}).get("stages", {})
-    for flag, replaced in (("epochs", "max_steps"), ("warmup_ratio", "warmup_steps")):
-        # the recipe counts in steps; a given --epochs / --warmup-ratio replaces that count (stage_config)
-        counts = {s: recipe_stages[s][replaced] for s in stages
-                  if recipe_stages.get(s, {}).get(replaced) and flag in given and replaced not in given}
-        if counts:
-            recipe_counts = ", ".join(f"stage {s}: {n}" for s, n in counts.items())
-            print(f"note: --{flag.replace('_', '-')} {given[flag]} replaces the {recipe} recipe's "
-                  f"{replaced} ({recipe_counts})")
     if "1.5" not in stages:
         where = " and ".join(f"stage {s}" for s in stages)
         later = " (saved with the checkpoint, it applies in stage 1.5 from it)" if "1" in stages else ""
@@ -1334,6 +1325,18 @@ def check_knobs(given: dict, recipe: str, stages: list[str]):
     if given.get("variant") == "croc" and recipe == "demo" and set(stages) & {"1.5", "2"}:
         print(f"note: --variant croc: Croc's learning rate {CROC_LR} (stages 1.5 and 2) belongs to the paper "
               f"recipes; the demo recipe keeps its own learning rates")
+
+
+def note_replaced_counts(given: dict, recipe: str, stages: list[str]):
+    """Say which of the recipe's step counts a given --epochs / --warmup-ratio replaces (stage_config)."""
+    recipe_stages = RECIPES.get(recipe, {}).get("stages", {})
+    for flag, replaced in (("epochs", "max_steps"), ("warmup_ratio", "warmup_steps")):
+        counts = {s: recipe_stages[s][replaced] for s in stages
+                  if recipe_stages.get(s, {}).get(replaced) and flag in given and replaced not in given}
+        if counts:
+            recipe_counts = ", ".join(f"stage {s}: {n}" for s, n in counts.items())
+            print(f"note: --{flag.replace('_', '-')} {given[flag]} replaces the {recipe} recipe's "
+                  f"{replaced} ({recipe_counts})")
 
 
 def demo_inputs(overrides: dict, out_root: str) -> dict:
@@ -1375,6 +1378,7 @@ def run(overrides: dict) -> list[str]:
         raise UsageError(f"--model-overrides / --variant: {e}") from None
     stages = stages_to_run(stage, variant)
     check_knobs(given, recipe, stages)
+    note_replaced_counts(given, recipe, stages)
     MetricsReporter(overrides.get("report_to", ""))  # a missing optional package fails before data or models
     if stage == "all" and "data" in overrides and recipe != "demo":
         raise UsageError("--stage all needs different data per stage: run the stages one by one with --data")

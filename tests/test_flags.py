@@ -98,7 +98,7 @@ def test_epochs_replaces_the_recipes_step_count(capsys):
     assert T.stage_config("demo", "2", {"epochs": 2.0, "max_steps": 7}).max_steps == 7  # the flag still wins
     cfg = T.stage_config("demo", "1", {"warmup_ratio": 0.1})
     assert cfg.warmup_ratio == 0.1 and cfg.warmup_steps == 0
-    T.check_knobs({"epochs": 0.05}, "demo", ["1", "1.5", "2"])
+    T.note_replaced_counts({"epochs": 0.05}, "demo", ["1", "1.5", "2"])
     out = capsys.readouterr().out
     assert "note: --epochs 0.05 replaces the demo recipe's max_steps (stage 1: 200, stage 1.5: 200, stage 2: 1500)" \
         in out, out
