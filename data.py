@@ -494,13 +494,23 @@ class Collator:
         return batch
 
 
+def skip_kind(why: str) -> str:
+    """A skip reason without its particulars (the path after ': ', the numbers), so that like reasons count
+    together: 'image not found: /x/1.png' -> 'image not found'."""
+    return re.sub(r"\d+", "N", why.split(": ")[0])
+
+
+def skip_kinds(skipped: list[tuple[str, str]]) -> Counter:
+    """How many skipped records per kind of reason."""
+    return Counter(skip_kind(why) for _, why in skipped)
+
+
 def skip_report(skipped: list[tuple[str, str]]) -> str:
     """A short human-readable summary of skipped records: count per reason, and some ids."""
     if not skipped:
         return "skipped records: none"
-    by_reason = Counter(re.sub(r"(: .*|\d+)", "#", why) for _, why in skipped)
     lines = [f"skipped records: {len(skipped)}"]
-    lines += [f"  {n:6d} x {why}" for why, n in by_reason.most_common()]
+    lines += [f"  {n:6d} x {why}" for why, n in skip_kinds(skipped).most_common()]
     lines += [f"  e.g. {rid}: {why}" for rid, why in skipped[:5]]
     return "\n".join(lines)
 

@@ -37,10 +37,12 @@ from tqdm import tqdm
 import data as D
 from victor import (
     WEIGHT_FILES,
+    Range,
     default_device,
     export_llava_hf,
     load_checkpoint,
     match_tokens_to_pool,
+    out_of_range,
     read_config_json,
 )
 
@@ -792,7 +794,7 @@ def pictures_main(args) -> str:
         picture = visualize_pool(args.checkpoint, args.visualize, out, seed=args.seed, device=args.device,
                                  assignment=args.pool_assign, dtype=run_dtype(args))
     else:
-        out = args.out_png or os.path.join(os.path.dirname(os.path.abspath(args.curves[0])), "curves.png")
+        out = args.out_png or os.path.join(os.path.dirname(args.curves[0]), "curves.png")  # as given, like --visualize
         try:
             series = read_curves(args.curves)
         except ValueError as e:  # a file that is not a metrics.jsonl (read_curves raises nothing else)
@@ -881,14 +883,18 @@ def refuse_unused_flags(ap: argparse.ArgumentParser, args) -> str:
     return mode
 
 
-def main(argv=None):
+# the numeric flags' valid ranges, declared once: main checks every flag against it, --help shows it
+RANGES = {"batch_size": Range(1), "limit": Range(0), "seed": Range(0), "max_new_tokens": Range(0)}
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", nargs="?", default="out/demo/stage2")
     ap.add_argument("--test-file", default="", help="LLaVA-format test records (default: the shapes test set)")
     ap.add_argument("--image-folder", default="")
     ap.add_argument("--out", default="", help="results JSON (default: CHECKPOINT/eval.json)")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--limit", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=32, help=f"questions per batch ({RANGES['batch_size']})")
+    ap.add_argument("--limit", type=int, default=0, help=f"the first N questions only; 0: all ({RANGES['limit']})")
     ap.add_argument("--device", default=None)
     ap.add_argument("--bf16", action="store_true",
                     help="the model's weights and computation in bfloat16 (half the memory; default: float32)")
@@ -896,14 +902,15 @@ def main(argv=None):
     ap.add_argument("--curves", nargs="+", default=None, metavar="METRICS_JSONL", help="plot training curves")
     ap.add_argument("--out-png", default="", help="PNG path for --visualize / --curves")
     ap.add_argument("--seed", type=int, default=0,
-                    help="replacement seed for --visualize; sampling seed for --ask with --temperature > 0")
+                    help=f"replacement seed for --visualize; sampling seed for --ask with --temperature > 0 "
+                         f"({RANGES['seed']})")
     ap.add_argument("--pool-assign", choices=("hungarian", "nearest"), default="hungarian",
                     help="--visualize: one-to-one matching of all tokens, or each token's nearest pool row")
     ap.add_argument("--bench", default="", help="a VLMEvalKit TSV (multiple choice or yes/no): MMStar, POPE...")
     ap.add_argument("--question-file", default="", help="LLaVA question JSONL {question_id, image, text}")
     ap.add_argument("--answers-file", default="", help="with --question-file: the LLaVA answers JSONL to write")
     ap.add_argument("--max-new-tokens", type=int, default=0,
-                    help="default: 16 (TSV), 128 (questions, --ask), 8 (shapes)")
+                    help=f"0: 16 (TSV), 128 (questions, --ask), 8 (shapes) ({RANGES['max_new_tokens']})")
     ap.add_argument("--ask", nargs="?", const=ASK_INTERACTIVELY, default=None, metavar="QUESTION",
                     help="with --image: print the answer to QUESTION; without QUESTION, a conversation on stdin")
     ap.add_argument("--image", default="", help="the image --ask asks about")
@@ -911,7 +918,15 @@ def main(argv=None):
     ap.add_argument("--top-p", type=float, default=1.0, help="--ask with --temperature > 0: nucleus sampling")
     ap.add_argument("--export-llava-hf", default="", metavar="OUT",
                     help="write CHECKPOINT as a transformers LlavaForConditionalGeneration directory, no evaluation")
+    return ap
+
+
+def main(argv=None):
+    ap = build_parser()
     args = ap.parse_args(argv)
+    problem = out_of_range(vars(args), RANGES)
+    if problem:
+        raise SystemExit(f"error: {problem}")
     mode = refuse_unused_flags(ap, args)
     try:
         if mode != "curves" and not os.path.isdir(args.checkpoint):

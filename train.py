@@ -35,10 +35,13 @@ from demo_base import DEMO_LLM, DEMO_POSITION_SCALE, DEMO_VISION, build_demo_bas
 from victor import (
     IGNORE_INDEX,
     STAGES,
+    Range,
     VictorConfig,
     VictorModel,
     config_with_overrides,
     load_checkpoint,
+    out_of_range,
+    read_config_json,
     save_checkpoint,
 )
 
@@ -47,51 +50,82 @@ class UsageError(ValueError):
     """A mistake in the command line, the recipe's settings or the data: train.py prints it as one line."""
 
 
+# Numeric settings' valid ranges (victor.Range): declared with each field below, checked by check_ranges
+POSITIVE, NON_NEGATIVE, AT_LEAST_1 = Range(0, lo_open=True), Range(0), Range(1)
+
+
+def knob(default, help: str, valid: Range | None = None):
+    """A TrainConfig field: its default, its --help text and, for a number, its valid range."""
+    meta = {"help": help, "range": valid}
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class TrainConfig:
-    recipe: str = "demo"
-    stage: str = "all"  # 1 | 1.5 | 2 | all
+    """One stage's settings. Every field is a train.py flag (--help prints each field's help); a recipe
+    sets them per stage and the flags given override it."""
+    recipe: str = knob("demo", "demo | llava15-vicuna7b | siglip-qwen25-7b | siglip-qwen25-0.5b: per-stage settings "
+                                       "and base models")
+    stage: str = knob("all", "1 | 1.5 | 2 | all (each stage initialised from the one before)")
     # data
-    data: str = ""  # LLaVA JSON / JSONL
-    image_folder: str = ""
-    template: str = "auto"  # auto | plain | vicuna_v1 | chatml | chat (the tokenizer's own)
-    max_length: int = 2048
-    strict: bool = False  # fail on the first bad record instead of skipping and counting it
+    data: str = knob("", "LLaVA-format JSON / JSONL of this stage (the demo recipe generates its own)")
+    image_folder: str = knob("", "the folder the records' image paths are relative to")
+    template: str = knob("auto", "auto | plain | vicuna_v1 | chatml | chat (the tokenizer's own); "
+                                 "auto: plain in stage 1, else the tokenizer's own, else vicuna_v1")
+    max_length: int = knob(2048, "tokens per sample: a longer one is cut (or skipped where the cut would "
+                                 "go through its image tokens)", AT_LEAST_1)
+    strict: bool = knob(False, "fail on the first bad record instead of skipping and counting it")
     # model: where to start
-    init: str = ""  # checkpoint of the previous stage; empty: build from vision_model + llm
-    vision_model: str = ""
-    llm: str = ""
-    model_overrides: dict = field(default_factory=dict)  # extra VictorConfig fields (pool_size, ...)
-    variant: str = ""  # victor | croc | vdep | captions | llava: a preset of VictorConfig fields (VARIANTS)
+    init: str = knob("", "checkpoint of the previous stage; empty: build from --vision-model and --llm")
+    vision_model: str = knob("", "vision tower: a Hugging Face name or local directory")
+    llm: str = knob("", "language model: a Hugging Face name or local directory")
+    model_overrides: dict = knob({}, "extra VictorConfig fields as JSON, e.g. '{\"pool_size\": 4096}'; "
+                                     "wins over --variant")
+    variant: str = knob("", "victor | croc | vdep | captions | llava: a preset of VictorConfig fields "
+                            "(README, \"The family\")")
     # optimisation (the paper's recipe: lr / vision_lr / pool_lr per stage; vision_lr 0 = frozen tower)
-    lr: float = 1e-5
-    vision_lr: float = 2e-6
-    pool_lr: float = 1.5e-4
-    weight_decay: float = 0.0
-    adam_beta2: float = 0.999  # the HF/LLaVA default; the demo's tiny batches learn faster with 0.95
-    warmup_ratio: float = 0.03
-    warmup_steps: int = 0  # overrides warmup_ratio when > 0
-    grad_clip: float = 1.0
-    epochs: float = 1.0
-    max_steps: int = 0  # overrides epochs when > 0
-    global_batch_size: int = 128  # = batch_size x grad_accum x world size
-    batch_size: int = 16  # per device
+    lr: float = knob(1e-5, "peak learning rate of the projector, the LLM and the reconstruction head", POSITIVE)
+    vision_lr: float = knob(2e-6, "peak learning rate of the vision tower; 0: frozen", NON_NEGATIVE)
+    pool_lr: float = knob(1.5e-4, "peak learning rate of the token pool (stage 1.5)", NON_NEGATIVE)
+    weight_decay: float = knob(0.0, "AdamW weight decay", NON_NEGATIVE)
+    adam_beta2: float = knob(0.999, "AdamW beta2 (the HF/LLaVA default; the demo's tiny batches learn faster "
+                                    "with 0.95)", Range(0, 1, hi_open=True))
+    warmup_ratio: float = knob(0.03, "linear warm-up over this share of the steps, then cosine decay",
+                               Range(0, 1))
+    warmup_steps: int = knob(0, "warm-up steps; overrides --warmup-ratio when > 0", NON_NEGATIVE)
+    grad_clip: float = knob(1.0, "clip the gradients' total norm to this (inf: no clipping)", POSITIVE)
+    epochs: float = knob(1.0, "passes over the data (may be fractional); a given --epochs replaces the "
+                              "recipe's --max-steps", POSITIVE)
+    max_steps: int = knob(0, "optimizer steps; overrides --epochs when > 0", NON_NEGATIVE)
+    global_batch_size: int = knob(128, "samples per optimizer step = batch size x accumulation x processes",
+                                  AT_LEAST_1)
+    batch_size: int = knob(16, "samples per device per forward pass", AT_LEAST_1)
     # systems
-    # compute in bf16 (autocast; under --fsdp: bf16 parameters, fp32 gradient reduction). Not given: bf16 on CUDA,
-    # float32 on a CPU (slow in bf16 without native support); --bf16 / --no-bf16: as said, on any device
-    bf16: bool | None = None
-    gradient_checkpointing: bool = False
-    fsdp: bool = False  # shard with FSDP2 (fully_shard per decoder / vision layer) instead of DDP
-    num_workers: int = 2
-    seed: int = 0
-    log_every: int = 10
-    report_to: str = ""  # tensorboard | wandb | "tensorboard,wandb": metrics.jsonl's rows go there too
-    snapshot_steps: str = ""  # e.g. "250,500": also save the model at these steps (out_dir/snapshots/step-N)
-    save_every: int = 0  # steps between resumable training states (out_dir/checkpoints/step-N); 0: none
-    resume: str = ""  # "auto": continue from the newest complete state in out_dir/checkpoints; or a state dir
-    max_bad_steps: int = 5  # non-finite loss/gradient: skip the step; this many in a row stop the run
-    out_dir: str = "out/demo"
-    demo_images: int = 4000  # demo recipe: how many shapes training images to generate
+    bf16: bool | None = knob(None, "compute in bf16 (autocast; under --fsdp: bf16 parameters, fp32 gradient "
+                                   "reduction). Not given: bf16 on CUDA, float32 on a CPU (slow in bf16 without "
+                                   "native support); --bf16 / --no-bf16: as said, on any device")
+    gradient_checkpointing: bool = knob(False, "recompute activations in backward: less memory, more time")
+    fsdp: bool = knob(False, "shard with FSDP2 (one unit per decoder / vision layer) instead of DDP")
+    num_workers: int = knob(2, "data-loading processes per training process (0: in the training process)",
+                            NON_NEGATIVE)
+    seed: int = knob(0, "seed of the data order, stage 1.5's token choice and the new weights", NON_NEGATIVE)
+    log_every: int = knob(10, "steps between rows of OUT/metrics.jsonl", AT_LEAST_1)
+    report_to: str = knob("", "tensorboard | wandb | tensorboard,wandb: metrics.jsonl's rows go there too")
+    snapshot_steps: str = knob("", "e.g. 250,500: also save the model at these steps (OUT/snapshots/step-N)")
+    save_every: int = knob(0, "steps between resumable training states (OUT/checkpoints/step-N); 0: none",
+                           NON_NEGATIVE)
+    resume: str = knob("", "auto: continue from the newest complete state in OUT/checkpoints; or a state "
+                           "directory")
+    max_bad_steps: int = knob(5, "steps in a row with a non-finite loss or gradient that stop the run "
+                                 "(each one is skipped)", AT_LEAST_1)
+    out_dir: str = knob("out/demo", "where the checkpoint, metrics and reports go (--stage all: a folder "
+                                    "per stage under it)")
+    demo_images: int = knob(4000, "demo recipe: how many shapes training images to generate", AT_LEAST_1)
+
+
+RANGES = {f.name: f.metadata["range"] for f in dataclasses.fields(TrainConfig) if f.metadata["range"]}
 
 
 PAPER = dict(warmup_ratio=0.03, weight_decay=0.0, epochs=1.0, gradient_checkpointing=True,
@@ -200,9 +234,13 @@ VARIANTS = {
                  recon_image_ratio=0.5),
     # the control: stage 1.5 on the same captions with the LM loss alone (no pool, no reconstruction)
     "captions": dict(replace_ratio=0.0, stage15_attention="causal", recon_weight=0.0),
-    # LLaVA: no stage 1.5 at all
-    "llava": {},
+    # LLaVA-1.5: no stage 1.5 at all, and the projector's output fed to the LLM as it is (no L2
+    # normalisation), so that it exports to llava-hf (eval.py --export-llava-hf)
+    "llava": dict(normalize_visual_tokens=False),
 }
+# VictorConfig fields that only stage 1.5 reads: set for a run without stage 1.5, they get a note (check_knobs)
+STAGE15_FIELDS = ("pool_size", "replace_ratio", "matcher", "recon_weight", "recon_beta", "recon_target_offset",
+                  "recon_image_ratio", "stage15_attention")
 CROC_LR = 2e-5  # Croc's learning rate in stages 1.5 and 2 (the paper recipes; ViCToR's is 1e-5)
 
 
@@ -482,8 +520,13 @@ def print_plans(args: dict, world: int):
     """--plan: the memory plan of each stage this command line would run; nothing is built or loaded."""
     if world < 1:
         raise UsageError(f"--world-size must be at least 1, got {world}")
+    check_ranges(args)
     recipe, stage, init = args.get("recipe", "demo"), args.get("stage", "all"), args.get("init", "")
     overrides = {k: v for k, v in args.items() if k not in ("recipe", "stage", "init", "out_dir")}
+    if init and not os.path.exists(init):  # planned before the previous stage has run: its models are the recipe's
+        print(f"note: --init {init} does not exist yet: planning from the {recipe} recipe's models "
+              f"(and --model-overrides / --variant), as the previous stage will build them")
+        init = ""
     for s in stages_to_run(stage, overrides.get("variant", "")):
         print(format_plan(memory_plan(stage_config(recipe, s, overrides, init), s, world)))
 
@@ -628,10 +671,21 @@ def build_model(cfg: TrainConfig, stage: str, settings: dict | None = None):
         tokenizer = AutoTokenizer.from_pretrained(cfg.init or cfg.llm)
         image_processor = AutoImageProcessor.from_pretrained(cfg.init or cfg.vision_model)
     elif cfg.init:
+        def moved(why: str) -> UsageError:
+            return UsageError(f"--init {cfg.init}: cannot load a base model it refers to (vision_model "
+                              f"{saved.get('vision_model')!r}, llm {saved.get('llm')!r}): {why}; put the model "
+                              f"back at that path (or name), or train this checkpoint's stage again")
+        saved = read_config_json(cfg.init).get("victor", {}) if os.path.isdir(cfg.init) else {}
+        for key in ("vision_model", "llm"):  # a local directory that is gone: said now (else the hub is asked)
+            if os.path.isabs(saved.get(key) or "") and not os.path.isdir(saved[key]):
+                raise moved(f"{saved[key]} does not exist")
         try:
             model, tokenizer, image_processor = load_checkpoint(cfg.init, overrides=cfg.model_overrides)
         except ValueError as e:  # a setting the checkpoint refuses, or not a checkpoint at all
             raise UsageError(f"--init {cfg.init}: {e}") from None
+        except OSError as e:  # transformers' way of saying a base model it names cannot be had
+            raise moved(first_line(e)) from None
+        note_normalisation_change(cfg.init, model.cfg)
         for key in ("vision_model", "llm"):  # named on the command line: must be the checkpoint's own
             given, held = getattr(cfg, key), getattr(model.cfg, key)
             if given and (os.path.abspath(given) if os.path.isdir(given) else given) != held:
@@ -645,9 +699,13 @@ def build_model(cfg: TrainConfig, stage: str, settings: dict | None = None):
             if os.path.isdir(getattr(vcfg, key)):
                 setattr(vcfg, key, os.path.abspath(getattr(vcfg, key)))
         vcfg.validate()
-        model = VictorModel(vcfg)
-        tokenizer = AutoTokenizer.from_pretrained(cfg.llm)
-        image_processor = AutoImageProcessor.from_pretrained(cfg.vision_model)
+        try:
+            model = VictorModel(vcfg)
+            tokenizer = AutoTokenizer.from_pretrained(cfg.llm)
+            image_processor = AutoImageProcessor.from_pretrained(cfg.vision_model)
+        except OSError as e:  # transformers' way of saying a base model is not there
+            raise UsageError(f"cannot load the base models (--vision-model {cfg.vision_model!r}, --llm "
+                             f"{cfg.llm!r}): {first_line(e)}") from None
     attn = model.llm.config._attn_implementation
     if stage == "1.5" and model.cfg.stage15_attention == "mixed" and attn not in ("sdpa", "eager"):
         # Croc's mask is 4-D, which flash-attention cannot take: this stage runs on SDPA
@@ -655,6 +713,20 @@ def build_model(cfg: TrainConfig, stage: str, settings: dict | None = None):
               f"stage 1.5 runs with sdpa")
         model.llm.set_attn_implementation("sdpa")
     return model, D.ensure_pad_token(tokenizer), image_processor
+
+
+def first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def note_normalisation_change(init: str, new: VictorConfig):
+    """Say so when --variant or --model-overrides changes normalize_visual_tokens from what the checkpoint
+    was trained with (e.g. --variant llava on a stage-1 checkpoint trained without it): it takes effect,
+    but the projector learned the other."""
+    saved = read_config_json(init).get("victor", {}).get("normalize_visual_tokens")
+    if saved is not None and saved != new.normalize_visual_tokens:
+        print(f"note: normalize_visual_tokens={new.normalize_visual_tokens} (--variant / --model-overrides), but "
+              f"{init} was trained with {saved}: its projector learned the other")
 
 
 def build_model_once(cfg: TrainConfig, stage: str, rank: int):
@@ -705,7 +777,14 @@ def validate_data(cfg: TrainConfig, master: bool) -> tuple[D.RecordStore, list[t
     whose image file is missing) is reported with its position and reason, and written to
     out_dir/bad_records.json; --strict fails on any. Every process reads and checks the file itself
     (sending rank 0's records would pickle the whole dataset once per process); rank 0 reports."""
-    records, bad = D.load_records(cfg.data, strict=cfg.strict, image_folder=cfg.image_folder)
+    try:
+        records, bad = D.load_records(cfg.data, strict=cfg.strict, image_folder=cfg.image_folder)
+    except ValueError as e:  # not JSON at all, or --strict and a bad record: the first line names the record
+        first, *rest = str(e).splitlines()
+        raise UsageError(f"{first} {rest[0].strip() if rest else ''}"
+                         f"{' (and more)' if len(rest) > 1 else ''}"
+                         f"{'; without --strict bad records are skipped and listed' if cfg.strict else ''}"
+                         ) from None
     if dist.is_initialized():  # the samplers split the same records only if every process found the same
         counts = [None] * dist.get_world_size()
         dist.all_gather_object(counts, (len(records), len(bad)))
@@ -752,41 +831,105 @@ def make_optimizer(cfg: TrainConfig, model: VictorModel, stage: str, device: tor
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, total_steps))
 
 
+# Skipped samples (unusable at load time: a corrupt image, too long, ...). A process stops when one full pass
+# over its share of the data, or its first STOP_AFTER_SKIPS samples, gave no usable sample; more than
+# WARN_SKIP_RATE of the samples tried skipped is a warning, once WARN_AFTER_SAMPLES were tried (or a pass).
+STOP_AFTER_SKIPS = 1000
+WARN_SKIP_RATE = 0.05
+WARN_AFTER_SAMPLES = 100
+
+
+class StageStopped(RuntimeError):
+    """A stage that cannot go on (no usable data, non-finite losses): train.py prints it as one line."""
+
+
 class Batches:
     """The stage's batches, epoch after epoch, from where progress says (a resumed run). A sample the
-    dataset cannot use is counted by id and reason and passed over (under --strict: an error); a sample
-    cut to max_length is counted too. Each batch gets stage 1.5's selection seeds for its images."""
+    dataset cannot use is passed over and counted (under --strict: an error): each record once by id and
+    reason, a record skipped again after the data wrapped around as a repeat. A sample cut to max_length is
+    counted too. Each batch gets stage 1.5's selection seeds for its images. When this process has no usable
+    sample (a full pass, or its first STOP_AFTER_SKIPS samples, all skipped) it returns None and says why in
+    out_of_data: the loop then stops every process (stop_if_out_of_data)."""
 
     def __init__(self, loader, sampler: ResumableSampler, progress: dict, cfg: TrainConfig):
         self.loader, self.sampler, self.progress, self.cfg = loader, sampler, progress, cfg
-        self.skipped = [tuple(x) for x in progress["skipped"]]  # (id, reason)
-        self.truncated = [tuple(x) for x in progress.get("truncated", [])]  # (id, tokens cut)
+        self.skipped = [tuple(x) for x in progress["skipped"]]  # (id, reason), each record once
+        self.truncated = [tuple(x) for x in progress.get("truncated", [])]  # (id, tokens cut), each record once
+        self.seen_skips, self.seen_cuts = set(self.skipped), {rid for rid, _ in self.truncated}
+        # samples tried and skipped, repeats included (the skip rate); the skips of records already listed
+        self.tried, self.tried_skipped = progress.get("tried", 0), progress.get("tried_skipped", 0)
+        self.skip_repeats = progress.get("skip_repeats", 0)
+        self.tried_here = self.usable_here = 0  # in this process's run (since it started or resumed)
+        self.usable_in_epoch, self.whole_epoch = 0, False
+        self.out_of_data, self.warned = "", False
         sampler.start = progress["batches_in_epoch"] * cfg.batch_size
         self.epoch_batches = None
 
-    def __next__(self) -> dict:
-        while True:
+    def __next__(self) -> dict | None:
+        while not self.out_of_data:
             if self.epoch_batches is None:
+                self.whole_epoch, self.usable_in_epoch = self.sampler.start == 0, 0  # (not a resumed epoch's rest)
                 self.sampler.set_epoch(self.progress["epoch"])
                 self.epoch_batches = iter(self.loader)
             b = next(self.epoch_batches, None)
             if b is None:  # the epoch is over
+                if self.whole_epoch and self.usable_in_epoch == 0:
+                    self.out_of_data = "no usable sample in one full pass over the data"
+                    break
                 self.progress.update(epoch=self.progress["epoch"] + 1, batches_in_epoch=0)
                 self.epoch_batches = None
                 continue
             self.progress["batches_in_epoch"] += 1
             if self.cfg.strict and b["skipped"]:
                 rid, why = b["skipped"][0]
-                raise UsageError(f"{self.cfg.data}: record {rid}: {why} (strict: not skipping it)")
-            self.skipped.extend(b["skipped"])
-            self.truncated.extend(b["truncated"])
+                raise UsageError(f"{self.cfg.data}: record {rid}: {why} (strict: not skipping it; without "
+                                 f"--strict it is skipped, counted and listed in skipped.json)")
+            self.count(b)
             if "input_ids" in b:  # an all-skipped batch is simply passed over
                 b["seeds"] = selection_seeds(b["image_keys"], self.cfg.seed, self.progress["epoch"])
                 return b
+            if self.usable_here == 0 and self.tried_here >= STOP_AFTER_SKIPS:
+                self.out_of_data = f"the first {self.tried_here} samples tried were all skipped"
+        return None
+
+    def count(self, b: dict):
+        """A batch's samples: tried, skipped (each record listed once, repeats counted), cut."""
+        usable = len(b["ids"])
+        self.tried += usable + len(b["skipped"])
+        self.tried_skipped += len(b["skipped"])
+        self.tried_here += usable + len(b["skipped"])
+        self.usable_here += usable
+        self.usable_in_epoch += usable
+        for skip in b["skipped"]:
+            if skip in self.seen_skips:
+                self.skip_repeats += 1
+            else:
+                self.seen_skips.add(skip)
+                self.skipped.append(skip)
+        for rid, cut in b["truncated"]:
+            if rid not in self.seen_cuts:
+                self.seen_cuts.add(rid)
+                self.truncated.append((rid, cut))
+
+    def high_skip_rate(self) -> str:
+        """A warning, once, when more than WARN_SKIP_RATE of the samples tried were skipped ('' otherwise)."""
+        enough = min(WARN_AFTER_SAMPLES, len(self.loader) * self.cfg.batch_size)
+        if self.warned or self.tried < enough or self.tried_skipped <= WARN_SKIP_RATE * self.tried:
+            return ""
+        self.warned = True
+        return "warning: " + skip_rate_summary(self.tried, self.tried_skipped, self.skipped, "so far, this process")
 
     def state(self, step: int) -> dict:
         """The progress to save with a training state after this step."""
-        return {**self.progress, "step": step, "skipped": self.skipped, "truncated": self.truncated}
+        return {**self.progress, "step": step, "skipped": self.skipped, "truncated": self.truncated,
+                "tried": self.tried, "tried_skipped": self.tried_skipped, "skip_repeats": self.skip_repeats}
+
+
+def skip_rate_summary(tried: int, tried_skipped: int, skipped: list, where: str) -> str:
+    """'21 % of the samples tried were skipped (5 of 24, ...): the top reasons' (the report's words)."""
+    reasons = ", ".join(f"{n} x {kind}" for kind, n in D.skip_kinds(skipped).most_common(3))
+    return (f"{100 * tried_skipped / max(tried, 1):.0f} % of the samples tried were skipped ({tried_skipped} of "
+            f"{tried}, {where}): {reasons}")
 
 
 @dataclass
@@ -840,6 +983,9 @@ def start_stage(cfg: TrainConfig, stage: str) -> StageRun:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     loader, sampler = make_loader(cfg, stage, records, model, tokenizer, image_processor, rank, world)
+    if not records:
+        raise UsageError(f"{cfg.data}: no usable record: all {len(bad_records)} are bad (listed in "
+                         f"{os.path.join(cfg.out_dir, 'bad_records.json')})")
     if len(loader) < grad_accum:
         raise UsageError(f"{cfg.data}: {len(loader.dataset)} records are fewer than one global batch "
                          f"({cfg.global_batch_size})")
@@ -952,6 +1098,9 @@ def train_loop(r: StageRun, log: StageLog):
     r.model.train()
     for step in log.bar:
         micro = [next(r.batches) for _ in range(r.grad_accum)]
+        stop_if_out_of_data(r)
+        if r.master and (warning := r.batches.high_skip_rate()):
+            tqdm.write(f"{warning} (every one listed at the end and in skipped.json)")
         n_label, n_recon = global_target_counts(r, micro)
         losses = [forward_backward(r, b, n_label, n_recon, sync=i == r.grad_accum - 1) for i, b in enumerate(micro)]
         grad_norm = clip_gradients(r.optimizer, cfg.grad_clip)
@@ -968,7 +1117,7 @@ def train_loop(r: StageRun, log: StageLog):
                  finite, r.batches)
         if bad_in_a_row >= cfg.max_bad_steps:
             save_training_state(r.state_dir, r.batches.state(done), r.model, r.optimizer, r.scheduler, r.rank)
-            raise RuntimeError(f"stage {r.stage}: {bad_in_a_row} steps in a row had a non-finite loss or gradient "
+            raise StageStopped(f"stage {r.stage}: {bad_in_a_row} steps in a row had a non-finite loss or gradient "
                                f"(last: step {done}); stopped. The state before them is saved in "
                                f"{latest_training_state(r.state_dir)}: lower the learning rate or look at the data, "
                                f"then --resume auto")
@@ -978,19 +1127,53 @@ def train_loop(r: StageRun, log: StageLog):
             save_training_state(r.state_dir, r.batches.state(done), r.model, r.optimizer, r.scheduler, r.rank)
 
 
+def gathered_counts(r: StageRun) -> dict:
+    """Every process's skipped and truncated records and sample counts, together (a collective)."""
+    b = r.batches
+    mine = dict(skipped=b.skipped, truncated=b.truncated, tried=b.tried, tried_skipped=b.tried_skipped,
+                skip_repeats=b.skip_repeats, out_of_data=[f"process {r.rank}: {b.out_of_data}"] * bool(b.out_of_data))
+    if r.world == 1:
+        return mine
+    parts = [None] * r.world
+    dist.all_gather_object(parts, mine)
+    return {key: sum((p[key] for p in parts), type(mine[key])()) for key in mine}
+
+
+def write_skipped(r: StageRun, skipped: list) -> list:
+    """skipped.json: the validation pass's bad records and the samples skipped at load time (master only)."""
+    all_skipped = [(rid, why) for rid, why in r.bad_records] + skipped
+    write_json(os.path.join(r.cfg.out_dir, "skipped.json"), [{"id": rid, "reason": why} for rid, why in all_skipped])
+    return all_skipped
+
+
+def stop_if_out_of_data(r: StageRun):
+    """Stop every process together, with the counts and the top reasons, when one has no usable sample left
+    (Batches.out_of_data): a process that stopped alone would leave the others waiting in a collective."""
+    if all_reduce_sum(1.0 if r.batches.out_of_data else 0.0, r.device) == 0:
+        return
+    counts = gathered_counts(r)
+    if r.master:
+        write_skipped(r, counts["skipped"])
+    why = counts["out_of_data"][0].split(": ", 1)[1] if r.world == 1 else "; ".join(counts["out_of_data"])
+    reasons = ", ".join(f"{n} x {kind}" for kind, n in D.skip_kinds(counts["skipped"]).most_common(3))
+    raise StageStopped(f"stage {r.stage}: stopped, {why}: {counts['tried']} samples tried, {counts['tried_skipped']} "
+                       f"skipped ({len(counts['skipped'])} records: {reasons}); every skipped record is listed in "
+                       f"{os.path.join(r.cfg.out_dir, 'skipped.json')}")
+
+
 def finish_stage(r: StageRun, log: StageLog):
     """The end-of-run report (every skipped and truncated record, from every process) and the checkpoint."""
-    skipped, truncated = r.batches.skipped, r.batches.truncated
-    if r.world > 1:
-        gathered = [None] * r.world
-        dist.all_gather_object(gathered, (skipped, truncated))
-        skipped = [s for part, _ in gathered for s in part]
-        truncated = [t for _, part in gathered for t in part]
+    counts = gathered_counts(r)
+    skipped, truncated = counts["skipped"], counts["truncated"]
     if r.master:
-        all_skipped = [(rid, why) for rid, why in r.bad_records] + skipped
+        all_skipped = write_skipped(r, skipped)
         print(D.skip_report(all_skipped))
-        write_json(os.path.join(r.cfg.out_dir, "skipped.json"),
-                   [{"id": rid, "reason": why} for rid, why in all_skipped])
+        if counts["skip_repeats"]:
+            print(f"  (each record counted once; {counts['skip_repeats']} more skips of records already listed, "
+                  f"after the data wrapped around)")
+        if counts["tried_skipped"] > WARN_SKIP_RATE * counts["tried"]:
+            print("warning: " + skip_rate_summary(counts["tried"], counts["tried_skipped"], skipped,
+                                                  "every process"))
         if truncated:  # kept, but cut to max_length (never through image tokens): said, not silent
             print(f"truncated to max_length={r.cfg.max_length}: {len(truncated)} samples, "
                   f"{sum(n for _, n in truncated)} tokens cut (listed in truncated.json)")
@@ -1106,6 +1289,9 @@ def stage_config(recipe: str, stage: str, overrides: dict, init: str = "") -> Tr
     model_overrides = {**({} if init else r["model"].get("model_overrides", {})), **variant_preset(variant),
                        **overrides.get("model_overrides", {})}
     stage_values = dict(r["stages"][stage])
+    for flag, replaced in (("epochs", "max_steps"), ("warmup_ratio", "warmup_steps")):
+        if flag in overrides and replaced not in overrides:  # the user's --epochs over the recipe's step count
+            stage_values.pop(replaced, None)
     if variant == "croc" and stage in ("1.5", "2") and recipe != "demo":
         stage_values["lr"] = CROC_LR
     values = {**base, **stage_values, **overrides, "model_overrides": model_overrides,
@@ -1130,13 +1316,30 @@ def stages_to_run(stage: str, variant: str) -> list[str]:
     return stages
 
 
+def check_ranges(given: dict):
+    """Every numeric flag given within the range its TrainConfig field declares (RANGES), before anything
+    is built: one line naming the flag and its range."""
+    problem = out_of_range(given, RANGES)
+    if problem:
+        raise UsageError(problem)
+
+
 def check_knobs(given: dict, recipe: str, stages: list[str]):
     """Refuse a flag that contradicts another; say so when a flag has no effect in this stage (a flag
-    set shared by all stages of an experiment is common, so that is a note, not an error)."""
+    set shared by all stages of an experiment is common, so that is a note, not an error), or when a
+    flag replaces a recipe setting."""
     def off(flag, why, refuse):
         if refuse:
             raise UsageError(f"--{flag} {why}")
         print(f"note: --{flag} {why}")
+    if "1.5" not in stages:
+        where = " and ".join(f"stage {s}" for s in stages)
+        later = " (saved with the checkpoint, it applies in stage 1.5 from it)" if "1" in stages else ""
+        for key in sorted(set(given.get("model_overrides", {})) & set(STAGE15_FIELDS)):
+            print(f"note: --model-overrides {key}: a stage-1.5 setting, no effect in {where}{later}")
+        preset = VARIANTS.get(given.get("variant", ""), {})
+        if preset and set(preset) <= set(STAGE15_FIELDS):
+            print(f"note: --variant {given['variant']}: its settings are stage 1.5's, no effect in {where}{later}")
     if "demo_images" in given and recipe != "demo":
         off("demo-images", f"applies to the demo recipe only (this is {recipe!r})", True)
     if given.get("max_steps") and "epochs" in given:
@@ -1153,6 +1356,18 @@ def check_knobs(given: dict, recipe: str, stages: list[str]):
     if given.get("variant") == "croc" and recipe == "demo" and set(stages) & {"1.5", "2"}:
         print(f"note: --variant croc: Croc's learning rate {CROC_LR} (stages 1.5 and 2) belongs to the paper "
               f"recipes; the demo recipe keeps its own learning rates")
+
+
+def note_replaced_counts(given: dict, recipe: str, stages: list[str]):
+    """Say which of the recipe's step counts a given --epochs / --warmup-ratio replaces (stage_config)."""
+    recipe_stages = RECIPES.get(recipe, {}).get("stages", {})
+    for flag, replaced in (("epochs", "max_steps"), ("warmup_ratio", "warmup_steps")):
+        counts = {s: recipe_stages[s][replaced] for s in stages
+                  if recipe_stages.get(s, {}).get(replaced) and flag in given and replaced not in given}
+        if counts:
+            recipe_counts = ", ".join(f"stage {s}: {n}" for s, n in counts.items())
+            print(f"note: --{flag.replace('_', '-')} {given[flag]} replaces the {recipe} recipe's "
+                  f"{replaced} ({recipe_counts})")
 
 
 def demo_inputs(overrides: dict, out_root: str) -> dict:
@@ -1182,6 +1397,7 @@ def demo_inputs(overrides: dict, out_root: str) -> dict:
 def run(overrides: dict) -> list[str]:
     """Run one stage, or all three in a row (each initialised from the one before)."""
     given = dict(overrides)
+    check_ranges(given)
     recipe, stage = overrides.pop("recipe", "demo"), overrides.pop("stage", "all")
     out_root = overrides.pop("out_dir", "out/demo" if recipe == "demo" else f"out/{recipe}")
     variant = overrides.get("variant", "")
@@ -1193,6 +1409,7 @@ def run(overrides: dict) -> list[str]:
         raise UsageError(f"--model-overrides / --variant: {e}") from None
     stages = stages_to_run(stage, variant)
     check_knobs(given, recipe, stages)
+    note_replaced_counts(given, recipe, stages)
     MetricsReporter(overrides.get("report_to", ""))  # a missing optional package fails before data or models
     if stage == "all" and "data" in overrides and recipe != "demo":
         raise UsageError("--stage all needs different data per stage: run the stages one by one with --data")
@@ -1216,13 +1433,17 @@ def parse_args(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
+        valid = f"; {f.metadata['range']}" if f.metadata["range"] else ""
+        help_text = f"{f.metadata['help']} (default {f.default!r}{valid})".replace("%", "%%")
         if f.type in ("bool", "bool | None"):
-            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         elif f.type == "dict":
-            ap.add_argument(flag, type=json.loads, default=argparse.SUPPRESS, help="JSON, e.g. '{\"pool_size\": 4096}'")
+            ap.add_argument(flag, type=json.loads, default=argparse.SUPPRESS, metavar="JSON",
+                            help=f"{f.metadata['help']} (default {{}})")
         else:
             kind = {"int": int, "float": float}.get(f.type, str)
-            ap.add_argument(flag, type=kind, default=argparse.SUPPRESS)
+            ap.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text,
+                            metavar=f.type.upper() if kind is not str else "TEXT")
     # not TrainConfig fields: they ask for a memory plan instead of a run (a run's world size is torchrun's)
     ap.add_argument("--plan", action="store_true", default=argparse.SUPPRESS,
                     help="print what each GPU will hold for this command line (model configs only) and exit")
@@ -1231,10 +1452,12 @@ def parse_args(argv=None) -> dict:
     return vars(ap.parse_args(argv))
 
 
-if __name__ == "__main__":
-    args = parse_args()
+def main(argv=None):
+    """The command line: a memory plan (--plan) or a run. A mistake the user can fix (a flag, the data, a
+    path, a stage that had to stop) ends as one line, `error: ...`, not a traceback."""
+    args = parse_args(argv)
     if args.get("stage", "all") not in (*STAGES, "all"):
-        sys.exit(f"--stage must be one of 1, 1.5, 2, all (got {args['stage']!r})")
+        sys.exit(f"error: --stage must be one of 1, 1.5, 2, all (got {args['stage']!r})")
     plan, plan_world = args.pop("plan", False), args.pop("world_size", None)
     if plan_world is not None and not plan:
         sys.exit("--world-size applies to --plan only (a run's world size is torchrun's --nproc_per_node x --nnodes)")
@@ -1242,15 +1465,19 @@ if __name__ == "__main__":
         try:
             print_plans(args, 1 if plan_world is None else plan_world)
         except (ValueError, FileNotFoundError) as e:
-            sys.exit(f"--plan: {e}")
+            sys.exit(f"error: --plan: {e}")
         sys.exit(0)
     t = time.time()
     try:
         run(args)
-    except (UsageError, FileNotFoundError, MissingDependency) as e:  # the user's to fix: one line, no traceback
+    except (UsageError, FileNotFoundError, MissingDependency, StageStopped) as e:  # the user's to fix: one line
         sys.exit(f"error: {e}")
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"done in {time.time() - t:.0f}s")
     barrier()  # every rank past its last collective before gloo tears down (a rare abort at exit)
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -624,6 +624,39 @@ def save_checkpoint(model: VictorModel, path: str, tokenizer=None, image_process
         image_processor.save_pretrained(path)
 
 
+@dataclass(frozen=True)
+class Range:
+    """A numeric setting's valid values, declared once beside the setting (train.TrainConfig's fields,
+    eval.py's flags) and checked from the declaration: lo and hi (None: unbounded), each inclusive unless
+    open. NaN is in no range."""
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __contains__(self, value) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            return False
+        if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
+            return False
+        return self.hi is None or (value < self.hi if self.hi_open else value <= self.hi)
+
+    def __str__(self) -> str:
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        if self.lo is None:
+            return f"{'<' if self.hi_open else '<='} {self.hi:g}"
+        return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+
+
+def out_of_range(values: dict, ranges: dict[str, Range]) -> str:
+    """'--flag value: must be RANGE' for the first value outside its declared range ('' if none)."""
+    for name, value in values.items():
+        if name in ranges and value not in ranges[name]:
+            return f"--{name.replace('_', '-')} {value!r}: must be {ranges[name]}"
+    return ""
+
+
 # fields that a checkpoint's weights fix: an override that changes one is refused
 FIXED_BY_WEIGHTS = ("vision_model", "vision_config", "llm", "llm_config", "projector_type", "projector_path")
 

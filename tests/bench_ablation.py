@@ -30,7 +30,8 @@ it has one) on the same captions for the same steps, then the same stage 2. The 
 their stage-1.5 settings; every arm L2-normalises its visual tokens (normalize_visual_tokens, ViCToR's
 default), so that normalisation is not a difference between them:
 
-    llava             no stage 1.5 (stage 1, then stage 2)
+    llava             no stage 1.5 (stage 1, then stage 2); normalised like the rest (--variant llava alone
+                      does not normalise: LLaVA-1.5's math)
     captions          stage 1.5 with the LM loss alone: no pool, no replacement, no reconstruction
     victor            ViCToR: 75 % replaced by Hungarian-matched pool rows (pool 128), reconstruction
     victor-recon0     ViCToR's replacement without the reconstruction loss
@@ -71,7 +72,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 ARMS = {
-    "llava": dict(variant="llava"),
+    # --variant llava alone is LLaVA-1.5's math (no normalisation); here normalisation is kept as in every arm,
+    # so that the arms differ only by stage 1.5
+    "llava": dict(variant="llava", model_overrides={"normalize_visual_tokens": True}),
     "captions": dict(variant="captions"),
     "victor": dict(variant="victor"),
     "victor-recon0": dict(variant="victor", model_overrides={"recon_weight": 0.0}),

@@ -10,6 +10,7 @@ with a saved state.
 import io
 import json
 import os
+import re
 import struct
 import zlib
 
@@ -295,3 +296,154 @@ def test_k_non_finite_steps_in_a_row_stop_with_a_saved_state(base, tmp_path, mon
                          resume="auto"), "2")
     rows, _ = read_metrics(cfg.out_dir)
     assert [r["step"] for r in rows if not r.get("nonfinite")] == [4, 5]
+
+
+# -----------------------------------------------------------------------------
+# All-bad data: the run stops with counts and reasons (never waits forever), every process together
+
+
+def lfs_pointer_copy(base, tmp_path, bad_ids=None) -> str:
+    """The stage-2 records with their images replaced by git-lfs pointer files named .png (all of them, or the
+    records whose index is in bad_ids); returns the data file (image paths absolute)."""
+    with open(base.data["2"]) as f:
+        recs = json.load(f)
+    pointer = b"version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1234\n"
+    for i, r in enumerate(recs):
+        r["image"] = os.path.join(base.shapes, r["image"])
+        if bad_ids is None or i in bad_ids:
+            path = tmp_path / f"pointer-{i}.png"
+            path.write_bytes(pointer)
+            r["image"] = str(path)
+    path = tmp_path / "pointers.json"
+    path.write_text(json.dumps(recs))
+    return str(path)
+
+
+def stage2_flags(base, out_dir, data, **overrides) -> list[str]:
+    from conftest import cli_flags
+    values = dict(stage="2", data=data, image_folder="/", init=base.init, lr=1e-3, vision_lr=0.0, warmup_steps=1,
+                  max_steps=4, global_batch_size=4, batch_size=4, num_workers=0, log_every=1, max_length=256,
+                  bf16=False, seed=0, out_dir=str(out_dir))
+    values.update(overrides)
+    return cli_flags(values)
+
+
+def run_train(flags, timeout=300, torchrun=False):
+    """train.py in a subprocess, bounded by a timeout: a run that hangs fails the test with TimeoutExpired."""
+    import subprocess
+    import sys
+
+    from conftest import MAIN, subprocess_env
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if torchrun else []
+    return subprocess.run([sys.executable, *launcher, "train.py", *flags], cwd=MAIN, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("case", ["corrupt", "too-long"])
+def test_all_bad_data_stops_after_one_pass_in_one_line(base, tmp_path, case):
+    """Every image a git-lfs pointer, or every sample too long for its image tokens (--max-length 5): the run
+    stops after one pass over the 64 records, naming the counts, the reason and skipped.json."""
+    out = tmp_path / "out"
+    if case == "corrupt":
+        flags, kind = stage2_flags(base, out, lfs_pointer_copy(base, tmp_path)), "image unreadable"
+    else:
+        flags = stage2_flags(base, out, base.data["2"], image_folder=base.shapes, max_length=5)
+        kind = "N tokens with images do not fit max_length=N"
+    proc = run_train(flags)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == (f"error: stage 2: stopped, no usable sample in one full pass over the data: 64 samples tried, "
+                    f"64 skipped (64 records: 64 x {kind}); every skipped record is listed in "
+                    f"{out / 'skipped.json'}"), last
+    with open(out / "skipped.json") as f:
+        assert len(json.load(f)) == 64
+    assert not (out / "model.safetensors").exists()
+
+
+def test_the_first_n_samples_all_skipped_stop_before_a_full_pass(base, tmp_path, monkeypatch):
+    monkeypatch.setattr(T, "STOP_AFTER_SKIPS", 8)
+    cfg = stage2(base, tmp_path / "out", lfs_pointer_copy(base, tmp_path))
+    with pytest.raises(T.StageStopped, match=r"stopped, the first 8 samples tried were all skipped: 8 samples tried, "
+                                             r"8 skipped \(8 records: 8 x image unreadable\)"):
+        T.train_stage(cfg, "2")
+
+
+def test_two_processes_stop_together_when_one_has_only_bad_data(base, tmp_path):
+    """torchrun, 2 processes on gloo: process 1's share of the records (DistributedSampler's, epoch 0) is all
+    bad, process 0's all good. Both stop at the first step; neither is left waiting in a collective."""
+    sampler = torch.utils.data.DistributedSampler(range(64), num_replicas=2, rank=1, shuffle=True, seed=0,
+                                                  drop_last=True)
+    out = tmp_path / "out"
+    flags = stage2_flags(base, out, lfs_pointer_copy(base, tmp_path, bad_ids=set(sampler)), global_batch_size=8)
+    proc = run_train(flags, torchrun=True)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0, text[-3000:]
+    # process 0 tried its first batch of 4 (all usable) before they stopped
+    want = ("error: stage 2: stopped, process 1: no usable sample in one full pass over the data: 36 samples tried, "
+            "32 skipped (32 records: 32 x image unreadable)")
+    assert text.count(want) == 2, text[-3000:]  # both processes said it, and exited
+    with open(out / "skipped.json") as f:
+        assert len(json.load(f)) == 32
+
+
+def test_high_skip_rate_warns_at_once_and_at_the_end_and_counts_each_record_once(base, messy_data, tmp_path,
+                                                                                 capsys):
+    path, recs = messy_data
+    cfg = stage2(base, tmp_path / "out", path, max_steps=12)  # 24 records: two passes, every bad one seen twice
+    T.train_stage(cfg, "2")
+    text = "".join(capsys.readouterr())
+    assert "warning: 21 % of the samples tried were skipped (5 of 24, so far, this process)" in text, text[-2000:]
+    assert "warning: 21 % of the samples tried were skipped (10 of 48, every process)" in text
+    assert "(each record counted once; 5 more skips of records already listed, after the data wrapped around)" in text
+    with open(os.path.join(cfg.out_dir, "skipped.json")) as f:
+        assert sorted(s["id"] for s in json.load(f)) == sorted(SKIPPED)
+    _, done = read_metrics(cfg.out_dir)
+    assert done[0]["skipped"] == len(SKIPPED)
+
+
+# -----------------------------------------------------------------------------
+# A user's situation, not a bug: one line from train.py, naming the record, step or path and what to do
+
+
+def main_says(flags) -> str:
+    with pytest.raises(SystemExit) as e:
+        T.main(flags)
+    said = e.value.code
+    assert isinstance(said, str) and said.startswith("error: ") and len(said.splitlines()) == 1, said
+    return said
+
+
+def test_strict_on_a_bad_record_is_one_line(base, tmp_path):
+    with open(base.data["2"]) as f:
+        good = json.load(f)[:8]
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join([json.dumps(good[0]), "{this is not json", *map(json.dumps, good[1:])]) + "\n")
+    said = main_says(stage2_flags(base, tmp_path / "out", str(path), image_folder=base.shapes, strict=True))
+    assert "1 bad records (strict): line 2: invalid JSON" in said and "without --strict" in said, said
+    # a record that fails when it loads (a corrupt image) is named too
+    said = main_says(stage2_flags(base, tmp_path / "out", lfs_pointer_copy(base, tmp_path), strict=True))
+    assert re.search(r"record shapes-\d+(-q\d)?: image unreadable: .*strict: not skipping it", said), said
+
+
+def test_the_non_finite_stop_is_one_line(base, tmp_path, monkeypatch):
+    poison(monkeypatch, "all")
+    said = main_says(stage2_flags(base, tmp_path / "out", base.data["2"], image_folder=base.shapes,
+                                  max_bad_steps=2))
+    assert "stage 2: 2 steps in a row had a non-finite loss or gradient (last: step 2); stopped" in said, said
+    assert "then --resume auto" in said
+
+
+def test_a_stage1_checkpoint_whose_base_model_moved_is_one_line(base, tmp_path, shapes_tokenizer,
+                                                                tiny_image_processor):
+    import shutil
+
+    from victor import VictorConfig, VictorModel, save_checkpoint
+    moved_llm = str(tmp_path / "llm")
+    shutil.copytree(base.llm, moved_llm)
+    stage1 = str(tmp_path / "stage1")
+    model = VictorModel(VictorConfig(vision_model=base.vision, llm=moved_llm, pool_size=32))
+    save_checkpoint(model, stage1, shapes_tokenizer, tiny_image_processor, parts="projector")
+    shutil.rmtree(moved_llm)
+    said = main_says(stage2_flags(base, tmp_path / "out", base.data["2"], image_folder=base.shapes, init=stage1))
+    assert said.startswith(f"error: --init {stage1}: cannot load a base model it refers to") and moved_llm in said
+    assert "put the model back at that path" in said
