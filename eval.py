@@ -805,11 +805,8 @@ def pictures_main(args) -> str:
 
 
 def sampling_settings(args) -> dict | None:
-    """--temperature / --top-p as generate takes them: None (greedy) at temperature 0."""
-    if args.temperature < 0:
-        raise InputError(f"--temperature {args.temperature}: must be 0 (greedy) or more")
-    if not 0 < args.top_p <= 1:
-        raise InputError(f"--top-p {args.top_p}: must be in (0, 1]")
+    """--temperature / --top-p as generate takes them (their ranges are checked with every flag's, RANGES):
+    None (greedy) at temperature 0."""
     if args.temperature == 0:
         if args.top_p != 1.0:
             raise InputError("--top-p: no effect when answers are greedy (give --temperature > 0 to sample)")
@@ -884,7 +881,8 @@ def refuse_unused_flags(ap: argparse.ArgumentParser, args) -> str:
 
 
 # the numeric flags' valid ranges, declared once: main checks every flag against it, --help shows it
-RANGES = {"batch_size": Range(1), "limit": Range(0), "seed": Range(0), "max_new_tokens": Range(0)}
+RANGES = {"batch_size": Range(1), "limit": Range(0), "seed": Range(0), "max_new_tokens": Range(0),
+          "temperature": Range(0), "top_p": Range(0, 1, lo_open=True)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -914,8 +912,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--ask", nargs="?", const=ASK_INTERACTIVELY, default=None, metavar="QUESTION",
                     help="with --image: print the answer to QUESTION; without QUESTION, a conversation on stdin")
     ap.add_argument("--image", default="", help="the image --ask asks about")
-    ap.add_argument("--temperature", type=float, default=0.0, help="--ask: 0 answers greedily, > 0 samples")
-    ap.add_argument("--top-p", type=float, default=1.0, help="--ask with --temperature > 0: nucleus sampling")
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help=f"--ask: 0 answers greedily, > 0 samples ({RANGES['temperature']})")
+    ap.add_argument("--top-p", type=float, default=1.0,
+                    help=f"--ask with --temperature > 0: nucleus sampling ({RANGES['top_p']})")
     ap.add_argument("--export-llava-hf", default="", metavar="OUT",
                     help="write CHECKPOINT as a transformers LlavaForConditionalGeneration directory, no evaluation")
     return ap

@@ -23,7 +23,7 @@ def just_outside(rng, integer: bool) -> list:
         values.append(rng.lo if rng.lo_open else rng.lo - step)
     if rng.hi is not None:
         values.append(rng.hi if rng.hi_open else rng.hi + step)
-    return values
+    return values if integer else [float(v) for v in values]  # as argparse gives a float flag
 
 
 def test_every_numeric_field_declares_a_range_and_a_help():
