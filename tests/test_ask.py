@@ -128,7 +128,7 @@ def test_sampling_flags_reach_generate(untrained, base, monkeypatch, capsys):
     (["--ask", "q"], "--ask needs --image"),
     (["--image", "IMAGE", "--ask", "q", "--top-p", "0.5"], "--top-p: no effect when answers are greedy"),
     (["--image", "IMAGE", "--ask", "q", "--seed", "3"], "--seed: no effect when answers are greedy"),
-    (["--image", "IMAGE", "--ask", "q", "--temperature", "-1"], "--temperature -1.0: must be 0"),
+    (["--image", "IMAGE", "--ask", "q", "--temperature", "-1"], "--temperature -1.0: must be >= 0"),
     (["--image", "IMAGE", "--ask", "q", "--limit", "3"], "--limit: no effect with --ask"),
 ], ids=["missing image", "no image", "top-p greedy", "seed greedy", "negative temperature", "limit"])
 def test_mistakes_are_one_line(trained, base, extra, said, capsys):
