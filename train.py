@@ -779,10 +779,10 @@ def validate_data(cfg: TrainConfig, master: bool) -> tuple[D.RecordStore, list[t
     (sending rank 0's records would pickle the whole dataset once per process); rank 0 reports."""
     try:
         records, bad = D.load_records(cfg.data, strict=cfg.strict, image_folder=cfg.image_folder)
-    except ValueError as e:  # not JSON at all, or --strict and a bad record: the first line names the record
-        first, *rest = str(e).splitlines()
-        raise UsageError(f"{first} {rest[0].strip() if rest else ''}"
-                         f"{' (and more)' if len(rest) > 1 else ''}"
+    except ValueError as e:  # not JSON at all, or --strict and bad records: the first five named, on one line
+        first, *listed = str(e).splitlines()
+        named = "; ".join(line.strip() for line in listed[:5]) + (" ..." if len(listed) > 5 else "")
+        raise UsageError(f"{first} {named}".strip() +
                          f"{'; without --strict bad records are skipped and listed' if cfg.strict else ''}"
                          ) from None
     if dist.is_initialized():  # the samplers split the same records only if every process found the same

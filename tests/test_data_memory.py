@@ -214,5 +214,5 @@ def test_every_process_reads_the_data_itself(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(T, "dist", FakeDist(other_counts=(4, 0)))  # the other process found other records
     with pytest.raises(RuntimeError, match=r"different \(good, bad\) record counts \[\(3, 1\), \(4, 0\)\]"):
         T.validate_data(cfg, master=False)
-    with pytest.raises(ValueError, match=r"1 bad records \(strict\):\n  x \(line 4\)"):  # strict fails on every rank
+    with pytest.raises(ValueError, match=r"1 bad records \(strict\): x \(line 4\): missing"):  # strict: every rank
         T.validate_data(dataclasses.replace(cfg, strict=True), master=False)
