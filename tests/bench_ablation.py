@@ -1,7 +1,7 @@
 """
 The ablation: what does stage 1.5 buy? Arms x seeds on the built-in shapes world, one command.
 
-    python tests/bench_ablation.py                      # the pre-registered grid below (~80 min on 2 cores)
+    python tests/bench_ablation.py                      # the pre-registered grid below (~75 min on 2 cores)
     python tests/bench_ablation.py --arms llava captions victor --seeds 0 1 2
     python tests/bench_ablation.py --quick              # every arm, a few steps, seed 0 (~2 min): a smoke run
 
