@@ -1,6 +1,7 @@
 """
-The demo's base models: a tiny CLIP vision tower and a tiny Llama that stand in for pretrained ones.
-A reader of the method may skip this file; train.py builds the base on the demo's first run:
+The demo's base models: a tiny CLIP vision tower and a tiny Llama that stand in for pretrained ones,
+and the demo's inputs (these models and the generated shapes data). A reader of the method may skip
+this file; train.py builds the base on the demo's first run:
 
     python demo_base.py            # build (or reuse) out/demo/base and print what was measured
 
@@ -29,6 +30,7 @@ import time
 import torch
 
 import data as D
+from distributed import barrier, setup_distributed
 
 # The tower: patch 16 on 96-px images = 36 visual tokens, 2 x 2 per grid cell, so a replaced token's
 # neighbours carry part of its object (the premise of reconstructing it, as with natural images' patches).
@@ -213,8 +215,33 @@ def build_demo_base(out_dir: str, seed: int = 0, pretrain: dict | None = None,
     return vision_dir, llm_dir
 
 
+def demo_inputs(overrides: dict, out_root: str, num_images: int) -> dict:
+    """The demo recipe's shapes data and tiny base models, generated on first use unless given; their paths
+    go into overrides. Returns the data file of each stage ({} when the data was given)."""
+    given = {k for k, v in overrides.items() if v}
+    need_data = not {"data", "image_folder"} <= given
+    need_base = not ("init" in given or {"vision_model", "llm"} <= given)
+    rank, _, _ = setup_distributed()
+    spec = D.ShapesSpec(num_train_images=num_images)
+    if rank == 0:
+        if need_data:
+            D.shapes_files(os.path.join(out_root, "shapes"), spec)
+        if need_base:
+            build_demo_base(out_root)
+    barrier()
+    if need_base:
+        overrides.setdefault("vision_model", os.path.join(out_root, "base", "vision"))
+        overrides.setdefault("llm", os.path.join(out_root, "base", "llm"))
+    if not need_data:
+        return {}
+    files = D.shapes_files(os.path.join(out_root, "shapes"), spec)
+    overrides.setdefault("image_folder", os.path.join(out_root, "shapes"))
+    return {"1": files["stage1"], "1.5": files["stage1.5"], "2": files["stage2"]}
+
+
 if __name__ == "__main__":
     out = sys.argv[1] if len(sys.argv) > 1 else "out/demo"
     build_demo_base(out)
     with open(os.path.join(out, "base", "demo_base.json")) as f:
         print(json.dumps(json.load(f)["measured"], indent=1))
+

@@ -35,16 +35,9 @@ from PIL import Image
 from tqdm import tqdm
 
 import data as D
-from victor import (
-    WEIGHT_FILES,
-    Range,
-    default_device,
-    export_llava_hf,
-    load_checkpoint,
-    match_tokens_to_pool,
-    out_of_range,
-    read_config_json,
-)
+from checkpoints import WEIGHT_FILES, export_llava_hf, read_config_json
+from flags import Range, out_of_range
+from victor import default_device, load_checkpoint, match_tokens_to_pool
 
 
 class InputError(ValueError):

@@ -1,0 +1,238 @@
+"""
+A stage's batches, and the data it cannot use accounted for: the loader (one sampler for 1 or many
+processes), the validation pass's bad records, then the batches epoch after epoch with every sample the
+dataset passes over (a corrupt image, a sample too long) counted, listed by id and reason, and reported
+at the end; a process with no usable sample left stops every process together. A reader of the method
+may skip this file; train.py's loop calls next(batches).
+
+    python train.py --data recap.json --image-folder imgs/ ...   # OUT/bad_records.json, OUT/skipped.json
+    python train.py ... --strict                                 # the first bad record is an error
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+
+import data as D
+from distributed import ResumableSampler, all_reduce_sum
+from flags import StageStopped, UsageError
+
+if TYPE_CHECKING:
+    from train import StageRun, TrainConfig
+    from victor import VictorModel
+
+
+
+def selection_seeds(image_keys, seed: int, epoch: int) -> list[int]:
+    """Stage 1.5's random choice of tokens (step 2) per image, from (seed, epoch, record, k) alone:
+    1 or N processes, any batch size, and a resumed run all replace the same tokens."""
+    return [((seed * 1_000_003 + epoch) * 1_000_000_007 + index) * 1009 + k for index, k in image_keys]
+
+def make_loader(cfg: TrainConfig, stage: str, records, model: VictorModel, tokenizer, image_processor,
+                rank: int, world: int):
+    """(loader, sampler): one sampler for 1 or many processes, the same global order either way."""
+    template = D.resolve_template(cfg.template, tokenizer, stage)
+    dataset = D.LlavaDataset(records, cfg.image_folder, tokenizer, image_processor, template,
+                             model.num_image_tokens, cfg.max_length, model.cfg.image_token_id)
+    sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+                                         collate_fn=D.Collator(tokenizer.pad_token_id),
+                                         num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
+    return loader, sampler
+
+
+def validate_data(cfg: TrainConfig, master: bool) -> tuple[D.RecordStore, list[tuple[str, str]]]:
+    """The validation pass, before any training: every structurally bad record (and every record
+    whose image file is missing) is reported with its position and reason, and written to
+    out_dir/bad_records.json; --strict fails on any. Every process reads and checks the file itself
+    (sending rank 0's records would pickle the whole dataset once per process); rank 0 reports."""
+    try:
+        records, bad = D.load_records(cfg.data, strict=cfg.strict, image_folder=cfg.image_folder)
+    except ValueError as e:  # not JSON at all, or --strict and bad records: the first five named, on one line
+        first, *listed = str(e).splitlines()
+        named = "; ".join(line.strip() for line in listed[:5]) + (" ..." if len(listed) > 5 else "")
+        raise UsageError(f"{first} {named}".strip() +
+                         f"{'; without --strict bad records are skipped and listed' if cfg.strict else ''}"
+                         ) from None
+    if dist.is_initialized():  # the samplers split the same records only if every process found the same
+        counts = [None] * dist.get_world_size()
+        dist.all_gather_object(counts, (len(records), len(bad)))
+        if len(set(counts)) > 1:
+            raise RuntimeError(f"{cfg.data}: the processes found different (good, bad) record counts "
+                               f"{counts}: did the file or the image folder change while they read it?")
+    if master:
+        if bad:
+            print(f"{cfg.data}: {len(bad)} bad records will be skipped (all listed in "
+                  f"{os.path.join(cfg.out_dir, 'bad_records.json')}):")
+            for where, why in bad[:20]:
+                print(f"  {where}: {why}")
+            if len(bad) > 20:
+                print(f"  ... and {len(bad) - 20} more")
+        write_json(os.path.join(cfg.out_dir, "bad_records.json"), [{"record": w, "reason": why} for w, why in bad])
+    return records, bad
+
+
+def write_json(path: str, value):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(value, f, indent=1)
+
+
+# Skipped samples (unusable at load time: a corrupt image, too long, ...). A process stops when one full pass
+# over its share of the data, or its first STOP_AFTER_SKIPS samples, gave no usable sample; more than
+# WARN_SKIP_RATE of the samples tried skipped is a warning, once WARN_AFTER_SAMPLES were tried (or a pass).
+STOP_AFTER_SKIPS = 1000
+
+
+WARN_SKIP_RATE = 0.05
+
+
+WARN_AFTER_SAMPLES = 100
+
+
+class Batches:
+    """The stage's batches, epoch after epoch, from where progress says (a resumed run). A sample the
+    dataset cannot use is passed over and counted (under --strict: an error): each record once by id and
+    reason, a record skipped again after the data wrapped around as a repeat. A sample cut to max_length is
+    counted too. Each batch gets stage 1.5's selection seeds for its images. When this process has no usable
+    sample (a full pass, or its first STOP_AFTER_SKIPS samples, all skipped) it returns None and says why in
+    out_of_data: the loop then stops every process (stop_if_out_of_data)."""
+
+    def __init__(self, loader, sampler: ResumableSampler, progress: dict, cfg: TrainConfig):
+        self.loader, self.sampler, self.progress, self.cfg = loader, sampler, progress, cfg
+        self.skipped = [tuple(x) for x in progress["skipped"]]  # (id, reason), each record once
+        self.truncated = [tuple(x) for x in progress.get("truncated", [])]  # (id, tokens cut), each record once
+        self.seen_skips, self.seen_cuts = set(self.skipped), {rid for rid, _ in self.truncated}
+        # samples tried and skipped, repeats included (the skip rate); the skips of records already listed
+        self.tried, self.tried_skipped = progress.get("tried", 0), progress.get("tried_skipped", 0)
+        self.skip_repeats = progress.get("skip_repeats", 0)
+        self.tried_here = self.usable_here = 0  # in this process's run (since it started or resumed)
+        self.usable_in_epoch, self.whole_epoch = 0, False
+        self.out_of_data, self.warned = "", False
+        sampler.start = progress["batches_in_epoch"] * cfg.batch_size
+        self.epoch_batches = None
+
+    def __next__(self) -> dict | None:
+        while not self.out_of_data:
+            if self.epoch_batches is None:
+                self.whole_epoch, self.usable_in_epoch = self.sampler.start == 0, 0  # (not a resumed epoch's rest)
+                self.sampler.set_epoch(self.progress["epoch"])
+                self.epoch_batches = iter(self.loader)
+            b = next(self.epoch_batches, None)
+            if b is None:  # the epoch is over
+                if self.whole_epoch and self.usable_in_epoch == 0:
+                    self.out_of_data = "no usable sample in one full pass over the data"
+                    break
+                self.progress.update(epoch=self.progress["epoch"] + 1, batches_in_epoch=0)
+                self.epoch_batches = None
+                continue
+            self.progress["batches_in_epoch"] += 1
+            if self.cfg.strict and b["skipped"]:
+                rid, why = b["skipped"][0]
+                raise UsageError(f"{self.cfg.data}: record {rid}: {why} (strict: not skipping it; without "
+                                 f"--strict it is skipped, counted and listed in skipped.json)")
+            self.count(b)
+            if "input_ids" in b:  # an all-skipped batch is simply passed over
+                b["seeds"] = selection_seeds(b["image_keys"], self.cfg.seed, self.progress["epoch"])
+                return b
+            if self.usable_here == 0 and self.tried_here >= STOP_AFTER_SKIPS:
+                self.out_of_data = f"the first {self.tried_here} samples tried were all skipped"
+        return None
+
+    def count(self, b: dict):
+        """A batch's samples: tried, skipped (each record listed once, repeats counted), cut."""
+        usable = len(b["ids"])
+        self.tried += usable + len(b["skipped"])
+        self.tried_skipped += len(b["skipped"])
+        self.tried_here += usable + len(b["skipped"])
+        self.usable_here += usable
+        self.usable_in_epoch += usable
+        for skip in b["skipped"]:
+            if skip in self.seen_skips:
+                self.skip_repeats += 1
+            else:
+                self.seen_skips.add(skip)
+                self.skipped.append(skip)
+        for rid, cut in b["truncated"]:
+            if rid not in self.seen_cuts:
+                self.seen_cuts.add(rid)
+                self.truncated.append((rid, cut))
+
+    def high_skip_rate(self) -> str:
+        """A warning, once, when more than WARN_SKIP_RATE of the samples tried were skipped ('' otherwise)."""
+        enough = min(WARN_AFTER_SAMPLES, len(self.loader) * self.cfg.batch_size)
+        if self.warned or self.tried < enough or self.tried_skipped <= WARN_SKIP_RATE * self.tried:
+            return ""
+        self.warned = True
+        return "warning: " + skip_rate_summary(self.tried, self.tried_skipped, self.skipped, "so far, this process")
+
+    def state(self, step: int) -> dict:
+        """The progress to save with a training state after this step."""
+        return {**self.progress, "step": step, "skipped": self.skipped, "truncated": self.truncated,
+                "tried": self.tried, "tried_skipped": self.tried_skipped, "skip_repeats": self.skip_repeats}
+
+
+def skip_rate_summary(tried: int, tried_skipped: int, skipped: list, where: str) -> str:
+    """'21 % of the samples tried were skipped (5 of 24, ...): the top reasons' (the report's words)."""
+    reasons = ", ".join(f"{n} x {kind}" for kind, n in D.skip_kinds(skipped).most_common(3))
+    return (f"{100 * tried_skipped / max(tried, 1):.0f} % of the samples tried were skipped ({tried_skipped} of "
+            f"{tried}, {where}): {reasons}")
+
+
+def gathered_counts(r: StageRun) -> dict:
+    """Every process's skipped and truncated records and sample counts, together (a collective)."""
+    b = r.batches
+    mine = dict(skipped=b.skipped, truncated=b.truncated, tried=b.tried, tried_skipped=b.tried_skipped,
+                skip_repeats=b.skip_repeats, out_of_data=[f"process {r.rank}: {b.out_of_data}"] * bool(b.out_of_data))
+    if r.world == 1:
+        return mine
+    parts = [None] * r.world
+    dist.all_gather_object(parts, mine)
+    return {key: sum((p[key] for p in parts), type(mine[key])()) for key in mine}
+
+
+def write_skipped(r: StageRun, skipped: list) -> list:
+    """skipped.json: the validation pass's bad records and the samples skipped at load time (master only)."""
+    all_skipped = [(rid, why) for rid, why in r.bad_records] + skipped
+    write_json(os.path.join(r.cfg.out_dir, "skipped.json"), [{"id": rid, "reason": why} for rid, why in all_skipped])
+    return all_skipped
+
+
+def stop_if_out_of_data(r: StageRun):
+    """Stop every process together, with the counts and the top reasons, when one has no usable sample left
+    (Batches.out_of_data): a process that stopped alone would leave the others waiting in a collective."""
+    if all_reduce_sum(1.0 if r.batches.out_of_data else 0.0, r.device) == 0:
+        return
+    counts = gathered_counts(r)
+    if r.master:
+        write_skipped(r, counts["skipped"])
+    why = counts["out_of_data"][0].split(": ", 1)[1] if r.world == 1 else "; ".join(counts["out_of_data"])
+    reasons = ", ".join(f"{n} x {kind}" for kind, n in D.skip_kinds(counts["skipped"]).most_common(3))
+    raise StageStopped(f"stage {r.stage}: stopped, {why}: {counts['tried']} samples tried, {counts['tried_skipped']} "
+                       f"skipped ({len(counts['skipped'])} records: {reasons}); every skipped record is listed in "
+                       f"{os.path.join(r.cfg.out_dir, 'skipped.json')}")
+
+
+def report_unused_data(r: StageRun) -> tuple[list, list]:
+    """The end of a stage: every process's skipped and truncated records together (a collective); rank 0
+    prints the report and writes skipped.json and truncated.json. Returns (every skipped, every truncated)."""
+    counts = gathered_counts(r)
+    skipped, truncated = counts["skipped"], counts["truncated"]
+    if not r.master:
+        return skipped, truncated
+    all_skipped = write_skipped(r, skipped)
+    print(D.skip_report(all_skipped))
+    if counts["skip_repeats"]:
+        print(f"  (each record counted once; {counts['skip_repeats']} more skips of records already listed, "
+              f"after the data wrapped around)")
+    if counts["tried_skipped"] > WARN_SKIP_RATE * counts["tried"]:
+        print("warning: " + skip_rate_summary(counts["tried"], counts["tried_skipped"], skipped, "every process"))
+    if truncated:  # kept, but cut to max_length (never through image tokens): said, not silent
+        print(f"truncated to max_length={r.cfg.max_length}: {len(truncated)} samples, "
+              f"{sum(n for _, n in truncated)} tokens cut (listed in truncated.json)")
+    write_json(os.path.join(r.cfg.out_dir, "truncated.json"), [{"id": rid, "tokens_cut": n} for rid, n in truncated])
+    return all_skipped, truncated

@@ -1,0 +1,262 @@
+"""
+The memory plan: what each GPU will hold in a stage (weights, gradients, AdamW state, working copies,
+activations), from the model configs alone, nothing loaded. train.py prints it (--plan) and refuses a
+CUDA run whose plan cannot fit its GPU before anything is loaded. A reader of the method may skip it.
+
+    python train.py --recipe llava15-vicuna7b --plan --world-size 8
+    python train.py --recipe siglip-qwen25-0.5b --plan
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+import checkpoints as C
+from demo_base import demo_base_configs
+from flags import UsageError
+from victor import VictorConfig, VictorModel
+
+if TYPE_CHECKING:
+    from train import TrainConfig
+
+# The paper recipes' base models, by name: their architecture as in each model's published config.json
+# on the Hugging Face hub (for CLIP and SigLIP its vision_config), so that --plan works offline.
+# Vicuna-7B v1.5 is LLaMA-7B's architecture. Training itself loads the models (and their configs).
+PAPER_MODELS = {
+    "openai/clip-vit-large-patch14-336": dict(
+        model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+        num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu",
+        layer_norm_eps=1e-5),
+    "google/siglip-so400m-patch14-384": dict(
+        model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+        num_attention_heads=16, image_size=384, patch_size=14, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6),
+    "lmsys/vicuna-7b-v1.5": dict(
+        model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
+        rope_theta=10000.0, hidden_act="silu", tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0),
+    # the one-GPU recipe's: google/siglip-base-patch16-224's config.json leaves its vision_config at
+    # SiglipVisionConfig's defaults, which are these values (ViT-B/16 at 224 px)
+    "google/siglip-base-patch16-224": dict(
+        model_type="siglip_vision_model", hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+        num_attention_heads=12, image_size=224, patch_size=16, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6),
+    # Qwen/Qwen2.5-0.5B-Instruct's config.json (its embeddings and LM head are tied)
+    "Qwen/Qwen2.5-0.5B-Instruct": dict(
+        model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+        num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rms_norm_eps=1e-6,
+        rope_theta=1000000.0, hidden_act="silu", tie_word_embeddings=True, bos_token_id=151643,
+        eos_token_id=151645),
+    "Qwen/Qwen2.5-7B-Instruct": dict(
+        model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+        num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768, rms_norm_eps=1e-6,
+        rope_theta=1000000.0, hidden_act="silu", tie_word_embeddings=False, bos_token_id=151643,
+        eos_token_id=151645),
+}
+
+
+PLAN_PARTS = ("projector", "llm", "vision_tower", "token_pool", "recon_head")  # VictorModel's parts
+
+
+GIB = 2 ** 30
+
+
+def base_model_config(name: str, vision: bool, offline: bool) -> dict:
+    """A base model's architecture as a config dict, by name: PAPER_MODELS, a local directory, or the
+    Hugging Face cache (offline) / hub. No weights are read."""
+    if name in PAPER_MODELS:
+        return dict(PAPER_MODELS[name])
+    from transformers import AutoConfig
+    try:
+        conf = AutoConfig.from_pretrained(name, local_files_only=offline)
+    except (OSError, ValueError):
+        if not offline:
+            raise
+        raise UsageError(f"no architecture for {name!r} offline: not in memory_plan.PAPER_MODELS, not a local "
+                         f"directory, not in the Hugging Face cache") from None
+    return (getattr(conf, "vision_config", conf) if vision else conf).to_dict()
+
+
+def planned_model_settings(cfg: TrainConfig, offline: bool) -> VictorConfig:
+    """The VictorConfig this run would build (from --init's config.json, or the base models and
+    --model-overrides), with both base models as config dicts: nothing to download or load."""
+    if cfg.init:
+        meta = C.read_config_json(cfg.init)
+        if C.checkpoint_format(meta, cfg.init) == "victor":
+            vcfg = C.config_with_overrides(VictorConfig.from_dict({**meta["victor"], "projector_path": ""}),
+                                         cfg.model_overrides, meta.get("saved_parts") == "projector", cfg.init)
+        else:  # LLaVA's or llava-hf's directory: its reader says what victor builds from it
+            source = C.CHECKPOINT_READERS[C.checkpoint_format(meta, cfg.init)](cfg.init, meta)
+            vcfg = C.config_with_overrides(source.cfg, cfg.model_overrides, not source.pool_saved, cfg.init)
+    else:
+        vcfg = VictorConfig.from_dict({"vision_model": cfg.vision_model, "llm": cfg.llm, **cfg.model_overrides})
+    # base models named but not described yet: their configs, offline where possible
+    for name_key, config_key in (("vision_model", "vision_config"), ("llm", "llm_config")):
+        name = getattr(vcfg, name_key)
+        if getattr(vcfg, config_key) is not None:
+            continue
+        if name:
+            conf = base_model_config(name, name_key == "vision_model", offline)
+        elif cfg.recipe == "demo":  # run() builds the demo's tiny base models
+            conf = demo_base_configs()[name_key == "llm"].to_dict()
+        else:
+            raise UsageError(f"--{name_key.replace('_', '-')} is not set (recipe {cfg.recipe!r})")
+        setattr(vcfg, config_key, conf)
+    # configs only; the attention kernel holds no parameters, and SDPA needs no GPU
+    return VictorConfig.from_dict({**vcfg.to_dict(), "vision_model": "", "llm": "", "projector_path": "",
+                                   "attn_implementation": "sdpa"})
+
+
+def state_bytes(params: int, trained: int, shards: int) -> tuple[float, float, float]:
+    """(weights, gradients, AdamW state) per GPU: fp32 weights of every parameter (the model is kept in
+    fp32, frozen parts too), fp32 gradients and AdamW's two fp32 moments of the trained ones: 4 + 4 + 8
+    bytes. DDP holds them whole on every GPU (shards=1); FSDP splits all three over the processes."""
+    return 4 * params / shards, 4 * trained / shards, 8 * trained / shards
+
+
+def working_copy_bytes(mode: str, world: int, trained: int, root: tuple, layer: tuple, compute_bytes: int) -> float:
+    """Transient copies beside the states, per GPU. DDP: its gradient buckets (a second copy of the
+    gradients, as gradient_as_bucket_view is off; none in one process) and, under bf16 autocast, the bf16
+    copies of the trained weights that autocast caches and backward keeps. FSDP: the gathered root unit
+    (embeddings, lm_head, projector, pool, head: kept through the forward) and two layers (the one running,
+    the one prefetched) in the compute dtype, and their unsharded fp32 gradients before the reduce-scatter.
+    root and layer: (parameters, trained parameters)."""
+    if mode == "FSDP":
+        return compute_bytes * (root[0] + 2 * layer[0]) + 4 * (root[1] + layer[1])
+    return (4 * trained if world > 1 else 0) + (2 * trained if compute_bytes == 2 else 0)
+
+
+def activation_bytes(model: VictorModel, batch: int, seq: int, vision_trained: bool, checkpointing: bool,
+                     compute_bytes: int) -> float:
+    """A rough figure for the activations backward keeps, per GPU, for `batch` sequences of `seq` tokens.
+    Per LLM decoder layer ~ batch x seq x (24 x hidden + 8 x intermediate) x compute_bytes / 2: in bf16, the
+    tensors of width hidden (the two norms' inputs with their float32 internals, q, k, v, the attention
+    output, the MLP input) and the four of width intermediate (gate, up, act(gate), their product); attention
+    scores are never stored (SDPA / flash-attention). A vision layer likewise with 4 x intermediate (fc1's
+    output and its activation) over each image's tokens, when the tower is trained (a frozen one keeps
+    nothing). With gradient checkpointing a layer keeps only its input (batch x seq x hidden x compute_bytes)
+    and one layer at a time is recomputed in full. The LM loss adds (compute_bytes + 8) x vocab bytes per
+    label token (the logits, their float32 copy and its gradient); image positions carry no labels. Where the
+    LLM is frozen (stage 1) this overestimates: a frozen layer need not keep its linear layers' inputs."""
+    def stack(layers, tokens, hidden, full_per_token):
+        full, kept = tokens * full_per_token * compute_bytes / 2, tokens * hidden * compute_bytes
+        return layers * kept + full if checkpointing else layers * full
+    text = model.llm.config.get_text_config()
+    total = stack(text.num_hidden_layers, batch * seq, text.hidden_size,
+                  24 * text.hidden_size + 8 * text.intermediate_size)
+    total += batch * max(0, seq - model.num_image_tokens) * text.vocab_size * (compute_bytes + 8)
+    if vision_trained:
+        v, k = model.vision_tower.config, model.cfg.vision_feature_layer
+        used = k if k >= 0 else len(model.vision_tower.encoder.layers) + 1 + k  # the layers that reach the features
+        tokens = (v.image_size // v.patch_size) ** 2 + (1 if v.model_type.startswith("clip") else 0)  # CLIP's CLS
+        total += stack(used, batch * tokens, v.hidden_size, 24 * v.hidden_size + 4 * v.intermediate_size)
+    return total
+
+
+def memory_plan(cfg: TrainConfig, stage: str, world: int, offline: bool = True) -> dict:
+    """What each GPU will hold in this run, in bytes, under DDP and under FSDP at this world size, from
+    the model built on the meta device (shapes only, no memory). format_plan prints it."""
+    with torch.device("meta"):
+        model = VictorModel(planned_model_settings(cfg, offline), load_weights=False)
+    groups = model.param_groups(stage, cfg.lr, cfg.vision_lr, cfg.pool_lr, cfg.weight_decay)  # what it trains
+    trained_ids = {id(p) for g in groups for p in g["params"]}
+
+    def count(params) -> tuple[int, int]:  # (parameters, trained parameters)
+        params = list(params)
+        return sum(p.numel() for p in params), sum(p.numel() for p in params if id(p) in trained_ids)
+
+    parts = {name: count([model.token_pool] if name == "token_pool" else getattr(model, name).parameters())
+             for name in PLAN_PARTS}
+    params, trained = (sum(c) for c in zip(*parts.values()))
+    layers = [count(layer.parameters())
+              for layer in [*model.vision_tower.encoder.layers, *model.llm.get_decoder().layers]]
+    root = (params - sum(n for n, _ in layers), trained - sum(t for _, t in layers))  # FSDP's root unit
+    compute_bytes = 4 if cfg.bf16 is False else 2  # what a GPU computes in: bf16 unless --no-bf16
+    vision_trained = parts["vision_tower"][1] > 0
+    seqs = sorted({model.num_image_tokens, max(model.num_image_tokens, cfg.max_length)})
+    activations = {ckpt: [activation_bytes(model, cfg.batch_size, s, vision_trained, ckpt, compute_bytes)
+                          for s in seqs] for ckpt in (False, True)}
+    plan = dict(recipe=cfg.recipe, stage=stage, world=world, batch=cfg.batch_size, seqs=seqs,
+                checkpointing=cfg.gradient_checkpointing, compute_bytes=compute_bytes, parts=parts,
+                params=params, trained=trained, activations=activations,
+                mode="one process" if world == 1 else "FSDP" if cfg.fsdp else "DDP",
+                vision=model.vision_tower.config.model_type, llm=model.llm.config.model_type)
+    for mode, shards in (("DDP", 1), ("FSDP", world)):
+        states = sum(state_bytes(params, trained, shards))
+        working = working_copy_bytes(mode, world, trained, root, max(layers), compute_bytes)
+        plan[mode] = dict(states=states, working=working,
+                          total=[states + working + a for a in activations[cfg.gradient_checkpointing]])
+    return plan
+
+
+def format_plan(plan: dict) -> str:
+    w = plan["world"]
+    unit, size = ("GiB", GIB) if plan["DDP"]["total"][-1] >= GIB else ("MiB", 2 ** 20)  # the demo's are MiB
+
+    def num(b):
+        return f"{b / size:8.2f}"
+
+    def count(n):
+        return f"{n / 1e6:8.1f}M" if n >= 1e5 else f"{n / 1e3:8.1f}k" if n else f"{0:9d}"
+    lines = [f"memory plan: recipe {plan['recipe']}, stage {plan['stage']}, world size {w}: {unit} per GPU, "
+             f"from the model configs (nothing loaded)",
+             f"  {plan['vision']} -> {plan['llm']}; {plan['seqs'][0]} visual tokens per image; per-GPU batch "
+             f"{plan['batch']}; computing in {'bf16' if plan['compute_bytes'] == 2 else 'fp32'} on the GPU",
+             f"  {'':32}|{'DDP (whole on every GPU)':^37}|{f'FSDP ({w} shard' + 's' * (w > 1) + ')':^37}|",
+             f"  {'part':<13}{'params':>9}{'trained':>9} |" + "  weights    grads    AdamW    total |" * 2]
+    for name, (params, trained) in [*plan["parts"].items(), ("all", (plan["params"], plan["trained"]))]:
+        row = f"  {name:<13}{count(params)}{count(trained)} |"
+        for shards in (1, w):
+            states = state_bytes(params, trained, shards)
+            row += "".join(" " + num(b) for b in (*states, sum(states))) + " |"
+        lines.append(row)
+    lines.append(f"  {'working copies':<32}|" + f" {num(plan['DDP']['working'])}  (buckets, bf16 copies)".ljust(37)
+                 + "|" + f" {num(plan['FSDP']['working'])}  (gathered units)".ljust(37) + "|")
+    for ckpt in (False, True):
+        acts = ", ".join(f"{a / size:.2f} at {s} tokens" for a, s in zip(plan["activations"][ckpt], plan["seqs"]))
+        lines.append(f"  activations (rough), {'with' if ckpt else 'without'} gradient checkpointing: {acts}")
+    on = "on" if plan["checkpointing"] else "off"
+    lines.append(f"  in all per GPU, gradient checkpointing {on}: "
+                 + "; ".join(f"{mode} " + " to ".join(f"{t / size:.2f}" for t in plan[mode]["total"])
+                             for mode in ("DDP", "FSDP")))
+    how = {"one process": "one process: nothing to shard or replicate",
+           "FSDP": f"FSDP over {w} processes (--fsdp)", "DDP": f"DDP over {w} processes (--no-fsdp)"}
+    lines.append(f"  this run: {how[plan['mode']]}")
+    return "\n".join(lines)
+
+
+def fit_problem(plan: dict, gpu_bytes: int) -> str:
+    """Why this run cannot fit a GPU of gpu_bytes, naming the flag that fixes it; '' if it may fit.
+    Only what is sure counts: the states and working copies (exact counts), plus the activations of the
+    shortest batch holding an image (its visual tokens alone), the least a step with images needs."""
+    mode = "FSDP" if plan["mode"] == "FSDP" else "DDP"
+    fixed = {m: plan[m]["states"] + plan[m]["working"] for m in ("DDP", "FSDP")}
+    least = {ckpt: plan["activations"][ckpt][0] for ckpt in (False, True)}
+    ckpt, w = plan["checkpointing"], plan["world"]
+    fsdp_fits = w > 1 and fixed["FSDP"] + least[True] <= gpu_bytes
+    if fixed[mode] > gpu_bytes:
+        need, what = fixed[mode], "fp32 weights, gradients, AdamW state and working copies"
+        fix = ("add --fsdp to shard them over the processes" if mode == "DDP" and fsdp_fits else
+               "run on several GPUs with --fsdp" if w == 1 else
+               "run on more GPUs with --fsdp" if mode == "DDP" else "run on more GPUs (torchrun --nnodes)")
+    elif fixed[mode] + least[ckpt] > gpu_bytes:
+        need = fixed[mode] + least[ckpt]
+        what = f"the model states and the activations of {plan['batch']} sequences of {plan['seqs'][0]} tokens"
+        fix = ("add --gradient-checkpointing" if not ckpt and fixed[mode] + least[True] <= gpu_bytes else
+               "add --fsdp" if mode == "DDP" and fsdp_fits else "lower --batch-size")
+    else:
+        return ""
+    return (f"stage {plan['stage']}: each GPU needs at least {need / GIB:.1f} GiB ({what}, {plan['mode']} over "
+            f"{w} processes), more than this GPU's {gpu_bytes / GIB:.1f} GiB: {fix} (--plan --world-size {w} "
+            f"prints the plan)")
+
+
+def check_memory_fits(cfg: TrainConfig, stage: str, world: int, device: torch.device):
+    """Refuse, before anything is loaded, a run that cannot fit its GPU. On CPU there is no device memory
+    limit to check against (host memory is shared with everything else on the machine)."""
+    if device.type != "cuda":
+        return
+    problem = fit_problem(memory_plan(cfg, stage, world, offline=False),
+                          torch.cuda.get_device_properties(device).total_memory)
+    if problem:
+        raise UsageError(problem)

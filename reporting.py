@@ -1,0 +1,104 @@
+"""
+What the master process says while a stage runs: the progress bar, OUT/metrics.jsonl (every log_every
+steps, every non-finite step and the last) and --report-to's targets (TensorBoard, wandb). A reader of
+the method may skip this file.
+
+    python train.py --report-to tensorboard    # then: tensorboard --logdir out/demo
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import TYPE_CHECKING
+
+from tqdm import tqdm
+
+from flags import UsageError, _import_optional
+
+if TYPE_CHECKING:
+    from batches import Batches
+    from train import StageRun
+
+
+
+class StageLog:
+    """What the master process says while a stage runs: the progress bar, metrics.jsonl (every log_every
+    steps, every non-finite step and the last) and --report-to's targets. The other processes say nothing."""
+
+    def __init__(self, r: StageRun, reporter: MetricsReporter):
+        self.cfg, self.stage, self.master, self.reporter, self.total = r.cfg, r.stage, r.master, reporter, r.total_steps
+        self.metrics = None
+        if self.master:
+            os.makedirs(r.cfg.out_dir, exist_ok=True)
+            self.metrics = open(os.path.join(r.cfg.out_dir, "metrics.jsonl"), "a" if r.first_step else "w")
+            reporter.start(r.cfg.out_dir, r.stage, dataclasses.asdict(r.cfg))
+        self.bar = tqdm(range(r.first_step, r.total_steps), initial=r.first_step, total=r.total_steps,
+                        desc=f"stage {r.stage}", disable=not self.master, dynamic_ncols=True)
+        self.t0, self.samples, self.logged_skips = time.time(), 0, len(r.batches.skipped)
+
+    def step(self, row: dict, finite: bool, batches: Batches):
+        """One step's numbers (step, losses, lr, grad_norm), with the throughput and skip counts added."""
+        self.samples += self.cfg.global_batch_size
+        row.update(samples_per_s=self.samples / (time.time() - self.t0), skipped=len(batches.skipped),
+                   truncated=len(batches.truncated), **({} if finite else {"nonfinite": True}))
+        if not self.master:
+            return
+        self.bar.set_postfix(loss=f"{row['loss']:.3f}", lm=f"{row['lm_loss']:.3f}", rec=f"{row['recon_loss']:.3f}",
+                             lr=f"{row['lr']:.1e}", sps=f"{row['samples_per_s']:.0f}")
+        if row["step"] % self.cfg.log_every == 0 or row["step"] == self.total or not finite:
+            if len(batches.skipped) > self.logged_skips:  # this process's newly skipped records, by id
+                row["skipped_ids"] = [rid for rid, _ in batches.skipped[self.logged_skips:]]
+                self.logged_skips = len(batches.skipped)
+            self.write(row)
+            self.reporter.log(row)
+
+    def write(self, row: dict):
+        self.metrics.write(json.dumps({"stage": self.stage, **row}) + "\n")
+        self.metrics.flush()
+
+    def close(self, final_row: dict):
+        self.write(final_row)
+        self.metrics.close()
+        self.reporter.close()
+
+
+class MetricsReporter:
+    """--report-to: the rows written to metrics.jsonl go to TensorBoard (out_dir/tensorboard) and/or wandb
+    as well. Both are optional packages, imported only when asked for: a missing one fails when the
+    reporter is made, before any training."""
+    TARGETS = {"tensorboard": ("torch.utils.tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}
+
+    def __init__(self, report_to: str):
+        targets = [t.strip() for t in report_to.split(",") if t.strip()]
+        unknown = [t for t in targets if t not in self.TARGETS]
+        if unknown:
+            raise UsageError(f"--report-to {report_to!r}: unknown {unknown}; choose from {sorted(self.TARGETS)}, "
+                             f"comma-separated")
+        self.modules = {t: _import_optional(*self.TARGETS[t], flag=f"--report-to {t}") for t in targets}
+        self.writer = self.run = None
+
+    def start(self, out_dir: str, stage: str, config: dict):
+        if "tensorboard" in self.modules:
+            self.writer = self.modules["tensorboard"].SummaryWriter(log_dir=os.path.join(out_dir, "tensorboard"))
+        if "wandb" in self.modules:  # one wandb run per stage; WANDB_PROJECT (default "victor") groups them
+            self.run = self.modules["wandb"].init(project=os.environ.get("WANDB_PROJECT", "victor"), dir=out_dir,
+                                                  name=f"{os.path.basename(os.path.normpath(out_dir))} (stage {stage})",
+                                                  config=config)
+
+    def log(self, row: dict):
+        """One metrics.jsonl row: its numbers, at its step."""
+        values = {k: v for k, v in row.items()
+                  if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, row["step"])
+        if self.run is not None:
+            self.run.log(values, step=row["step"])
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+        if self.run is not None:
+            self.run.finish()
