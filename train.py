@@ -469,7 +469,7 @@ def save_model(r: StageRun, path: str):
 def stage_config(recipe: str, stage: str, overrides: dict, init: str = "") -> TrainConfig:
     """Recipe defaults for one stage, then the variant's preset, then the command line's overrides.
     With --init the checkpoint holds the model's settings: only the variant's and the command line's
-    model settings apply, and each takes effect or is refused (victor.config_with_overrides)."""
+    model settings apply, and each takes effect or is refused (checkpoints.config_with_overrides)."""
     if recipe not in RECIPES:
         raise UsageError(f"unknown recipe {recipe!r}; choose from {sorted(RECIPES)}")
     variant = overrides.get("variant", "")

@@ -12,7 +12,7 @@ pool 2048. Training steps as train.py takes them: fp32 master weights, bf16 auto
 - stage-1.5 and stage-2 step time (median) and their ratio, per attention kernel;
 - tokens/s and MFU: model FLOPs (6 x parameters per token trained through, 2 x where frozen, plus PaLM's
   12 x layers x width x sequence per token for attention; recomputation not counted) over the GPU's peak;
-- peak GPU memory of each stage against train.py --plan's figure (train.memory_plan) for this model and batch;
+- peak GPU memory of each stage against train.py --plan's figure (memory_plan.memory_plan) for this model and batch;
 - Hungarian matching in ms per image at 432 tokens x 2048 rows x width 4096 (the 7B recipe's sizes), and how
   many synchronising device->host copies one batch makes (torch.cuda.set_sync_debug_mode: expected 1);
 - generate throughput (bf16 weights, KV cache, greedy).
@@ -28,6 +28,8 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import distributed as DI  # noqa: E402
+import memory_plan as MP  # noqa: E402
 import train as T  # noqa: E402
 from victor import IGNORE_INDEX, IMAGE_TOKEN_ID, VictorConfig, VictorModel, hungarian_match, num_replaced  # noqa: E402
 
@@ -35,7 +37,7 @@ from victor import IGNORE_INDEX, IMAGE_TOKEN_ID, VictorConfig, VictorModel, hung
 PEAK_TFLOPS = {"H100 PCIe": 756, "H100 NVL": 835, "H100": 989, "H200": 989, "H800": 989, "H20": 148, "GH200": 989,
                "B200": 2250, "B100": 1750, "A100": 312, "A800": 312, "L40S": 362, "L40": 181, "L4": 121,
                "A10G": 70, "A10": 125, "RTX 4090": 165, "RTX 6000 Ada": 364, "A6000": 155}
-TOWER = T.PAPER_MODELS["openai/clip-vit-large-patch14-336"]
+TOWER = MP.PAPER_MODELS["openai/clip-vit-large-patch14-336"]
 LLM_1B = dict(model_type="llama", hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
               num_attention_heads=32, num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096,
               rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=None, pad_token_id=0)
@@ -203,7 +205,7 @@ def run(args) -> list[tuple[str, str]]:
     torch.manual_seed(0)
     with torch.device(device):
         model = VictorModel(settings)
-    model.same_parts_every_step = True
+    model.every_part_hook = DI.EveryPartInEveryStep()
     model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.vision_tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     batch = make_batch(model, args.batch_size, args.text, device)
@@ -231,11 +233,11 @@ def run(args) -> list[tuple[str, str]]:
             rows.append((f"stage {stage} step, {kernel}",
                          f"{seconds * 1e3:.0f} ms; {b * seq / seconds:,.0f} tokens/s; {mfu}"))
             if kernel == kernels[0]:
-                plan = T.memory_plan(train_config(settings, b, seq), stage, 1)
+                plan = MP.memory_plan(train_config(settings, b, seq), stage, 1)
                 planned = plan["DDP"]["total"][-1]  # one process: nothing sharded, the longest sequence
-                said = (f"{used / T.GIB:.2f} GiB measured vs {planned / T.GIB:.2f} GiB planned "
+                said = (f"{used / MP.GIB:.2f} GiB measured vs {planned / MP.GIB:.2f} GiB planned "
                         f"({used / planned:.2f}x)" if used is not None else
-                        f"n/a on {device.type} (planned {planned / T.GIB:.3f} GiB)")
+                        f"n/a on {device.type} (planned {planned / MP.GIB:.3f} GiB)")
                 rows.append((f"stage {stage} peak memory", said))
         rows.append((f"stage 1.5 / stage 2, {kernel}", f"{times['1.5'] / times['2']:.3f}"))
     images = 2 if args.tiny else 4 if args.quick else 16

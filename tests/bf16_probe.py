@@ -1,5 +1,5 @@
 """bf16 against float32 on one batch, as train.py computes (tests/test_bf16.py): one process, or under
-torchrun with 2 processes sharded by FSDP (train.shard_with_fsdp, bf16 parameters and fp32 reduction).
+torchrun with 2 processes sharded by FSDP (distributed.shard_with_fsdp, bf16 parameters and fp32 reduction).
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/bf16_probe.py OUT_DIR
 
@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-import train as T  # noqa: E402
+import distributed as DI  # noqa: E402
 import victor as V  # noqa: E402
 from conftest import tiny_model  # noqa: E402
 
@@ -26,7 +26,7 @@ CASES = (("victor", "1.5"), ("croc", "1.5"), ("victor", "2"))  # Hungarian, near
 def make_model(variant: str) -> V.VictorModel:
     """The tiny model (sdpa), its pool planted with its own visual tokens of make_batch(0)'s images (shuffled),
     so that matching has a clear answer where two tokens are not alike: each token's own copy."""
-    model = tiny_model(seed=0, pool_size=IMAGES * 16, **T.VARIANTS[variant])
+    model = tiny_model(seed=0, pool_size=IMAGES * 16, **V.VARIANTS[variant])
     ids, _, _, pixels = make_batch(0)
     with torch.no_grad():
         visual = model.embed_inputs(ids, pixels)[2].reshape(-1, model.token_pool.shape[1])
@@ -50,7 +50,7 @@ def prepare(model: V.VictorModel, stage: str) -> V.VictorModel:
     model.param_groups(stage, 1e-5, vision_lr=2e-6, pool_lr=1.5e-4)
     model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.vision_tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.same_parts_every_step = True
+    model.every_part_hook = DI.EveryPartInEveryStep()
     return model.train()
 
 
@@ -95,10 +95,10 @@ def compare(variant: str, stage: str, batch_seed: int, shard=None) -> dict:
 
 
 if __name__ == "__main__":
-    rank, world, device = T.setup_distributed()
+    rank, world, device = DI.setup_distributed()
     torch.set_num_threads(1)
-    results = {f"{v} {s}": compare(v, s, batch_seed=rank, shard=lambda m, bf16: T.shard_with_fsdp(m, bf16, device))
+    results = {f"{v} {s}": compare(v, s, batch_seed=rank, shard=lambda m, bf16: DI.shard_with_fsdp(m, bf16, device))
                for v, s in CASES}
     torch.save(results, os.path.join(sys.argv[1], f"rank-{rank}.pt"))
-    T.barrier()
+    DI.barrier()
     torch.distributed.destroy_process_group()

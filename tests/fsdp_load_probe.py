@@ -17,6 +17,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+import distributed as DI  # noqa: E402
+import memory_plan as MP  # noqa: E402
 import train as T  # noqa: E402
 
 record = {}
@@ -49,7 +51,7 @@ def recording(build, shard):
         # the first build imports the model's transformers modules (~110 MiB, whatever the model's size):
         # a build on the meta device first puts them in the baseline, so that the growth is the model's
         with torch.device("meta"):
-            T.VictorModel(T.planned_model_settings(cfg, offline=True), load_weights=False)
+            T.VictorModel(MP.planned_model_settings(cfg, offline=True), load_weights=False)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # VmHWM := VmRSS: the peak from here on
         record["rss_before_build_kib"] = status_kib("VmRSS")
@@ -68,10 +70,10 @@ def recording(build, shard):
 if __name__ == "__main__":
     loader, argv = sys.argv[1], sys.argv[2:]
     if loader == "every-rank":
-        T.build_model_once, T.shard_with_fsdp = every_rank_loads, shard_own_copy
+        DI.build_model_once, DI.shard_with_fsdp = every_rank_loads, shard_own_copy
     elif loader != "once":
         sys.exit(f"loader must be 'once' or 'every-rank', got {loader!r}")
-    T.build_model_once, T.shard_with_fsdp = recording(T.build_model_once, T.shard_with_fsdp)
+    DI.build_model_once, DI.shard_with_fsdp = recording(DI.build_model_once, DI.shard_with_fsdp)
     T.run(T.parse_args(argv))
     record["peak_run_kib"] = status_kib("VmHWM")
     with open(os.path.join(os.environ["PROBE_DIR"], f"rank-{dist.get_rank()}.json"), "w") as f:

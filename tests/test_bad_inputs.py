@@ -19,7 +19,10 @@ import pytest
 import torch
 from PIL import Image
 
+import batches as BA
 import data as D
+import distributed as DI
+import flags as FL
 import train as T
 from conftest import read_metrics
 
@@ -285,7 +288,7 @@ def test_k_non_finite_steps_in_a_row_stop_with_a_saved_state(base, tmp_path, mon
     cfg = stage2(base, tmp_path / "out", base.data["2"], image_folder=base.shapes, max_steps=10, max_bad_steps=3)
     with pytest.raises(RuntimeError, match="3 steps in a row had a non-finite loss or gradient"):
         T.train_stage(cfg, "2")
-    state = T.latest_training_state(os.path.join(cfg.out_dir, "checkpoints"))
+    state = DI.latest_training_state(os.path.join(cfg.out_dir, "checkpoints"))
     assert state.endswith("step-3")
     with open(os.path.join(state, "progress.json")) as f:
         assert json.load(f)["step"] == 3
@@ -361,9 +364,9 @@ def test_all_bad_data_stops_after_one_pass_in_one_line(base, tmp_path, case):
 
 
 def test_the_first_n_samples_all_skipped_stop_before_a_full_pass(base, tmp_path, monkeypatch):
-    monkeypatch.setattr(T, "STOP_AFTER_SKIPS", 8)
+    monkeypatch.setattr(BA, "STOP_AFTER_SKIPS", 8)
     cfg = stage2(base, tmp_path / "out", lfs_pointer_copy(base, tmp_path))
-    with pytest.raises(T.StageStopped, match=r"stopped, the first 8 samples tried were all skipped: 8 samples tried, "
+    with pytest.raises(FL.StageStopped, match=r"stopped, the first 8 samples tried were all skipped: 8 samples tried, "
                                              r"8 skipped \(8 records: 8 x image unreadable\)"):
         T.train_stage(cfg, "2")
 

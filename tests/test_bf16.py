@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from bf16_probe import CASES, compare, make_batch
 from safetensors.torch import load_file
 
+import distributed as DI
 import eval as E
 import train as T
 from conftest import MAIN, cli_flags, read_metrics, subprocess_env, tiny_model
@@ -57,7 +58,7 @@ def test_bf16_one_process(case):
 
 
 def test_bf16_fsdp_two_processes(tmp_path):
-    """train.shard_with_fsdp's bf16 policy (bf16 parameters, fp32 reduce-scatter) runs on gloo: each rank's
+    """distributed.shard_with_fsdp's bf16 policy (bf16 parameters, fp32 reduce-scatter) runs on gloo: each rank's
     loss, the whole pool gradient and matching against the same model sharded in float32."""
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "tests/bf16_probe.py", str(tmp_path)], cwd=MAIN, env=subprocess_env(),
@@ -121,10 +122,10 @@ def test_cpu_default_stays_float32(base, tmp_path):
         train(train_values(base, tmp_path / name, "1.5", **flags), 1)
         runs[name] = read_metrics(tmp_path / name)[0]
     assert [r["loss"] for r in runs["default"]] == [r["loss"] for r in runs["no-bf16"]]
-    assert T.computes_in_bf16(T.TrainConfig(), torch.device("cpu")) is False
-    assert T.computes_in_bf16(T.TrainConfig(), torch.device("cuda")) is True
-    assert T.computes_in_bf16(T.TrainConfig(bf16=False), torch.device("cuda")) is False
-    assert T.computes_in_bf16(T.TrainConfig(bf16=True), torch.device("cpu")) is True
+    assert DI.computes_in_bf16(T.TrainConfig(), torch.device("cpu")) is False
+    assert DI.computes_in_bf16(T.TrainConfig(), torch.device("cuda")) is True
+    assert DI.computes_in_bf16(T.TrainConfig(bf16=False), torch.device("cuda")) is False
+    assert DI.computes_in_bf16(T.TrainConfig(bf16=True), torch.device("cpu")) is True
 
 
 # -----------------------------------------------------------------------------

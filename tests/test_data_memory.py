@@ -11,6 +11,7 @@ import random
 import pytest
 import torch
 
+import batches as BA
 import data as D
 import train as T
 
@@ -198,21 +199,21 @@ def test_every_process_reads_the_data_itself(tmp_path, monkeypatch, capsys):
     real_load = D.load_records
     monkeypatch.setattr(T.D, "load_records", lambda *a, **k: calls.append(a) or real_load(*a, **k))
     fake = FakeDist()
-    monkeypatch.setattr(T, "dist", fake)
+    monkeypatch.setattr(BA, "dist", fake)
     for name in ("a.png", "1.png", "2.png"):
         (tmp_path / name).write_bytes(b"")
     out = tmp_path / "out"
     cfg = T.TrainConfig(data=str(data), out_dir=str(out), image_folder=str(tmp_path))
-    records, bad = T.validate_data(cfg, master=False)  # rank 1: reads the file; rank 0 reports
+    records, bad = BA.validate_data(cfg, master=False)  # rank 1: reads the file; rank 0 reports
     assert calls == [(str(data),)] and records == RECORDS
     assert bad == [("x (line 4)", "missing or empty 'conversations'")]
     assert fake.gathered == [(3, 1)] and not out.exists() and capsys.readouterr().out == ""
-    assert T.validate_data(cfg, master=True) == (RECORDS, bad)
+    assert BA.validate_data(cfg, master=True) == (RECORDS, bad)
     assert "x (line 4): missing or empty" in capsys.readouterr().out
     assert json.loads((out / "bad_records.json").read_text()) == [{"record": "x (line 4)",
                                                                   "reason": "missing or empty 'conversations'"}]
-    monkeypatch.setattr(T, "dist", FakeDist(other_counts=(4, 0)))  # the other process found other records
+    monkeypatch.setattr(BA, "dist", FakeDist(other_counts=(4, 0)))  # the other process found other records
     with pytest.raises(RuntimeError, match=r"different \(good, bad\) record counts \[\(3, 1\), \(4, 0\)\]"):
-        T.validate_data(cfg, master=False)
+        BA.validate_data(cfg, master=False)
     with pytest.raises(ValueError, match=r"1 bad records \(strict\): x \(line 4\): missing"):  # strict: every rank
-        T.validate_data(dataclasses.replace(cfg, strict=True), master=False)
+        BA.validate_data(dataclasses.replace(cfg, strict=True), master=False)

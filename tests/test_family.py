@@ -9,8 +9,10 @@ import pytest
 import torch
 from test_victor import make_batch, reference_visual_tokens, sharpen, smooth_l1_by_hand, stage15
 
+import checkpoints as CK
 import train as T
 import victor
+import victor as V
 from conftest import save_base_models, tiny_config, tiny_model
 from victor import (
     IGNORE_INDEX,
@@ -33,7 +35,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def preset(variant, **extra):
     """A tiny model configured by one of train.py's --variant presets."""
-    return tiny_model(**{**T.VARIANTS[variant], **extra})
+    return tiny_model(**{**V.VARIANTS[variant], **extra})
 
 
 class CaptureHidden:
@@ -438,7 +440,7 @@ def test_init_refuses_unknown_overrides(checkpoints):
 
 def test_config_with_overrides_leaves_the_input_config_alone():
     cfg = tiny_config()
-    new = victor.config_with_overrides(cfg, {"matcher": "nearest"}, projector_only=False, source="x")
+    new = CK.config_with_overrides(cfg, {"matcher": "nearest"}, projector_only=False, source="x")
     assert new.matcher == "nearest" and cfg.matcher == "hungarian"
 
 
@@ -462,10 +464,10 @@ def test_croc_preset_on_a_paper_recipe_uses_crocs_lr():
     assert T.stage_config("llava15-vicuna7b", "2", {"variant": "croc", "lr": 3e-5}).lr == 3e-5  # a flag wins
 
 
-@pytest.mark.parametrize("variant", sorted(T.VARIANTS))
+@pytest.mark.parametrize("variant", sorted(V.VARIANTS))
 def test_each_preset_is_a_valid_config(variant):
     cfg = T.stage_config("demo", "1.5", {"variant": variant})
-    for key, value in T.VARIANTS[variant].items():
+    for key, value in V.VARIANTS[variant].items():
         assert cfg.model_overrides[key] == value
     VictorConfig.from_dict({**tiny_config().to_dict(), **cfg.model_overrides}).validate()
 
@@ -477,7 +479,7 @@ def test_user_model_overrides_win_over_the_preset():
     assert cfg.model_overrides["stage15_attention"] == "mixed"  # the rest of the preset stays
     # with --init the recipe's model settings do not apply, the preset's and the user's do
     cfg = T.stage_config("demo", "1.5", {"variant": "vdep"}, init="some/ckpt")
-    assert cfg.model_overrides == T.VARIANTS["vdep"] and cfg.init == "some/ckpt"
+    assert cfg.model_overrides == V.VARIANTS["vdep"] and cfg.init == "some/ckpt"
 
 
 def test_unknown_variant_is_refused():
@@ -506,7 +508,7 @@ def test_llava_variant_runs_stages_1_and_2(tmp_path, monkeypatch):
                   "vision_model": "v", "llm": "l"})
     assert [s for s, _, _ in seen] == ["1", "2"]
     assert seen[1][1] == outs[0]  # stage 2 starts from stage 1
-    assert not set(T.VARIANTS["victor"]) & set(seen[0][2])  # no stage-1.5 switches
+    assert not set(V.VARIANTS["victor"]) & set(seen[0][2])  # no stage-1.5 switches
 
 
 def test_check_knobs_refuses_contradictions(capsys):

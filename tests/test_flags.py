@@ -6,8 +6,11 @@ import sys
 
 import pytest
 
+import demo_base as DB
 import eval as E
+import flags as FL
 import train as T
+import victor as V
 from conftest import MAIN, subprocess_env
 
 
@@ -44,7 +47,7 @@ CASES += [("lr", float("nan"))]
 
 @pytest.mark.parametrize("name,value", CASES)
 def test_a_train_flag_just_outside_its_range_is_one_line(name, value, monkeypatch, tmp_path):
-    monkeypatch.setattr(T, "demo_inputs", lambda *a: pytest.fail("data was made before the ranges were checked"))
+    monkeypatch.setattr(DB, "demo_inputs", lambda *a: pytest.fail("data was made before the ranges were checked"))
     monkeypatch.setattr(T, "train_stage", lambda *a: pytest.fail("a stage started before the ranges were checked"))
     flag = "--" + name.replace("_", "-")
     with pytest.raises(SystemExit) as e:
@@ -102,11 +105,11 @@ def test_epochs_replaces_the_recipes_step_count(capsys):
     out = capsys.readouterr().out
     assert "note: --epochs 0.05 replaces the demo recipe's max_steps (stage 1: 200, stage 1.5: 200, stage 2: 1500)" \
         in out, out
-    with pytest.raises(T.UsageError, match="--epochs has no effect with --max-steps"):
+    with pytest.raises(FL.UsageError, match="--epochs has no effect with --max-steps"):
         T.check_knobs({"epochs": 1.0, "max_steps": 5}, "demo", ["2"])
 
 
-@pytest.mark.parametrize("key", T.STAGE15_FIELDS)
+@pytest.mark.parametrize("key", V.STAGE15_FIELDS)
 def test_a_stage15_override_outside_stage15_gets_a_note(key, capsys):
     T.check_knobs({"model_overrides": {key: 3}}, "demo", ["2"])
     assert f"note: --model-overrides {key}: a stage-1.5 setting, no effect in stage 2" in capsys.readouterr().out
@@ -123,7 +126,8 @@ def test_variant_llava_is_llava15_and_exports(tmp_path):
     assert cfg.model_overrides["normalize_visual_tokens"] is False  # LLaVA-1.5's math
     assert T.stages_to_run("all", "llava") == ["1", "2"]
     # with --init the preset still takes effect (a checkpoint's normalisation is a setting, not a weight)
-    from victor import VictorConfig, config_with_overrides
+    from checkpoints import config_with_overrides
+    from victor import VictorConfig
     saved = VictorConfig(vision_model="v", llm="l")
     cfg = T.stage_config("demo", "2", {"variant": "llava"}, init="ckpt")
     assert config_with_overrides(saved, cfg.model_overrides, True, "ckpt").normalize_visual_tokens is False
@@ -134,7 +138,8 @@ def test_every_ablation_arm_normalises_alike():
     sys.path.insert(0, f"{MAIN}/tests")
     from bench_ablation import ARMS
 
-    from victor import VictorConfig, config_with_overrides
+    from checkpoints import config_with_overrides
+    from victor import VictorConfig
     stage1 = VictorConfig(vision_model="v", llm="l")  # the shared stage-1 checkpoint's settings (no variant)
     for arm, spec in ARMS.items():
         cfg = T.stage_config("demo", "2", {"variant": spec["variant"], "model_overrides": spec.get("model_overrides",

@@ -20,8 +20,10 @@ from PIL import Image
 from safetensors.torch import save_file
 from test_victor import make_batch, sharpen
 
+import checkpoints as CK
 import data as D
 import eval as E
+import memory_plan as MP
 import train as T
 import victor
 from conftest import tiny_config, tiny_model
@@ -401,7 +403,7 @@ def test_train_init_and_eval_take_a_llava_dir(base, tmp_path, shapes_tokenizer, 
 def test_export_llava_hf_identical_logits_pixels_and_answers(tmp_path, shapes_tokenizer, tiny_image_processor):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
     model = source_model(seed=9, normalize_visual_tokens=False)
-    out = victor.export_llava_hf(model, shapes_tokenizer, tiny_image_processor, str(tmp_path / "hf"))
+    out = CK.export_llava_hf(model, shapes_tokenizer, tiny_image_processor, str(tmp_path / "hf"))
     llava = LlavaForConditionalGeneration.from_pretrained(out).eval()
     processor = AutoProcessor.from_pretrained(out)
     image_id = llava.config.image_token_id
@@ -443,7 +445,7 @@ def test_export_siglip_keeps_every_token_and_resizes_without_crop(tmp_path, shap
     torch.manual_seed(10)
     model = sharpen(VictorModel(tiny_config(vision="siglip", normalize_visual_tokens=False))).eval()
     proc = SiglipImageProcessor(size={"height": 32, "width": 32})
-    out = victor.export_llava_hf(model, shapes_tokenizer, proc, str(tmp_path / "hf"))
+    out = CK.export_llava_hf(model, shapes_tokenizer, proc, str(tmp_path / "hf"))
     llava, processor = LlavaForConditionalGeneration.from_pretrained(out).eval(), AutoProcessor.from_pretrained(out)
     assert llava.config.vision_feature_select_strategy == "full"  # SigLIP has no CLS token to drop
     batch = make_batch(model, seed=7)
@@ -472,7 +474,7 @@ def test_export_from_the_command_line_and_refusals(tmp_path, shapes_tokenizer, t
     for overrides, match in [({"vision_feature_downsample": 2}, "vision_feature_downsample=2"),
                              ({"projector_type": "linear"}, "projector_type='linear'")]:
         with pytest.raises(ValueError, match=match):
-            victor.export_llava_hf(tiny_model(normalize_visual_tokens=False, **overrides), shapes_tokenizer,
+            CK.export_llava_hf(tiny_model(normalize_visual_tokens=False, **overrides), shapes_tokenizer,
                                    tiny_image_processor, str(tmp_path / "y"))
 
 
@@ -485,10 +487,10 @@ def test_memory_plan_reads_a_llava_and_a_llava_hf_dir(tmp_path, shapes_tokenizer
     hf, llava, _ = llava_hf_dir(tmp_path / "hf", shapes_tokenizer, tiny_image_processor)
     for init, expect in ((ck, src), (hf, llava)):
         cfg = T.TrainConfig(recipe="demo", init=init)
-        planned = T.planned_model_settings(cfg, offline=True)
+        planned = MP.planned_model_settings(cfg, offline=True)
         text = expect.llm.config if init == ck else llava.config.text_config
         assert planned.llm_config["hidden_size"] == text.hidden_size
         assert planned.llm_config["num_hidden_layers"] == text.num_hidden_layers
-        plan = T.memory_plan(cfg, "2", world=2)
+        plan = MP.memory_plan(cfg, "2", world=2)
         loaded, _, _ = victor.load_checkpoint(init)
         assert plan["parts"]["llm"][0] == sum(p.numel() for p in loaded.llm.parameters())

@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import memory_plan as MP
 import train as T
 from conftest import MAIN, cli_flags, subprocess_env, tiny_config
 from victor import VictorConfig, VictorModel, save_checkpoint
@@ -29,7 +30,7 @@ def part_counts(model: VictorModel, stage: str, vision_lr: float) -> dict:
     """(parameters, trained parameters) per part of a real model, from its own parameter groups."""
     trained = {id(p) for g in model.param_groups(stage, 1e-3, vision_lr, 1e-2) for p in g["params"]}
     counts = {}
-    for name in T.PLAN_PARTS:
+    for name in MP.PLAN_PARTS:
         params = [model.token_pool] if name == "token_pool" else list(getattr(model, name).parameters())
         counts[name] = (sum(p.numel() for p in params), sum(p.numel() for p in params if id(p) in trained))
     return counts
@@ -46,7 +47,7 @@ def test_plan_counts_equal_the_real_model(vision, stage, vision_lr):
     model = VictorModel(settings)
     real = part_counts(model, stage, vision_lr)
     cfg = T.TrainConfig(recipe="custom", model_overrides=settings.to_dict(), vision_lr=vision_lr)
-    plan = T.memory_plan(cfg, stage, world=2)
+    plan = MP.memory_plan(cfg, stage, world=2)
     assert plan["parts"] == real
     assert all(params > 0 for params, _ in real.values())
     assert (real["vision_tower"][1] > 0) == (vision_lr > 0 and stage != "1")  # both branches are exercised
@@ -56,12 +57,12 @@ def test_plan_counts_equal_the_real_model(vision, stage, vision_lr):
 def test_plan_reads_init_checkpoints_and_local_base_models(base):
     """--init: the checkpoint's config.json (with its pool size); --vision-model/--llm: local directories."""
     real = part_counts(VictorModel(VictorConfig(vision_model=base.vision, llm=base.llm, pool_size=32)), "1.5", 1e-4)
-    from_init = T.memory_plan(T.TrainConfig(init=base.init, vision_lr=1e-4), "1.5", world=1)
-    from_dirs = T.memory_plan(T.TrainConfig(recipe="custom", vision_model=base.vision, llm=base.llm,
+    from_init = MP.memory_plan(T.TrainConfig(init=base.init, vision_lr=1e-4), "1.5", world=1)
+    from_dirs = MP.memory_plan(T.TrainConfig(recipe="custom", vision_model=base.vision, llm=base.llm,
                                             model_overrides={"pool_size": 32}, vision_lr=1e-4), "1.5", world=1)
     assert from_init["parts"] == from_dirs["parts"] == real
     with pytest.raises(ValueError, match="pool_size=64 cannot apply"):  # refused as the run refuses it
-        T.memory_plan(T.TrainConfig(init=base.init, model_overrides={"pool_size": 64}), "1.5", world=1)
+        MP.memory_plan(T.TrainConfig(init=base.init, model_overrides={"pool_size": 64}), "1.5", world=1)
 
 
 def test_plan_7b_counts_by_hand():
@@ -71,12 +72,12 @@ def test_plan_7b_counts_by_hand():
     qwen = 2 * vocab * h + layers * (2 * h * h + 2 * h * kv + h + 2 * kv + 3 * h * i + 2 * h) + h
     assert (llama, qwen) == (LLAMA_7B, QWEN25_7B)
     for recipe, want in zip(PAPER_RECIPES, (LLAMA_7B, QWEN25_7B)):
-        plan = T.memory_plan(T.stage_config(recipe, "2", {}), "2", world=8)
+        plan = MP.memory_plan(T.stage_config(recipe, "2", {}), "2", world=8)
         assert plan["parts"]["llm"] == (want, want)  # stage 2 trains all of it
 
 
 def test_plan_ddp_whole_fsdp_split_by_world_size():
-    plans = {w: T.memory_plan(T.stage_config("llava15-vicuna7b", "2", {}), "2", world=w) for w in (1, 2, 8)}
+    plans = {w: MP.memory_plan(T.stage_config("llava15-vicuna7b", "2", {}), "2", world=w) for w in (1, 2, 8)}
     params, trained = plans[1]["params"], plans[1]["trained"]
     for w, plan in plans.items():
         assert plan["DDP"]["states"] == 4 * params + 12 * trained  # fp32 weights; fp32 grads + 2 AdamW moments
@@ -130,18 +131,18 @@ def test_world_size_without_plan_is_refused_in_one_line():
 
 def test_a_run_that_cannot_fit_is_refused_naming_the_fix():
     gpu = 80 * 10 ** 9  # an 80 GB H100
-    ddp = T.memory_plan(T.stage_config("llava15-vicuna7b", "2", {"fsdp": False}), "2", world=8)
-    fsdp = T.memory_plan(T.stage_config("llava15-vicuna7b", "2", {}), "2", world=8)
-    alone = T.memory_plan(T.stage_config("llava15-vicuna7b", "2", {}), "2", world=1)
-    assert "add --fsdp" in T.fit_problem(ddp, gpu)  # ~16 bytes per parameter under DDP: 105 GiB of states
-    assert T.fit_problem(fsdp, gpu) == ""
-    assert "several GPUs with --fsdp" in T.fit_problem(alone, gpu)
-    no_ckpt = T.memory_plan(T.stage_config("llava15-vicuna7b", "2", {"gradient_checkpointing": False}), "2", world=8)
+    ddp = MP.memory_plan(T.stage_config("llava15-vicuna7b", "2", {"fsdp": False}), "2", world=8)
+    fsdp = MP.memory_plan(T.stage_config("llava15-vicuna7b", "2", {}), "2", world=8)
+    alone = MP.memory_plan(T.stage_config("llava15-vicuna7b", "2", {}), "2", world=1)
+    assert "add --fsdp" in MP.fit_problem(ddp, gpu)  # ~16 bytes per parameter under DDP: 105 GiB of states
+    assert MP.fit_problem(fsdp, gpu) == ""
+    assert "several GPUs with --fsdp" in MP.fit_problem(alone, gpu)
+    no_ckpt = MP.memory_plan(T.stage_config("llava15-vicuna7b", "2", {"gradient_checkpointing": False}), "2", world=8)
     fixed = no_ckpt["FSDP"]["states"] + no_ckpt["FSDP"]["working"]
     between = int(fixed + (no_ckpt["activations"][True][0] + no_ckpt["activations"][False][0]) / 2)
-    assert "add --gradient-checkpointing" in T.fit_problem(no_ckpt, between)
-    assert T.fit_problem(fsdp, between) == ""
-    assert "lower --batch-size" in T.fit_problem(fsdp, int(fixed + fsdp["activations"][True][0] / 2))
+    assert "add --gradient-checkpointing" in MP.fit_problem(no_ckpt, between)
+    assert MP.fit_problem(fsdp, between) == ""
+    assert "lower --batch-size" in MP.fit_problem(fsdp, int(fixed + fsdp["activations"][True][0] / 2))
 
 
 # -----------------------------------------------------------------------------

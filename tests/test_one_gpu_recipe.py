@@ -13,6 +13,7 @@ import pytest
 import torch
 from transformers import SiglipImageProcessor
 
+import memory_plan as MP
 import train as T
 from conftest import read_metrics
 from victor import VictorConfig, VictorModel, load_checkpoint, save_checkpoint
@@ -36,18 +37,18 @@ def test_plan_on_the_meta_device_fits_one_24gb_gpu():
     qwen = vocab * h + layers * (2 * h * h + 2 * h * kv + h + 2 * kv + 3 * h * i + 2 * h) + h
     assert qwen == QWEN25_05B
     for stage in ("1", "1.5", "2"):
-        plan = T.memory_plan(T.stage_config(RECIPE, stage, {}), stage, world=1)
+        plan = MP.memory_plan(T.stage_config(RECIPE, stage, {}), stage, world=1)
         assert (plan["vision"], plan["llm"], plan["mode"]) == ("siglip_vision_model", "qwen2", "one process")
         assert plan["seqs"][0] == (224 // 16) ** 2  # every SigLIP patch token, no CLS
         assert plan["parts"]["llm"] == (QWEN25_05B, QWEN25_05B if stage != "1" else 0)
         worst = plan["DDP"]["total"][-1]  # every sequence at max_length
-        assert worst <= 24 * T.GIB and T.fit_problem(plan, 24 * T.GIB) == "", (stage, worst / T.GIB)
+        assert worst <= 24 * MP.GIB and MP.fit_problem(plan, 24 * MP.GIB) == "", (stage, worst / MP.GIB)
 
 
 def reduced_architecture(tokenizer) -> VictorConfig:
     """PAPER_MODELS' values unchanged but for the layer count and the vocabulary (the shapes tokenizer's)."""
-    vision = {**T.PAPER_MODELS[VISION], "num_hidden_layers": 2}
-    llm = {**T.PAPER_MODELS[LLM], "num_hidden_layers": 2, "vocab_size": len(tokenizer),
+    vision = {**MP.PAPER_MODELS[VISION], "num_hidden_layers": 2}
+    llm = {**MP.PAPER_MODELS[LLM], "num_hidden_layers": 2, "vocab_size": len(tokenizer),
            "bos_token_id": None, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
     return VictorConfig(vision_config=vision, llm_config=llm, **T.RECIPES[RECIPE]["model"]["model_overrides"])
 
@@ -61,9 +62,9 @@ def test_one_stage15_step_of_the_recipe_on_its_architecture(base, shapes_tokeniz
     llm_config = model.llm.config
     for key in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
                 "rms_norm_eps"):  # the recorded values reached the model built
-        assert getattr(llm_config, key) == T.PAPER_MODELS[LLM][key], key
+        assert getattr(llm_config, key) == MP.PAPER_MODELS[LLM][key], key
     rope = getattr(llm_config, "rope_parameters", None) or {"rope_theta": llm_config.rope_theta}  # transformers 5
-    assert rope["rope_theta"] == T.PAPER_MODELS[LLM]["rope_theta"]
+    assert rope["rope_theta"] == MP.PAPER_MODELS[LLM]["rope_theta"]
     init = str(tmp_path / "init")
     save_checkpoint(model, init, shapes_tokenizer, SiglipImageProcessor(size={"height": 224, "width": 224}))
     out = str(tmp_path / "stage1.5")

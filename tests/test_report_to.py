@@ -11,6 +11,8 @@ import types
 
 import pytest
 
+import flags as FL
+import reporting as RP
 import train as T
 from conftest import MAIN, read_metrics, subprocess_env
 
@@ -54,11 +56,11 @@ def fake_wandb(calls):
 def test_missing_package_fails_before_training(base, tmp_path, monkeypatch, target, module):
     monkeypatch.setitem(sys.modules, module, None)  # `import module` now raises ImportError
     out = tmp_path / "run"
-    with pytest.raises(T.MissingDependency, match=rf"^--report-to {target} needs the {target} package, which is "
+    with pytest.raises(FL.MissingDependency, match=rf"^--report-to {target} needs the {target} package, which is "
                                                   rf"not installed: pip install {target}$"):
         T.train_stage(stage2_config(base, out, report_to=target), "2")
     assert not out.exists()  # nothing read, built or written
-    with pytest.raises(T.MissingDependency, match=target):  # run() checks before generating data or models
+    with pytest.raises(FL.MissingDependency, match=target):  # run() checks before generating data or models
         T.run({"recipe": "demo", "stage": "all", "out_dir": str(tmp_path / "demo"), "report_to": target})
     assert not (tmp_path / "demo").exists()
 
@@ -78,8 +80,8 @@ def test_missing_package_is_one_line_on_the_command_line(tmp_path):
 
 def test_unknown_target_is_refused():
     with pytest.raises(ValueError, match=r"--report-to 'tensorboard,mlflow': unknown \['mlflow'\]"):
-        T.MetricsReporter("tensorboard,mlflow")
-    assert T.MetricsReporter("").modules == {}  # the default: nothing imported
+        RP.MetricsReporter("tensorboard,mlflow")
+    assert RP.MetricsReporter("").modules == {}  # the default: nothing imported
     assert T.parse_args(["--report-to", "tensorboard,wandb"]) == {"report_to": "tensorboard,wandb"}
 
 

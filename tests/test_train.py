@@ -18,6 +18,8 @@ import torch
 from safetensors.torch import load_file
 
 import data as D
+import demo_base as DB
+import distributed as DI
 import eval as E
 import train as T
 from conftest import MAIN, cli_flags, read_metrics, subprocess_env
@@ -465,10 +467,10 @@ def stage15_overrides(base, out_dir, **overrides):
 
 
 def test_latest_training_state_ignores_half_written(tmp_path):
-    assert T.latest_training_state(str(tmp_path / "none")) == ""
+    assert DI.latest_training_state(str(tmp_path / "none")) == ""
     for d in ("step-5", "step-10", "step-15.tmp"):
         (tmp_path / d).mkdir()
-    assert T.latest_training_state(str(tmp_path)) == str(tmp_path / "step-10")
+    assert DI.latest_training_state(str(tmp_path)) == str(tmp_path / "step-10")
 
 
 def test_a_crash_while_saving_keeps_the_previous_state(base, tmp_path, monkeypatch):
@@ -491,7 +493,7 @@ def test_a_crash_while_saving_keeps_the_previous_state(base, tmp_path, monkeypat
     monkeypatch.undo()
     states = run / "checkpoints"
     assert sorted(os.listdir(states)) == ["step-2", "step-4.tmp"]
-    assert T.latest_training_state(str(states)) == str(states / "step-2")
+    assert DI.latest_training_state(str(states)) == str(states / "step-2")
     T.train_stage(cfg(run, resume="auto"), "1.5")
     a, b = load_file(str(tmp_path / "ref" / "model.safetensors")), load_file(str(run / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -532,10 +534,10 @@ def test_killed_and_resumed_run_equals_uninterrupted(base, tmp_path):
 
 def test_demo_base_is_rebuilt_when_built_by_another_version(tmp_path, capsys):
     short = dict(pretrain=dict(steps=2, eval_questions=10), vision_pretrain=dict(steps=2))  # a quick base
-    vision_dir, llm_dir = T.build_demo_base(str(tmp_path), **short)
+    vision_dir, llm_dir = DB.build_demo_base(str(tmp_path), **short)
     llm = json.load(open(os.path.join(llm_dir, "config.json")))
-    assert llm["num_attention_heads"] == T.DEMO_LLM["num_attention_heads"]
-    assert llm["rope_parameters"]["rope_theta"] == T.DEMO_LLM["rope_theta"]
+    assert llm["num_attention_heads"] == DB.DEMO_LLM["num_attention_heads"]
+    assert llm["rope_parameters"]["rope_theta"] == DB.DEMO_LLM["rope_theta"]
     first = load_file(os.path.join(vision_dir, "model.safetensors"))["embeddings.position_embedding.weight"]
     assert 0.3 < first.std() < 0.5  # CLIP's init (0.02) x DEMO_POSITION_SCALE
     recorded = json.load(open(os.path.join(tmp_path, "base", "demo_base.json")))
@@ -543,17 +545,17 @@ def test_demo_base_is_rebuilt_when_built_by_another_version(tmp_path, capsys):
     assert set(recorded["measured"]) >= {"text_loss", "text_qa", "vision_loss", "seconds"}
     weights = os.path.join(llm_dir, "model.safetensors")
     stamp = os.stat(weights).st_mtime_ns
-    T.build_demo_base(str(tmp_path), **short)  # the same recipe: kept as it is
+    DB.build_demo_base(str(tmp_path), **short)  # the same recipe: kept as it is
     assert os.stat(weights).st_mtime_ns == stamp
     # a base built from other values (4 heads, no recipe file) is rebuilt, not silently reused
     os.remove(os.path.join(tmp_path, "base", "demo_base.json"))
     json.dump({**llm, "num_attention_heads": 4}, open(os.path.join(llm_dir, "config.json"), "w"))
-    T.build_demo_base(str(tmp_path), **short)
+    DB.build_demo_base(str(tmp_path), **short)
     assert "rebuilding" in capsys.readouterr().out
     assert json.load(open(os.path.join(llm_dir, "config.json")))["num_attention_heads"] == 8
     again = load_file(os.path.join(vision_dir, "model.safetensors"))["embeddings.position_embedding.weight"]
     assert torch.equal(first, again)  # deterministic: the same models as a fresh build
     # a base pretrained otherwise (another number of text steps) is rebuilt too
-    T.build_demo_base(str(tmp_path), pretrain=dict(steps=3, eval_questions=10), vision_pretrain=dict(steps=2))
+    DB.build_demo_base(str(tmp_path), pretrain=dict(steps=3, eval_questions=10), vision_pretrain=dict(steps=2))
     assert "rebuilding" in capsys.readouterr().out
     assert json.load(open(os.path.join(tmp_path, "base", "demo_base.json")))["recipe"]["text_pretraining"]["steps"] == 3

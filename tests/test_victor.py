@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
+import batches as BA
+import checkpoints as CK
 import victor
 from conftest import save_base_models, tiny_config, tiny_model
 from victor import (
@@ -213,11 +215,10 @@ def test_select_tokens_with_per_image_seeds_ignores_the_batch():
 
 
 def test_train_selection_seeds_name_each_image():
-    import train as T
-    seeds = T.selection_seeds([(0, 0), (0, 1), (1, 0)], seed=0, epoch=0)
+    seeds = BA.selection_seeds([(0, 0), (0, 1), (1, 0)], seed=0, epoch=0)
     assert len(set(seeds)) == 3
-    assert T.selection_seeds([(0, 0)], seed=0, epoch=1) != seeds[:1]  # a new epoch draws anew
-    assert T.selection_seeds([(0, 0)], seed=1, epoch=0) != seeds[:1]
+    assert BA.selection_seeds([(0, 0)], seed=0, epoch=1) != seeds[:1]  # a new epoch draws anew
+    assert BA.selection_seeds([(0, 0)], seed=1, epoch=0) != seeds[:1]
 
 
 def test_select_tokens_to_replace_reproducible_and_uniform():
@@ -786,7 +787,7 @@ def test_load_llava_projector_exact(tmp_path):
                           "model.mm_projector.2.weight", "model.mm_projector.2.bias"}
     path = str(tmp_path / "mm_projector.bin")
     torch.save(state, path)
-    victor.load_llava_projector(model, path)
+    CK.load_llava_projector(model, path)
     for k, v in model.projector.state_dict().items():
         assert torch.equal(v, state[f"model.mm_projector.{k}"])
     # and through the config switch, at construction time
@@ -800,7 +801,7 @@ def test_load_llava_projector_half_precision_file(tmp_path):
     state = {k: v.half() for k, v in _llava_state(model).items()}
     path = str(tmp_path / "mm_projector.bin")
     torch.save(state, path)
-    victor.load_llava_projector(model, path)
+    CK.load_llava_projector(model, path)
     assert model.projector[0].weight.dtype == torch.float32
     assert torch.equal(model.projector[0].weight, state["model.mm_projector.0.weight"].float())
 
@@ -813,7 +814,7 @@ def test_load_llava_linear_projector(tmp_path):
              "model.mm_projector.bias": torch.randn(32, generator=g)}
     path = str(tmp_path / "mm_projector.bin")
     torch.save(state, path)
-    victor.load_llava_projector(model, path)
+    CK.load_llava_projector(model, path)
     assert torch.equal(model.projector[0].weight, state["model.mm_projector.weight"])
     assert torch.equal(model.projector[0].bias, state["model.mm_projector.bias"])
 
@@ -823,23 +824,23 @@ def test_load_llava_projector_refuses_bad_files(tmp_path):
     no_keys = str(tmp_path / "no_keys.bin")
     torch.save({"model.layers.0.weight": torch.zeros(2)}, no_keys)
     with pytest.raises(ValueError, match="mm_projector"):
-        victor.load_llava_projector(model, no_keys)
+        CK.load_llava_projector(model, no_keys)
     wrong = str(tmp_path / "wrong.bin")
     state = _llava_state(model)
     state["model.mm_projector.0.weight"] = torch.zeros(32, 48)  # vision dim 48 instead of 32
     torch.save(state, wrong)
     with pytest.raises(ValueError, match="does not fit"):
-        victor.load_llava_projector(model, wrong)
+        CK.load_llava_projector(model, wrong)
     missing = str(tmp_path / "missing.bin")
     state = _llava_state(model)
     del state["model.mm_projector.2.bias"]
     torch.save(state, missing)
     with pytest.raises(ValueError, match="does not fit"):
-        victor.load_llava_projector(model, missing)
+        CK.load_llava_projector(model, missing)
     pickled = str(tmp_path / "pickled.bin")
     torch.save({"model.mm_projector.0.weight": object()}, pickled)  # weights_only refuses arbitrary objects
     with pytest.raises(pickle.UnpicklingError):
-        victor.load_llava_projector(model, pickled)
+        CK.load_llava_projector(model, pickled)
 
 
 # -----------------------------------------------------------------------------
