@@ -12,15 +12,14 @@ Evaluate a victor checkpoint (victor's own, the original LLaVA code's or llava-h
     python eval.py CKPT --image IMAGE.png --ask "What is left of the red circle?"   # one answer
     python eval.py CKPT --image IMAGE.png --ask      # a conversation about the image, until an empty line
 
-Every evaluation takes one path: a reader turns its file into items (prompt records plus what scoring
-needs), generate_answers answers them, and score (or the answers file) takes each item by its kind.
+Every evaluation takes one path: a reader (benchmarks.py) turns its file into items (prompt records plus what
+scoring needs), generate_answers answers them, and score (or the answers file) takes each item by its kind.
+The pictures (--visualize, --curves) are drawn in pictures.py.
 """
 from __future__ import annotations
 
 import argparse
 import base64
-import colorsys
-import csv
 import io
 import json
 import os
@@ -29,164 +28,27 @@ import secrets
 import sys
 from collections import defaultdict
 
-import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
 
 import data as D
+from benchmarks import (
+    OPTION_LETTERS,
+    InputError,
+    circular_accuracy,
+    load_bench,
+    mean,
+    mme_scores,
+    pope_metrics,
+    question_turns,
+    read_question_file,
+    read_test_set,
+)
 from checkpoints import WEIGHT_FILES, export_llava_hf, read_config_json
 from flags import Range, out_of_range
-from victor import default_device, load_checkpoint, match_tokens_to_pool
-
-
-class InputError(ValueError):
-    """A mistake in the files or flags given (not in the code): main prints it as one line."""
-
-
-# -----------------------------------------------------------------------------
-# Reading: every input format becomes a list of items. An item is a LLaVA prompt record ("id",
-# "conversations" up to the question, an "image" list of paths, an "image_path" or an "image_b64"),
-# plus what scoring needs: "kind" (multiple_choice, yes_no or open), "options", "answer", and the
-# fields reported with each prediction (type or category, index, l2-category, question_id...).
-
-OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # benchmarks may have more options than the shapes set's A-D
-YES_NO_SUFFIX = "Answer the question using a single word or phrase."
-
-
-def _is_none(value) -> bool:
-    """Empty, NaN or None, as pandas writes them into a TSV (LLaVA's is_none)."""
-    return value is None or (isinstance(value, float) and value != value) or \
-        str(value).strip().lower() in ("", "nan", "none")
-
-
-def _question(text: str, has_image: bool) -> list[dict]:
-    return [{"from": "human", "value": (f"{D.IMAGE_PLACEHOLDER}\n" if has_image else "") + text}]
-
-
-def read_rows(path: str) -> list:
-    """data.read_jsonl; a line that is not JSON is the user's to fix."""
-    try:
-        return D.read_jsonl(path)
-    except ValueError as e:
-        raise InputError(str(e)) from None
-
-
-def read_test_set(test_file: str, image_folder: str) -> list[dict]:
-    """LLaVA records (the shapes test set) whose last turn is the answer: a "type", and "options"
-    for a multiple-choice question (the answer is an option's text) or none for yes/no."""
-    try:
-        records, _ = D.load_records(test_file, strict=True, image_folder=image_folder)  # images too, before the model
-    except ValueError as e:
-        raise InputError(str(e)) from None
-    items = []
-    for i, r in enumerate(records):
-        answer, options = r["conversations"][-1]["value"].strip(), r.get("options") or []
-        if not options and answer.lower() not in ("yes", "no"):
-            raise InputError(f"{test_file}: record {D.record_id(r, i)}: no options, and the answer {answer!r} "
-                             f"is not yes/no")
-        items.append({**r, "id": D.record_id(r, i), "conversations": r["conversations"][:-1],
-                      "image": [os.path.join(image_folder, p) for p in D.record_images(r)],
-                      "kind": "multiple_choice" if options else "yes_no", "options": options, "answer": answer,
-                      "type": r.get("type", "all")})
-    if len({it["id"] for it in items}) < len(items):
-        raise InputError(f"{test_file}: record ids repeat; each answer is matched to its record by id")
-    return items
-
-
-def load_bench(path: str, image_folder: str = "") -> tuple[str, list[dict]]:
-    """A VLMEvalKit TSV (or JSONL with the same fields) -> (kind, items), kind "multiple_choice" or "yes_no".
-
-    Each item: index, question (the full prompt text, without <image>), options, answer (a letter or
-    yes/no), category, l2-category, and image_b64 or image_path. Raises InputError naming the row."""
-    if path.endswith(".jsonl"):
-        rows = read_rows(path)
-    else:
-        csv.field_size_limit(sys.maxsize)  # base64 images are long
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f, delimiter="\t"))
-    if not rows:
-        raise InputError(f"{path}: no rows")
-    if not all(isinstance(r, dict) for r in rows):
-        raise InputError(f"{path}: every row must be an object with index, question, answer")
-    missing = [c for c in ("index", "question", "answer") if c not in rows[0]]
-    if missing:
-        raise InputError(f"{path}: missing required column(s) {missing} (have {sorted(rows[0])})")
-    folder = image_folder or os.path.dirname(os.path.abspath(path))
-    b64_by_index = {str(r["index"]): r.get("image") for r in rows if not _is_none(r.get("image"))}
-    items = [_bench_item(row, n, f"{path}: row {n + 1} (index {row.get('index')})", folder, b64_by_index)
-             for n, row in enumerate(rows)]
-    kinds = {it["kind"] for it in items}
-    if len(kinds) > 1:
-        raise InputError(f"{path}: mixes multiple-choice rows and yes/no rows")
-    return kinds.pop(), items
-
-
-def _bench_item(row: dict, n: int, where: str, folder: str, b64_by_index: dict) -> dict:
-    """One row of a benchmark file as an item, prompted as LLaVA's evaluation prompts."""
-    if any(_is_none(row.get(c)) for c in ("index", "question", "answer")):
-        raise InputError(f"{where}: empty index/question/answer")
-    options = []
-    for letter in OPTION_LETTERS:  # A, B, ... as far as they are present and non-empty
-        if _is_none(row.get(letter)):
-            break
-        options.append(str(row[letter]).strip())
-    answer, question = str(row["answer"]).strip(), str(row["question"]).strip()
-    if options:
-        if answer not in OPTION_LETTERS[:len(options)]:
-            raise InputError(f"{where}: answer {answer!r} is not one of the option letters "
-                             f"{OPTION_LETTERS[:len(options)]}")
-        if not _is_none(row.get("hint")):
-            question = str(row["hint"]).strip() + "\n" + question
-        question += "".join(f"\n{letter}. {opt}" for letter, opt in zip(OPTION_LETTERS, options))
-        question += "\n" + D.MC_SUFFIX
-    elif answer.lower() in ("yes", "no"):
-        answer, question = answer.lower(), question + "\n" + YES_NO_SUFFIX
-    else:
-        raise InputError(f"{where}: no options (columns A, B, ...) and the answer {answer!r} is not yes/no")
-    item = {"id": f"#{n}", "index": str(row["index"]), "question": question, "options": options, "answer": answer,
-            "kind": "multiple_choice" if options else "yes_no",
-            "category": "all" if _is_none(row.get("category")) else str(row["category"])}
-    l2 = row.get("l2-category", row.get("l2_category"))  # MMBench writes l2-category, MMStar l2_category
-    if not _is_none(l2):
-        item["l2-category"] = str(l2)
-    image = row.get("image")
-    if not _is_none(image):
-        image = str(image).strip()
-        if len(image) <= 64 and image in b64_by_index and image != item["index"]:  # MMBench: another row's index
-            image = str(b64_by_index[image])
-        try:
-            base64.b64decode(image, validate=True)
-        except ValueError as e:  # binascii.Error is one
-            raise InputError(f"{where}: the image is not valid base64 ({e})") from None
-        item["image_b64"] = image
-        item["image_key"] = image  # the same string object: no copy
-    if not _is_none(row.get("image_path")):  # which image a row asks about (MME: two questions per image)
-        item["image_key"] = str(row["image_path"]).strip()
-        if "image_b64" not in item:
-            item["image_path"] = os.path.join(folder, item["image_key"])  # unchanged when absolute
-            if not os.path.isfile(item["image_path"]):
-                raise InputError(f"{where}: image_path {item['image_path']} not found")
-    item["conversations"] = _question(question, "image_b64" in item or "image_path" in item)
-    return item
-
-
-def read_question_file(question_file: str, image_folder: str) -> list[dict]:
-    """LLaVA's question JSONL, {question_id, image, text} a line -> open items."""
-    items = []
-    for n, q in enumerate(read_rows(question_file), 1):
-        if not isinstance(q, dict) or "question_id" not in q or _is_none(q.get("text")):
-            raise InputError(f"{question_file}: line {n}: needs 'question_id' and 'text'")
-        item = {"id": f"#{n}", "kind": "open", "question_id": q["question_id"], "text": q["text"],
-                "conversations": _question(q["text"], not _is_none(q.get("image")))}
-        if not _is_none(q.get("image")):
-            item["image_path"] = os.path.join(image_folder, q["image"])
-            if not os.path.isfile(item["image_path"]):
-                raise InputError(f"{question_file}: line {n} (question_id {q['question_id']}): "
-                                 f"image {item['image_path']} not found")
-        items.append(item)
-    return items
-
+from pictures import draw_curves, read_curves, visualize_pool
+from victor import default_device, load_checkpoint
 
 # -----------------------------------------------------------------------------
 # Generating: one greedy, batched loop for every kind of item
@@ -286,7 +148,7 @@ class Conversation:
     def ask(self, question: str) -> str:
         if D.IMAGE_PLACEHOLDER in question:  # one image, placed before the first question
             raise InputError(f"the question contains {D.IMAGE_PLACEHOLDER}: the image is given once, by --image")
-        turns = self.turns + _question(question, has_image=not self.turns)
+        turns = self.turns + question_turns(question, has_image=not self.turns)
         item = {"id": "question", "conversations": turns, "image_path": self.image_path}
         answer = generate_answers(self.model, self.tokenizer, self.image_processor, self.template, [item], 1,
                                   self.max_new_tokens, self.device, self.sampling, progress=False)["question"]
@@ -295,7 +157,7 @@ class Conversation:
 
 
 # -----------------------------------------------------------------------------
-# Scoring by kind: multiple choice and yes/no -> accuracies (+ POPE, MMBench circular, MME);
+# Scoring by kind: multiple choice and yes/no -> accuracies (+ POPE, MMBench circular, MME: benchmarks.py);
 # open answers -> LLaVA's answers file
 
 
@@ -332,17 +194,12 @@ def chance_of(item: dict) -> float:
     return 1.0 / len(item["options"]) if item.get("options") else 0.5
 
 
-def _mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values) if values else 0.0
-
-
 def _grouped(items: list[dict], predictions: list[dict], key: str, chance: bool) -> dict:
     groups = defaultdict(list)
     for it, p in zip(items, predictions):
         if key in it:
             groups[it[key]].append((p["correct"], chance_of(it)))
-    return {k: {"accuracy": _mean(c for c, _ in v), **({"chance": _mean(h for _, h in v)} if chance else {}),
+    return {k: {"accuracy": mean(c for c, _ in v), **({"chance": mean(h for _, h in v)} if chance else {}),
                 "n": len(v)} for k, v in sorted(groups.items())}
 
 
@@ -357,9 +214,9 @@ def score(items: list[dict], outputs: dict, group: str, fields: tuple[str, ...],
         truth = extract_answer(it["answer"], it["options"])  # a letter, an option's text, or yes/no
         predictions.append({**{k: it[k] for k in fields if k in it}, "output": out, "prediction": pred,
                             "answer": it["answer"], "correct": pred != "" and pred == truth})
-    results = {"num_questions": len(items), "accuracy": _mean(p["correct"] for p in predictions)}
+    results = {"num_questions": len(items), "accuracy": mean(p["correct"] for p in predictions)}
     if chance:
-        results["chance"] = _mean(map(chance_of, items))
+        results["chance"] = mean(map(chance_of, items))
     results[f"per_{group}"] = _grouped(items, predictions, group, chance)
     if any("l2-category" in it for it in items):
         results["per_l2_category"] = _grouped(items, predictions, "l2-category", chance)
@@ -376,279 +233,9 @@ def score(items: list[dict], outputs: dict, group: str, fields: tuple[str, ...],
     return results
 
 
-def pope_metrics(predictions: list[str], answers: list[str]) -> dict:
-    """POPE's metrics, positive = yes: accuracy, precision, recall, F1 and the ratio of yes answers.
-    A prediction that is neither yes nor no counts as wrong (and as not yes)."""
-    pairs = [(p.lower(), a.lower()) for p, a in zip(predictions, answers)]
-    tp = sum(p == "yes" and a == "yes" for p, a in pairs)
-    fp = sum(p == "yes" and a == "no" for p, a in pairs)
-    fn = sum(p != "yes" and a == "yes" for p, a in pairs)
-    precision, recall = (tp / (tp + fp), tp / (tp + fn)) if tp else (0.0, 0.0)
-    return {"n": len(pairs), "accuracy": _mean(p == a for p, a in pairs), "precision": precision, "recall": recall,
-            "f1": 2 * precision * recall / (precision + recall) if tp else 0.0,
-            "yes_ratio": _mean(p == "yes" for p, _ in pairs), "unparsed": sum(p not in ("yes", "no") for p, _ in pairs)}
-
-
-def circular_accuracy(predictions: list[dict]) -> dict | None:
-    """MMBench's circular evaluation (as VLMEvalKit): the copies of a question with its options rotated
-    share index mod 1e6, and the question counts as right only if every copy is answered right.
-    None when the file has no copies (or no indices that are numbers)."""
-    try:
-        keys = [int(float(p.get("index", ""))) % 1_000_000 for p in predictions]
-    except ValueError:
-        return None
-    groups = defaultdict(list)
-    for key, p in zip(keys, predictions):
-        groups[key].append(p)
-    if all(len(g) == 1 for g in groups.values()):
-        return None
-    right = {key: all(p["correct"] for p in g) for key, g in groups.items()}
-    per_category = defaultdict(list)
-    for key, g in groups.items():
-        per_category[g[0]["category"]].append(right[key])
-    return {"accuracy": _mean(right.values()), "n": len(right),
-            "per_category": {k: {"accuracy": _mean(v), "n": len(v)} for k, v in sorted(per_category.items())}}
-
-
-MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
-                  "artwork", "ocr")
-MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
-
-
-def mme_scores(items: list[dict], predictions: list[dict]) -> dict | None:
-    """MME's leaderboard score. Per sub-task (category): accuracy over its questions plus accuracy+ over its
-    images (an image counts when every question about it, two in MME, is right), each x100, so at most
-    200; perception and cognition are the sums over their sub-tasks. None unless every category is an
-    MME sub-task."""
-    tasks = [it.get("category", "").strip().lower().replace(" ", "_") for it in items]  # "OCR", "code reasoning"
-    if not tasks or not set(tasks) <= set(MME_PERCEPTION + MME_COGNITION):
-        return None
-    per_task = {}
-    for task in sorted(set(tasks)):
-        rows = [(it, p) for t, it, p in zip(tasks, items, predictions) if t == task]
-        if any("image_key" not in it for it, _ in rows):
-            raise InputError(f"MME sub-task {task}: every row needs an image (image or image_path) to pair "
-                             f"its questions for accuracy+")
-        by_image = defaultdict(list)
-        for it, p in rows:
-            by_image[it["image_key"]].append(p["correct"])
-        acc = 100 * _mean(p["correct"] for _, p in rows)
-        acc_plus = 100 * _mean(all(v) for v in by_image.values())
-        per_task[task] = {"accuracy": acc, "accuracy_plus": acc_plus, "score": acc + acc_plus,
-                          "questions": len(rows), "images": len(by_image)}
-    perception = sum(per_task[t]["score"] for t in MME_PERCEPTION if t in per_task)
-    cognition = sum(per_task[t]["score"] for t in MME_COGNITION if t in per_task)
-    return {"perception": perception, "cognition": cognition, "total": perception + cognition,
-            "per_subtask": per_task, "missing": [t for t in MME_PERCEPTION + MME_COGNITION if t not in per_task]}
-
-
 def short_uuid() -> str:
     """A random id like shortuuid's (22 characters of base 57), as in LLaVA's answer files."""
     return "".join(secrets.choice("23456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz") for _ in range(22))
-
-
-# -----------------------------------------------------------------------------
-# Pictures (matplotlib): the pool row step 3 matches to each patch beside its reconstruction error
-# (--visualize), and training curves (--curves)
-
-GOLDEN = 0.6180339887498949
-
-
-def pool_colour(row: int) -> tuple[int, int, int]:
-    """A deterministic colour per pool row: golden-ratio hue steps, so nearby rows differ."""
-    r, g, b = colorsys.hsv_to_rgb((int(row) * GOLDEN) % 1.0, 0.85, 0.95)
-    return int(255 * r), int(255 * g), int(255 * b)
-
-
-def pool_picture_layout(grid: int, panel: int = 384) -> dict:
-    """Geometry of draw_pool_picture's output in pixels: size, the two panels' top-left corners, cell side."""
-    cell = max(1, panel // grid)
-    side = cell * grid
-    pad, gap, top, bottom, legend = 20, 40, 64, 56, 90
-    return {"size": (pad + 2 * side + gap + legend + pad, top + side + bottom), "left": (pad, top),
-            "right": (pad + side + gap, top), "cell": cell, "side": side}
-
-
-def _figure(width: int, height: int):
-    """A matplotlib figure of width x height pixels, drawn without a display (Agg)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=(width / 100, height / 100), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _picture(fig, out_png: str | None) -> Image.Image:
-    """The figure as an RGB PIL image, written to out_png if given."""
-    fig.canvas.draw()
-    picture = Image.frombuffer("RGBA", fig.canvas.get_width_height(), fig.canvas.buffer_rgba()).convert("RGB")
-    if out_png:
-        os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
-        picture.save(out_png)
-    return picture
-
-
-def draw_pool_picture(image, pool_indices, errors, replaced, panel: int = 384, title: str = "",
-                      error_name: str = "SmoothL1") -> Image.Image:
-    """The picture, from arrays alone. image: a PIL image (shown square, as the model sees it);
-    pool_indices, errors, replaced: grid*grid values in row-major patch order (the pool row matched to
-    each patch, its reconstruction error, whether the forward that gave the errors replaced it).
-    Returns an RGB PIL image of size pool_picture_layout(grid, panel)["size"]."""
-    from matplotlib.patheffects import withStroke
-    rows = np.asarray(pool_indices).reshape(-1).astype(int)
-    errs = np.asarray(errors, dtype=np.float64).reshape(-1)
-    rep = np.asarray(replaced).reshape(-1).astype(bool)
-    n, grid = len(rows), int(round(len(rows) ** 0.5))
-    if grid * grid != n or len(errs) != n or len(rep) != n:
-        raise ValueError(f"pool_indices, errors and replaced must each hold grid*grid values; "
-                         f"got {len(rows)}, {len(errs)}, {len(rep)}")
-    lay = pool_picture_layout(grid, panel)
-    (width, height), cell, side = lay["size"], lay["cell"], lay["side"]
-    fig = _figure(width, height)
-
-    def axes(x, y, w):  # a box in pixels from the top left, as matplotlib's figure fractions
-        ax = fig.add_axes((x / width, 1 - (y + side) / height, w / width, side / height))
-        ax.set(xticks=[], yticks=[])
-        return ax
-
-    # left: the image, each patch half its pool row's colour, with the row's number
-    base = np.asarray(image.convert("RGB").resize((side, side), Image.BICUBIC), dtype=np.float64)
-    tint = np.array([pool_colour(r) for r in rows], dtype=np.float64).reshape(grid, grid, 3)
-    left = axes(*lay["left"], side)
-    left.imshow(((base + tint.repeat(cell, 0).repeat(cell, 1)) / 2).astype(np.uint8), interpolation="nearest")
-    left.set_title(f"pool row matched to each patch ({n} tokens)", fontsize=11)
-    left.set_xlabel(f"same colour = same pool row; {len(set(rows.tolist()))} distinct rows", fontsize=10)
-    # right: each patch's reconstruction error; a dot marks a token replaced by its pool row
-    right = axes(*lay["right"], side)
-    heat = right.imshow(errs.reshape(grid, grid), cmap="viridis", interpolation="nearest")
-    i, j = np.divmod(np.flatnonzero(rep), grid)
-    right.scatter(j - 0.3, i - 0.3, s=30, c="white", edgecolors="black", linewidths=0.8)
-    right.set_title(f"reconstruction error per patch ({error_name})", fontsize=11)
-    right.set_xlabel(f"dot = replaced by its pool row ({int(rep.sum())} of {n}); mean {errs.mean():.3g}", fontsize=10)
-    x1, y1 = lay["right"]
-    fig.colorbar(heat, cax=axes(x1 + side + 14, y1, 18))
-    outline = [withStroke(linewidth=2, foreground="black")]
-    for k in range(n):  # the numbers, where the cells are large enough to hold them
-        i, j = divmod(k, grid)
-        if cell >= 18:
-            left.text((j + 0.5) * cell - 0.5, (i + 0.5) * cell - 0.5, str(rows[k]), ha="center", va="center",
-                      color="white", fontsize=min(14, cell // 5), path_effects=outline)
-        if cell >= 44:
-            right.text(j, i, f"{errs[k]:.3g}", ha="center", va="center", color="white",
-                       fontsize=min(10, cell // 6), path_effects=outline)
-    if title:
-        fig.suptitle(title, fontsize=11, y=1 - 8 / height, va="top")
-    return _picture(fig, None)
-
-
-@torch.no_grad()
-def pool_rows_and_errors(model, input_ids, pixel_values, seed: int = 0, assignment: str = "hungarian"):
-    """For one image: (the pool row matched to each of its N visual tokens, each token's reconstruction
-    error in a stage-1.5 forward, which tokens that forward replaced, the assignment used), arrays of N."""
-    was_training = model.training
-    model.eval()
-    try:
-        _, _, visual = model.embed_inputs(input_ids, pixel_values)
-        n = visual.shape[1]
-        if model.token_pool.shape[0] < n:  # too few rows to give every token its own: each its nearest
-            assignment = "nearest"
-        rows = match_tokens_to_pool(visual.float(), model.token_pool, assignment)[0]
-        # every token's error, also where training reconstructs only a share of the images (VDEP); the
-        # labels (none supervised) give Croc's mixed attention its prefix, as in training
-        generator = torch.Generator(device=input_ids.device).manual_seed(seed)
-        out = model(input_ids, torch.ones_like(input_ids), labels=torch.full_like(input_ids, D.IGNORE_INDEX),
-                    pixel_values=pixel_values, stage="1.5", generator=generator,
-                    reconstruct_every_image=True, return_token_errors=True)
-    finally:
-        model.train(was_training)
-    errors = torch.zeros(n)
-    if out.token_errors is not None:  # shown at the token reconstructed (recon_target_offset: VDEP's next token)
-        errors[model.cfg.recon_target_offset:] = out.token_errors[0].float().cpu()
-    replaced = out.replaced_mask[0] if out.replaced_mask is not None else torch.zeros(n, dtype=torch.bool)
-    return rows.cpu().numpy(), errors.numpy(), replaced.cpu().numpy(), assignment
-
-
-def visualize_pool(checkpoint_or_model, image_path: str, out_png: str | None = None, tokenizer=None,
-                   image_processor=None, template: str | None = None, seed: int = 0, device: str | None = None,
-                   panel: int = 384, assignment: str = "hungarian", dtype: torch.dtype | None = None):
-    """Draw, for one image, the pool row step 3's matching gives each visual token (all N at once)
-    and the per-patch reconstruction error of a stage-1.5 forward (replacement drawn with a fixed
-    torch.Generator seeded with `seed`, as in training). Writes out_png if given; returns the PIL image.
-
-    checkpoint_or_model: a checkpoint directory, or a VictorModel (then give tokenizer and
-    image_processor; template defaults to "auto" for stage 1.5). assignment: "hungarian" (one-to-one,
-    as in training: every patch of the image gets a distinct row) or "nearest" (each token's nearest
-    row, so similar regions can share a row and a colour). dtype: as answer_items' (a checkpoint only).
-    """
-    if assignment not in ("hungarian", "nearest"):
-        raise ValueError(f"assignment must be 'hungarian' or 'nearest', got {assignment!r}")
-    if isinstance(checkpoint_or_model, str):
-        model, tok, proc = load_model(checkpoint_or_model, default_device(device), dtype)
-        tokenizer, image_processor = tokenizer or tok, image_processor or proc
-        trained = read_config_json(checkpoint_or_model).get("train_config", {})
-        template, stage = template or trained.get("template", "auto"), trained.get("stage", "1.5")
-        name = os.path.basename(os.path.normpath(checkpoint_or_model))
-    else:
-        if tokenizer is None or image_processor is None:
-            raise ValueError("visualize_pool(model, ...) needs tokenizer= and image_processor=")
-        model, template, stage, name = checkpoint_or_model, template or "auto", "1.5", "model"
-    device = next(model.parameters()).device
-    template = D.resolve_template(template, tokenizer, stage="1.5" if stage == "1" else stage)
-    image = D.load_image(image_path)
-    pixel_values = D.preprocess_images([image], image_processor).to(device)
-    messages = [{"role": "user", "content": f"{D.IMAGE_PLACEHOLDER}\n{D.DETAIL_PROMPT}"}]
-    ids, _ = D.tokenize_conversation(messages, tokenizer, template, model.num_image_tokens,
-                                     image_token_id=model.cfg.image_token_id)
-    rows, errors, replaced, assignment = pool_rows_and_errors(model, torch.tensor([ids], device=device), pixel_values,
-                                                              seed, assignment)
-    fill = tuple(int(255 * m) for m in image_processor.image_mean)
-    title = (f"checkpoint {name} (stage {stage}): {os.path.basename(image_path)}, "
-             f"pool {model.token_pool.shape[0]} rows, {assignment} match, replacement seed {seed}")
-    picture = draw_pool_picture(D.expand_to_square(image, fill), rows, errors, replaced, panel=panel, title=title)
-    if out_png:
-        os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
-        picture.save(out_png)
-    return picture
-
-
-CURVE_METRICS = (("loss", "loss"), ("lm_loss", "LM loss"), ("recon_loss", "reconstruction loss"),
-                 ("lr", "learning rate"))
-
-
-def read_curves(paths: list[str]) -> dict[str, list[dict]]:
-    """metrics.jsonl files -> {series label: rows with a "step"}, one series per (file, stage).
-    ValueError naming the file when one is not JSON or has no such rows."""
-    series: dict[str, list[dict]] = {}
-    for path in paths:
-        rows = [r for r in D.read_jsonl(path) if isinstance(r, dict) and "step" in r]  # not e.g. {"done": true}
-        if not rows:
-            raise ValueError(f"{path}: no rows with a 'step' key (expected a metrics.jsonl written by train.py)")
-        for row in rows:
-            label = os.path.basename(os.path.dirname(os.path.abspath(path))) if len(paths) > 1 else ""
-            if "stage" in row and str(row["stage"]) not in label:
-                label = f"{label} stage {row['stage']}".strip()
-            series.setdefault(label or os.path.basename(path), []).append(row)
-    return series
-
-
-def draw_curves(series: dict[str, list[dict]], title: str, out_png: str | None = None) -> Image.Image:
-    """Four panels (loss, LM loss, reconstruction loss, learning rate) against the step, one line per
-    series, with a legend: a 1040x706 PIL image, written to out_png if given."""
-    fig = _figure(1040, 706)
-    lines = {}
-    for ax, (key, name) in zip(fig.subplots(2, 2).flat, CURVE_METRICS):
-        for k, (label, rows) in enumerate(series.items()):  # a series keeps its colour in every panel
-            points = sorted((r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)))
-            if points:
-                lines[label] = ax.plot(*zip(*points), color=f"C{k}", marker=".", markersize=4, linewidth=1.5)[0]
-        if not ax.lines:
-            ax.text(0.5, 0.5, f"no '{key}' values", transform=ax.transAxes, ha="center", color="grey")
-        ax.set(title=name, xlabel="step")
-        ax.grid(alpha=0.3)
-    fig.suptitle(title, fontsize=11)
-    fig.legend(lines.values(), lines.keys(), loc="lower center", ncol=max(1, len(lines)), frameon=False)
-    fig.tight_layout(rect=(0, 0.05, 1, 0.97))  # room for the legend below and the title above
-    return _picture(fig, out_png)
 
 
 # -----------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+import benchmarks as B
 import eval as E
 from conftest import tiny_config
 from victor import VictorModel, save_checkpoint
@@ -101,15 +102,15 @@ def test_pope_metrics_by_hand():
     preds = ["yes", "yes", "no", "no", "yes", "", "no", "yes"]
     truth = ["yes", "no", "yes", "no", "yes", "yes", "no", "no"]
     # TP = 2 (0, 4), FP = 2 (1, 7), FN = 2 (2, 5: unparsed is not yes), TN = 2 (3, 6)
-    m = E.pope_metrics(preds, truth)
+    m = B.pope_metrics(preds, truth)
     assert m["n"] == 8 and m["unparsed"] == 1
     assert m["accuracy"] == pytest.approx(4 / 8)
     assert m["precision"] == pytest.approx(2 / 4)
     assert m["recall"] == pytest.approx(2 / 4)
     assert m["f1"] == pytest.approx(0.5)
     assert m["yes_ratio"] == pytest.approx(4 / 8)
-    assert E.pope_metrics(["no", "no"], ["yes", "no"])["precision"] == 0.0  # no yes predicted: no division by zero
-    assert E.pope_metrics([], [])["accuracy"] == 0.0
+    assert B.pope_metrics(["no", "no"], ["yes", "no"])["precision"] == 0.0  # no yes predicted: no division by zero
+    assert B.pope_metrics([], [])["accuracy"] == 0.0
 
 
 def test_short_uuid():
@@ -122,7 +123,7 @@ def test_short_uuid():
 
 
 def test_load_bench_prompts_like_llava(tmp_path):
-    kind, items = E.load_bench(write_tsv(tmp_path / "mc.tsv", mc_rows(tmp_path)))
+    kind, items = B.load_bench(write_tsv(tmp_path / "mc.tsv", mc_rows(tmp_path)))
     assert kind == "multiple_choice" and len(items) == 5
     assert items[1]["question"] == ("There is one object.\nWhat colour is the square?\nA. red\nB. green\nC. blue\n"
                                     "D. yellow\nAnswer with the option's letter from the given choices directly.")
@@ -130,7 +131,7 @@ def test_load_bench_prompts_like_llava(tmp_path):
     assert [len(it["options"]) for it in items] == [3, 4, 2, 3, 2]
     assert items[3]["image_b64"] == items[0]["image_b64"]  # an index reference resolved
     assert items[4]["image_path"] == str(tmp_path / "y.png")
-    kind, items = E.load_bench(write_tsv(tmp_path / "yn.tsv", yn_rows()))
+    kind, items = B.load_bench(write_tsv(tmp_path / "yn.tsv", yn_rows()))
     assert kind == "yes_no" and [it["answer"] for it in items] == ["yes", "no", "yes", "no", "yes", "no"]
     assert items[0]["question"] == "Is there a circle in the image?\nAnswer the question using a single word or phrase."
 
@@ -162,7 +163,7 @@ def test_mc_bench_end_to_end(ckpt, tmp_path, capsys):
     preds = res["predictions"]
     assert [p["index"] for p in preds] == ["10", "11", "12", "13", "14"]
     assert [p["answer"] for p in preds] == ["A", "B", "B", "C", "B"]
-    _, items = E.load_bench(tsv)
+    _, items = B.load_bench(tsv)
     for p, it in zip(preds, items):
         assert p["prediction"] == E.extract_answer(p["output"], it["options"])
     assert res["accuracy"] == pytest.approx(sum(p["prediction"] == p["answer"] for p in preds) / 5)
@@ -186,7 +187,7 @@ def test_yes_no_bench_end_to_end(ckpt, tmp_path):
     assert res["kind"] == "yes_no" and res["num_questions"] == 6
     preds = res["predictions"]
     assert all(p["prediction"] == E.extract_yes_no(p["output"]) for p in preds)
-    assert res["pope"] == pytest.approx(E.pope_metrics([p["prediction"] for p in preds], [p["answer"] for p in preds]))
+    assert res["pope"] == pytest.approx(B.pope_metrics([p["prediction"] for p in preds], [p["answer"] for p in preds]))
     assert set(res["pope"]) == {"n", "accuracy", "precision", "recall", "f1", "yes_ratio", "unparsed"}
     assert res["accuracy"] == pytest.approx(res["pope"]["accuracy"])
     check_grouped(res, preds, "category", "per_category")
@@ -259,7 +260,7 @@ def test_question_file_mode(ckpt, tmp_path):
 def test_missing_required_column(tmp_path):
     rows = [{k: v for k, v in r.items() if k != "answer"} for r in yn_rows()]
     with pytest.raises(ValueError, match=r"missing required column.*answer"):
-        E.load_bench(write_tsv(tmp_path / "x.tsv", rows))
+        B.load_bench(write_tsv(tmp_path / "x.tsv", rows))
 
 
 @pytest.mark.parametrize("change,match", [
@@ -273,7 +274,7 @@ def test_malformed_row_is_named(tmp_path, change, match):
     rows = mc_rows(tmp_path)
     rows[2].update(change)
     with pytest.raises(ValueError, match=match):
-        E.load_bench(write_tsv(tmp_path / "bad.tsv", rows))
+        B.load_bench(write_tsv(tmp_path / "bad.tsv", rows))
 
 
 def test_undecodable_image_is_named(ckpt, tmp_path):
@@ -286,7 +287,7 @@ def test_undecodable_image_is_named(ckpt, tmp_path):
 def test_mixed_kinds_rejected(tmp_path):
     rows = mc_rows(tmp_path)[:2] + yn_rows()[:2]
     with pytest.raises(ValueError, match="mixes"):
-        E.load_bench(write_tsv(tmp_path / "mixed.tsv", rows))
+        B.load_bench(write_tsv(tmp_path / "mixed.tsv", rows))
 
 
 def bad_bench(tmp_path, change):
@@ -335,7 +336,7 @@ def test_shapes_eval_has_pope(ckpt, shapes_dir, tmp_path):
         res = json.load(f)
     exists = [p for p in res["predictions"] if p["type"] == "exists"]
     assert exists and res["pope"]["n"] == len(exists) == res["per_type"]["exists"]["n"]
-    assert res["pope"] == pytest.approx(E.pope_metrics([p["prediction"] for p in exists],
+    assert res["pope"] == pytest.approx(B.pope_metrics([p["prediction"] for p in exists],
                                                        [p["answer"].lower() for p in exists]))
     assert res["pope"]["accuracy"] == pytest.approx(res["per_type"]["exists"]["accuracy"])
 
@@ -384,7 +385,7 @@ def test_mmstar_l2_category_column(ckpt, tmp_path, monkeypatch):
     rows = [{"index": i, "question": "Q?", "A": "a", "B": "b", "answer": "A", "image": png_b64(COLOURS[i]),
              "category": "c", "l2_category": l2}
             for i, l2 in enumerate(["coarse perception", "coarse perception", "math"])]
-    _, items = E.load_bench(write_tsv(tmp_path / "MMStar.tsv", rows))
+    _, items = B.load_bench(write_tsv(tmp_path / "MMStar.tsv", rows))
     assert [it["l2-category"] for it in items] == ["coarse perception", "coarse perception", "math"]
     canned_answers(monkeypatch, ["A", "B", "A"])
     res = E.evaluate_bench(ckpt, write_tsv(tmp_path / "MMStar.tsv", rows))

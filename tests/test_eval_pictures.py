@@ -1,4 +1,4 @@
-"""eval.py's pictures: the pool row and reconstruction error of each patch (PIL), training curves (matplotlib)."""
+"""pictures.py (eval.py --visualize, --curves): each patch's pool row and reconstruction error, training curves."""
 import json
 
 import numpy as np
@@ -7,6 +7,7 @@ from PIL import Image
 
 import data as D
 import eval as E
+import pictures as P
 from conftest import tiny_model
 from victor import save_checkpoint
 
@@ -17,8 +18,8 @@ def test_draw_pool_picture_size_and_tints():
     rows = np.array([5, 5, 7, 1, 2, 3, 4, 6, 8])
     errors = np.linspace(0.0, 1.0, 9)
     replaced = np.array([1, 0, 1, 1, 0, 1, 1, 1, 0], dtype=bool)
-    pic = E.draw_pool_picture(image, rows, errors, replaced, panel=panel, title="t")
-    lay = E.pool_picture_layout(grid, panel)
+    pic = P.draw_pool_picture(image, rows, errors, replaced, panel=panel, title="t")
+    lay = P.pool_picture_layout(grid, panel)
     assert pic.size == lay["size"]
     x0, y0, c = *lay["left"], lay["cell"]
 
@@ -28,9 +29,9 @@ def test_draw_pool_picture_size_and_tints():
 
     assert tint(0) == tint(1)  # both matched to row 5
     assert tint(0) != tint(2) and tint(2) != tint(3)
-    assert E.pool_colour(5) != E.pool_colour(6)
+    assert P.pool_colour(5) != P.pool_colour(6)
     with pytest.raises(ValueError):
-        E.draw_pool_picture(image, rows[:8], errors[:8], replaced[:8])
+        P.draw_pool_picture(image, rows[:8], errors[:8], replaced[:8])
 
 
 def test_visualize_pool_on_tiny_checkpoint(tmp_path, tiny_image_processor):
@@ -45,11 +46,11 @@ def test_visualize_pool_on_tiny_checkpoint(tmp_path, tiny_image_processor):
     with Image.open(out) as pic:
         pic.load()
         assert pic.format == "PNG"
-        assert pic.size == E.pool_picture_layout(model.grid)["size"]
+        assert pic.size == P.pool_picture_layout(model.grid)["size"]
     # the nearest-row variant and the model form of the call
-    pic = E.visualize_pool(model, str(img), None, tokenizer=D.build_shapes_tokenizer(),
+    pic = P.visualize_pool(model, str(img), None, tokenizer=D.build_shapes_tokenizer(),
                            image_processor=tiny_image_processor, template="chatml", assignment="nearest")
-    assert pic.size == E.pool_picture_layout(model.grid)["size"]
+    assert pic.size == P.pool_picture_layout(model.grid)["size"]
 
 
 def test_curves_png_and_rejects_file_without_steps(tmp_path):
@@ -62,7 +63,7 @@ def test_curves_png_and_rejects_file_without_steps(tmp_path):
     with Image.open(out) as pic:
         pic.load()
         assert pic.format == "PNG" and pic.size == (1040, 706)
-    assert set(E.read_curves([str(metrics)])) == {"stage 1.5", "stage 2"}
+    assert set(P.read_curves([str(metrics)])) == {"stage 1.5", "stage 2"}
     empty = tmp_path / "empty.jsonl"
     empty.write_text('{"done": true}\n')
     with pytest.raises(SystemExit, match="no rows with a 'step' key"):
