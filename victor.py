@@ -8,9 +8,11 @@ ViCToR adds for its "visual comprehension" stage (stage 1.5):
     the visual tokens, chosen by Hungarian matching, and
   * a reconstruction head that makes the LLM reconstruct the original visual tokens.
 
-Read top to bottom: the config, then each step of the stage-1.5 forward pass
-(the README's step table) as one small function, then the model that composes them,
-then checkpoint I/O. Training lives in train.py, data in data.py.
+Read top to bottom: the config and the family (its relatives as settings), then each step of the
+stage-1.5 forward pass (the README's step table) as one small function, then the model that composes
+them, then victor's own checkpoints. Training lives in train.py, data in data.py; the engineering a
+reader may skip in files of its own (checkpoints.py: other formats; distributed.py: many processes).
+"The public code" is the authors' release, github.com/deepglint/Victor, its llava/model/llava_arch.py.
 
     from victor import VictorConfig, VictorModel
     model = VictorModel(VictorConfig(vision_model="openai/clip-vit-large-patch14-336",
@@ -54,10 +56,10 @@ class VictorConfig:
     vision_feature_select: str = "auto"  # auto | patch (drop CLS) | full (keep all)
     vision_feature_downsample: int = 1  # k>1 average-pools k x k patches into one token (demo)
     projector_type: str = "mlp2x_gelu"  # mlp2x_gelu | linear
-    normalize_visual_tokens: bool = True  # the public code L2-normalises every projected token
+    normalize_visual_tokens: bool = True  # L2-normalised, as encode_images in the public code's llava_arch.py
     # stage 1.5: ViCToR's values; the relatives (README, "The family") are other settings of these fields
     pool_size: int = 2048
-    replace_ratio: float = 0.75  # replace N - N//4 tokens, as the public code's "keep N // 4"; 0: no pool
+    replace_ratio: float = 0.75  # replace N - N//4 tokens (llava_arch.py: num_unmask = N // 4); 0: no pool
     matcher: str = "hungarian"  # hungarian (exact, on a reduced problem) | hungarian_plain (exact, scipy on the whole
     # problem) | nearest (Croc: each token its nearest row, rows may repeat)
     recon_weight: float = 10.0  # 0: no reconstruction (replacement only, or captions alone)
@@ -150,7 +152,8 @@ STAGE15_FIELDS = ("pool_size", "replace_ratio", "matcher", "recon_weight", "reco
 
 
 # -----------------------------------------------------------------------------
-# The stage-1.5 forward pass, one function per step of the README's step table
+# The stage-1.5 forward pass, one function per step of the README's step table. Shapes: B samples, T positions,
+# I images, N visual tokens per image, R of them replaced, P pool rows, D the LLM's width.
 
 
 def build_projector(kind: str, vision_dim: int, llm_dim: int) -> nn.Module:
@@ -162,7 +165,7 @@ def build_projector(kind: str, vision_dim: int, llm_dim: int) -> nn.Module:
 
 def project_visual_tokens(projector: nn.Module, features: torch.Tensor, normalize: bool) -> torch.Tensor:
     """Step 1: v = normalize(projector(vision_features)), [images, N, llm_dim]."""
-    v = projector(features)
+    v = projector(features)  # (I, N, vision_dim) -> (I, N, D)
     return F.normalize(v, dim=-1) if normalize else v
 
 
@@ -181,7 +184,7 @@ def select_tokens_to_replace(num_images: int, num_tokens: int, replace_ratio: fl
             raise ValueError(f"{len(seeds)} selection seeds for {num_images} images")
         scores = torch.stack([torch.rand(num_tokens, generator=torch.Generator().manual_seed(int(s)))
                               for s in seeds]).to(device)
-    chosen = scores.topk(r, dim=1).indices  # a uniformly random r-subset per image
+    chosen = scores.topk(r, dim=1).indices  # (I, R): a uniformly random R-subset per image
     return torch.zeros(num_images, num_tokens, dtype=torch.bool, device=device).scatter_(1, chosen, True)
 
 
@@ -222,7 +225,7 @@ def hungarian_match(tokens: torch.Tensor, token_pool: torch.Tensor, solver=solve
     tokens [images, R, D], token_pool [P, D] -> pool row indices [images, R], one-to-one per image.
     """
     n, r, d = tokens.shape
-    cost = torch.cdist(tokens.reshape(n * r, d).float(), token_pool.float())  # one GEMM-based distance, float32
+    cost = torch.cdist(tokens.reshape(n * r, d).float(), token_pool.float())  # (I*R, P): one GEMM, float32
     cost = cost.view(n, r, token_pool.shape[0]).cpu().numpy()  # [images, R, P]: one device->host copy per batch
     workers = max(1, min(len(cost), torch.get_num_threads()))
     with ThreadPoolExecutor(workers) as ex:  # one problem per image, solved in parallel (scipy frees the GIL)
@@ -258,7 +261,7 @@ def replace_with_pool_rows(embeds: torch.Tensor, replace_positions: torch.Tensor
     replace_positions: bool [batch, seq] (row-major order matches pool_indices.flatten()).
     Gradient flows into the pool rows that were used.
     """
-    rows = token_pool[pool_indices.flatten()].to(embeds.dtype)
+    rows = token_pool[pool_indices.flatten()].to(embeds.dtype)  # (I*R, D), in the order of the True positions
     return embeds.masked_scatter(replace_positions.unsqueeze(-1), rows)
 
 
@@ -274,9 +277,9 @@ def mixed_attention_mask(attention_mask: torch.Tensor, labels: torch.Tensor, dty
     batch, seq = labels.shape
     pos = torch.arange(seq, device=labels.device)
     supervised = labels != IGNORE_INDEX
-    first = torch.where(supervised.any(dim=1), supervised.int().argmax(dim=1), seq)  # [batch]
-    in_prefix = pos[None, :] < first[:, None]  # [batch, seq]
-    allowed = (pos[None, None, :] <= pos[None, :, None]) | (in_prefix[:, :, None] & in_prefix[:, None, :])
+    first = torch.where(supervised.any(dim=1), supervised.int().argmax(dim=1), seq)  # (B,)
+    in_prefix = pos[None, :] < first[:, None]  # (B, T)
+    allowed = (pos[None, None, :] <= pos[None, :, None]) | (in_prefix[:, :, None] & in_prefix[:, None, :])  # (B, T, T)
     if attention_mask is not None:
         allowed = allowed & attention_mask.bool()[:, None, :]
     # a padded query attends itself: no row without any position to attend
@@ -416,7 +419,7 @@ class VictorModel(nn.Module):
                              f"(N={self.num_image_tokens}, replace_ratio={cfg.replace_ratio}): one-to-one "
                              f"matching needs pool_size >= {r}")
         self.projector = build_projector(cfg.projector_type, vconf.hidden_size, llm_dim)
-        self.token_pool = nn.Parameter(torch.randn(cfg.pool_size, llm_dim))  # N(0, 1) as published
+        self.token_pool = nn.Parameter(torch.randn(cfg.pool_size, llm_dim))  # N(0, 1), as llava_arch.py's
         self.recon_head = nn.Linear(llm_dim, llm_dim)
         if cfg.projector_path:  # stage 1 from LLaVA's mm_projector.bin (a foreign format: checkpoints.py)
             from checkpoints import load_llava_projector
@@ -517,7 +520,7 @@ class VictorModel(nn.Module):
         for pictures of a forward)."""
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
-        embeds, image_positions, visual = self.embed_inputs(input_ids, pixel_values)  # step 1
+        embeds, image_positions, visual = self.embed_inputs(input_ids, pixel_values)  # step 1: (B,T,D) (B,T) (I,N,D)
         hook = self.every_part_hook if self.training else None  # DDP / FSDP plumbing: distributed.py
         if hook:
             embeds = hook.before_llm(self, embeds, visual)
@@ -526,25 +529,25 @@ class VictorModel(nn.Module):
         if stage15 and self.replaces_tokens:
             n_img, n_tok, dim = visual.shape
             replaced = select_tokens_to_replace(n_img, n_tok, self.cfg.replace_ratio, visual.device,
-                                                generator, selection_seeds)  # step 2
-            selected = visual.detach()[replaced].view(n_img, -1, dim)
-            pool_indices = match_tokens_to_pool(selected, self.token_pool, self.cfg.matcher)  # step 3
+                                                generator, selection_seeds)  # step 2: (I, N) bool
+            selected = visual.detach()[replaced].view(n_img, -1, dim)  # (I, R, D)
+            pool_indices = match_tokens_to_pool(selected, self.token_pool, self.cfg.matcher)  # step 3: (I, R)
             replace_positions = image_positions.clone()
-            replace_positions[image_positions] = replaced.flatten()
+            replace_positions[image_positions] = replaced.flatten()  # (B, T): the replaced tokens' positions
             embeds = replace_with_pool_rows(embeds, replace_positions, self.token_pool, pool_indices)  # step 4
             out.replaced_mask, out.pool_indices = replaced, pool_indices
         mask = attention_mask
         if stage == "1.5" and self.cfg.stage15_attention == "mixed" and labels is not None:
             mask = self.mixed_mask(attention_mask, labels)
         hidden = self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=mask,
-                                        use_cache=False).last_hidden_state  # step 5
+                                        use_cache=False).last_hidden_state  # step 5: (B, T, D)
         if stage15 and self.reconstructs:  # step 6
             ratio = 1.0 if reconstruct_every_image else self.cfg.recon_image_ratio
-            chosen = images_to_reconstruct(visual.shape[0], ratio, selection_seeds, generator, visual.device)
+            chosen = images_to_reconstruct(visual.shape[0], ratio, selection_seeds, generator, visual.device)  # (I,)
             k = self.cfg.recon_target_offset  # 0: position i -> token i; 1: position i -> token i + 1
-            at_images = hidden[image_positions].view(visual.shape)[chosen]
-            predicted = self.recon_head(at_images[:, :visual.shape[1] - k])
-            target = visual[chosen][:, k:]
+            at_images = hidden[image_positions].view(visual.shape)[chosen]  # (I', N, D), I' images chosen
+            predicted = self.recon_head(at_images[:, :visual.shape[1] - k])  # (I', N - k, D)
+            target = visual[chosen][:, k:]  # (I', N - k, D)
             if target.numel():
                 out.recon_loss = self.cfg.recon_weight * reconstruction_loss(predicted, target, self.cfg.recon_beta)
                 out.num_recon_tokens = target.shape[0] * target.shape[1]
