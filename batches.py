@@ -26,11 +26,11 @@ if TYPE_CHECKING:
     from victor import VictorModel
 
 
-
 def selection_seeds(image_keys, seed: int, epoch: int) -> list[int]:
     """Stage 1.5's random choice of tokens (step 2) per image, from (seed, epoch, record, k) alone:
     1 or N processes, any batch size, and a resumed run all replace the same tokens."""
     return [((seed * 1_000_003 + epoch) * 1_000_000_007 + index) * 1009 + k for index, k in image_keys]
+
 
 def make_loader(cfg: TrainConfig, stage: str, records, model: VictorModel, tokenizer, image_processor,
                 rank: int, world: int):

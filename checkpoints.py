@@ -542,7 +542,6 @@ def _llava_image_processor(image_processor):
     return cls(do_pad=True, **settings)
 
 
-
 # -----------------------------------------------------------------------------
 # train.py --init: a checkpoint to start a stage from
 

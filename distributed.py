@@ -47,6 +47,7 @@ def setup_distributed():
                                 rank=rank if store else -1, world_size=world if store else -1)
     return rank, world, device
 
+
 def uses_fsdp(cfg: TrainConfig, world: int) -> bool:
     """--fsdp shards over the processes; with one process there is nothing to shard."""
     return cfg.fsdp and world > 1
@@ -157,7 +158,6 @@ def load_training_state(path: str, model, optimizer, scheduler, rank: int) -> di
 def barrier():
     if dist.is_initialized():
         dist.barrier()
-
 
 
 def end_processes():

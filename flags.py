@@ -46,13 +46,13 @@ def out_of_range(values: dict, ranges: dict[str, Range]) -> str:
     return ""
 
 
-
 def check_ranges(given: dict, ranges: dict[str, Range]):
     """Every numeric flag given within the range its field declares, before anything is built: one line
     (UsageError) naming the flag and its range."""
     problem = out_of_range(given, ranges)
     if problem:
         raise UsageError(problem)
+
 
 class UsageError(ValueError):
     """A mistake in the command line, the recipe's settings or the data: train.py prints it as one line."""

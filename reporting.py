@@ -22,7 +22,6 @@ if TYPE_CHECKING:
     from train import StageRun
 
 
-
 class StageLog:
     """What the master process says while a stage runs: the progress bar, metrics.jsonl (every log_every
     steps, every non-finite step and the last) and --report-to's targets. The other processes say nothing."""
