@@ -70,8 +70,9 @@ class TrainConfig:
                                        "and base models")
     stage: str = knob("all", "1 | 1.5 | 2 | all (each stage initialised from the one before)")
     # data
-    data: str = knob("", "LLaVA-format JSON / JSONL of this stage (the demo recipe generates its own)")
-    image_folder: str = knob("", "the folder the records' image paths are relative to")
+    data: str = knob("", "LLaVA-format JSON / JSONL of this stage, or its parquet shards with the images in "
+                         "their rows (a .parquet file, a directory, a glob); the demo recipe generates its own")
+    image_folder: str = knob("", "the folder the JSON records' image paths are relative to (not for parquet)")
     template: str = knob("auto", "auto | plain | vicuna_v1 | chatml | chat (the tokenizer's own); "
                                  "auto: plain in stage 1, else the tokenizer's own, else vicuna_v1")
     max_length: int = knob(2048, "tokens per sample: a longer one is cut (or skipped where the cut would "
@@ -772,13 +773,14 @@ def selection_seeds(image_keys, seed: int, epoch: int) -> list[int]:
     return [((seed * 1_000_003 + epoch) * 1_000_000_007 + index) * 1009 + k for index, k in image_keys]
 
 
-def validate_data(cfg: TrainConfig, master: bool) -> tuple[D.RecordStore, list[tuple[str, str]]]:
+def validate_data(cfg: TrainConfig, master: bool) -> tuple[D.RecordStore | D.ParquetRecordStore,
+                                                           list[tuple[str, str]]]:
     """The validation pass, before any training: every structurally bad record (and every record
     whose image file is missing) is reported with its position and reason, and written to
     out_dir/bad_records.json; --strict fails on any. Every process reads and checks the file itself
     (sending rank 0's records would pickle the whole dataset once per process); rank 0 reports."""
     try:
-        records, bad = D.load_records(cfg.data, strict=cfg.strict, image_folder=cfg.image_folder)
+        records, bad = D.load_data(cfg.data, strict=cfg.strict, image_folder=cfg.image_folder)
     except ValueError as e:  # not JSON at all, or --strict and bad records: the first five named, on one line
         first, *listed = str(e).splitlines()
         named = "; ".join(line.strip() for line in listed[:5]) + (" ..." if len(listed) > 5 else "")
@@ -975,7 +977,7 @@ def start_stage(cfg: TrainConfig, stage: str) -> StageRun:
                          f"batch_size {cfg.batch_size} x {world} processes")
     grad_accum = cfg.global_batch_size // (cfg.batch_size * world)
     check_memory_fits(cfg, stage, world, device)
-    if not cfg.data or not os.path.isfile(cfg.data):
+    if not cfg.data or not (os.path.isfile(cfg.data) or D.is_parquet(cfg.data)):  # parquet_files names a miss
         raise FileNotFoundError(f"stage {stage}: data file {cfg.data!r} not found (--data)")
     records, bad_records = validate_data(cfg, rank == 0)
     torch.manual_seed(cfg.seed + rank)
@@ -1374,7 +1376,7 @@ def demo_inputs(overrides: dict, out_root: str) -> dict:
     """The demo recipe's shapes data and tiny base models, generated on first use unless given; their paths
     go into overrides. Returns the data file of each stage ({} when the data was given)."""
     given = {k for k, v in overrides.items() if v}
-    need_data = not {"data", "image_folder"} <= given
+    need_data = not ({"data", "image_folder"} <= given or ("data" in given and D.is_parquet(overrides["data"])))
     need_base = not ("init" in given or {"vision_model", "llm"} <= given)
     rank, _, _ = setup_distributed()
     spec = D.ShapesSpec(num_train_images=overrides.get("demo_images", TrainConfig.demo_images))
