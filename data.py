@@ -320,9 +320,10 @@ OPEN_SHARDS = 16  # shards a process keeps open while reading images (file handl
 
 
 def is_parquet(path: str) -> bool:
-    """Whether --data names parquet shards: a .parquet file, a directory of them, or a glob."""
+    """Whether --data names parquet shards: a .parquet file, a directory of them, or a glob (a name with
+    glob characters that is no file, and not a .json / .jsonl name)."""
     return (path.endswith(".parquet") or os.path.isdir(path) or
-            (glob.has_magic(path) and not os.path.exists(path)))
+            (glob.has_magic(path) and not os.path.exists(path) and not path.endswith((".json", ".jsonl"))))
 
 
 def parquet_files(path: str) -> list[str]:
@@ -441,6 +442,7 @@ def load_parquet_records(path: str, strict: bool = False) -> tuple[ParquetRecord
     cannot read. strict=True raises, listing every bad row.
     Memory: the good rows' id and conversations as JSON text, 28 bytes a row, and one row group.
     """
+    import pyarrow as pa
     files = parquet_files(path)
     text, starts, ends = bytearray(), array("q"), array("q")
     shards, groups, rows = array("i"), array("i"), array("i")
@@ -467,6 +469,7 @@ def load_parquet_records(path: str, strict: bool = False) -> tuple[ParquetRecord
                 ends.append(len(text))
                 shards.append(s), groups.append(g), rows.append(r)
             del table, conversations, image_cells
+    pa.default_memory_pool().release_unused()  # what pyarrow keeps of the row groups read, not left to workers
     if strict and bad:
         raise strict_error(path, bad)
     return ParquetRecordStore(files, image_columns, group_starts, text, starts, ends, shards, groups, rows), bad
@@ -528,7 +531,8 @@ class ParquetRecordStore(Sequence):
                 if len(files) > OPEN_SHARDS:
                     files.popitem(last=False)
             files.move_to_end(shard)
-            reader["images"] = files[shard].read_row_group(group, columns=[self.image_columns[shard]]).column(0)
+            reader["images"] = files[shard].read_row_group(group, columns=[self.image_columns[shard]],
+                                                           use_threads=False).column(0)
             reader["key"] = (shard, group)
         return reader["images"]
 
