@@ -8,6 +8,11 @@ LLaVA format, as published (a JSON list or JSONL, plus an image folder):
                        {"from": "gpt", "value": "A cat."}]}
 "image" may be missing (text-only record) or a list (several images, one <image> each).
 
+Or parquet shards (a .parquet file, a directory of them, or a glob), as LLaVA-ReCap and LLaVA-OneVision
+are published: the same fields a row, the image as its bytes (Hugging Face datasets' Image feature,
+{bytes, path}, or plain binary; a list for several), read with pyarrow a row group at a time
+(load_data, load_parquet_records, ParquetRecordStore).
+
 Make the shapes data by hand (train.py does it on first use):
     python data.py --out data/shapes
 """
@@ -411,24 +416,28 @@ def image_header_problem(data: bytes, name: str) -> str | None:
         return f"image unreadable: {name}: {_image_error(e, source)}"
 
 
-def _parquet_record(rid, conversations, image_cell) -> tuple[dict | None, str | None]:
-    """(the compact record, None), or (None, why) for a bad row: the JSON records' checks, and each
-    image's header."""
-    if isinstance(conversations, str):  # some shards hold the conversations as JSON text
-        conversations = _parse(conversations.encode())
-        if isinstance(conversations, SampleError):
-            return None, f"conversations: {conversations}"
+def row_conversations(cell):
+    """A row's conversations: a list of {from, value} (other keys dropped), or its JSON text parsed;
+    SampleError when the text is not JSON."""
+    if isinstance(cell, str):  # some shards hold the conversations as JSON text
+        cell = _parse(cell.encode())
+        if isinstance(cell, SampleError):
+            raise SampleError(f"conversations: {cell}")
+    if isinstance(cell, list) and all(isinstance(t, dict) and "from" in t and "value" in t for t in cell):
+        return [{"from": t["from"], "value": t["value"]} for t in cell]
+    return cell  # check_record says what is wrong with it
+
+
+def parquet_row_problem(conversations_cell, image_cell) -> str | None:
+    """Why a parquet row is bad, or None: the JSON records' checks, and each image's header."""
     try:
-        images = row_images(image_cell)
+        conversations, images = row_conversations(conversations_cell), row_images(image_cell)
     except SampleError as e:
-        return None, str(e)
+        return str(e)
     why = check_record({"conversations": conversations}, n_images=len(images))
     for k, data in enumerate(images):
         why = why or image_header_problem(data, f"image {k}")
-    if why is not None:
-        return None, why
-    rec = {"conversations": [{"from": t["from"], "value": t["value"]} for t in conversations]}
-    return (rec if rid is None else {"id": rid, **rec}), None
+    return why
 
 
 def load_parquet_records(path: str, strict: bool = False) -> tuple[ParquetRecordStore, list[tuple[str, str]]]:
@@ -440,18 +449,17 @@ def load_parquet_records(path: str, strict: bool = False) -> tuple[ParquetRecord
     the row by its id, shard and row in the shard (from 0): "000123 (shards/a.parquet row 6)". A row is bad
     for what a JSON record is (roles, <image> count against the images), and for an image whose header PIL
     cannot read. strict=True raises, listing every bad row.
-    Memory: the good rows' id and conversations as JSON text, 28 bytes a row, and one row group.
+    Memory: 12 bytes a good row, and one row group.
     """
     import pyarrow as pa
     files = parquet_files(path)
-    text, starts, ends = bytearray(), array("q"), array("q")
     shards, groups, rows = array("i"), array("i"), array("i")
-    image_columns, group_starts, bad = [], [], []
+    columns, group_starts, bad = [], [], []
     for s, file in enumerate(files):
         shard = open_shard(file)
         id_column, image_column = shard_columns(shard, file)
         sizes = [shard.metadata.row_group(g).num_rows for g in range(shard.num_row_groups)]
-        image_columns.append(image_column)
+        columns.append((id_column, image_column))
         group_starts.append(list(itertools.accumulate(sizes, initial=0))[:-1])
         for g in range(shard.num_row_groups):
             table = shard.read_row_group(g, columns=[c for c in (id_column, "conversations", image_column) if c])
@@ -459,82 +467,71 @@ def load_parquet_records(path: str, strict: bool = False) -> tuple[ParquetRecord
             conversations = table.column("conversations").to_pylist()
             image_cells = table.column(image_column) if image_column else None
             for r, (rid, conv) in enumerate(zip(ids, conversations)):
-                rec, why = _parquet_record(rid, conv, image_cells[r].as_py() if image_column else None)
-                if why is not None:
+                why = parquet_row_problem(conv, image_cells[r].as_py() if image_column else None)
+                if why is None:
+                    shards.append(s), groups.append(g), rows.append(r)
+                else:
                     where = f"{file} row {group_starts[s][g] + r}"
                     bad.append((f"{rid} ({where})" if rid is not None else where, why))
-                    continue
-                starts.append(len(text))
-                text += json.dumps(rec, ensure_ascii=False, separators=(",", ":")).encode()
-                ends.append(len(text))
-                shards.append(s), groups.append(g), rows.append(r)
             del table, conversations, image_cells
     pa.default_memory_pool().release_unused()  # what pyarrow keeps of the row groups read, not left to workers
     if strict and bad:
         raise strict_error(path, bad)
-    return ParquetRecordStore(files, image_columns, group_starts, text, starts, ends, shards, groups, rows), bad
+    return ParquetRecordStore(files, columns, group_starts, shards, groups, rows), bad
 
 
 class ParquetRecordStore(Sequence):
-    """The good rows of parquet shards, held as RecordStore holds JSON records: each row's id and
-    conversations as JSON text in one bytearray, and where the row is (shard, row group, row in the group)
-    in numpy arrays; its images are read from the shard when the record is read. store[i] is a new dict:
-    the row's id (else where it is), conversations, "image_bytes" (a list of bytes) and "source"
-    ("shards/a.parquet row 6"), for error messages.
+    """The good rows of parquet shards, held as where each is: (shard, row group, row in the group) in
+    numpy arrays, 12 bytes a row. A row is read from its shard when store[i] is: a new dict of its id (else
+    where it is), conversations, "image_bytes" (a list of bytes) and "source" ("shards/a.parquet row 6",
+    for error messages).
 
-    A row's images are read with their row group's image column, which a process keeps until it reads
-    another row group: a forked DataLoader worker opens the shards itself and holds only the row group it
-    read last, never another process's. The store pickles to its text and arrays, without open files.
+    The shards' own columns are the compact form of the text (holding it decoded would be ~3x their size
+    on disk where the text dominates). A process reads a whole row group (id, conversations, images) and
+    keeps it until it reads another: a forked DataLoader worker opens the shards itself and holds only the
+    row group it read last, never another process's. The store pickles to its arrays, without open files.
     """
 
-    def __init__(self, files, image_columns, group_starts, text, starts, ends, shards, groups, rows):
-        self.files, self.image_columns, self.group_starts, self.text = files, image_columns, group_starts, text
-        self.starts, self.ends = np.asarray(starts, dtype=np.int64), np.asarray(ends, dtype=np.int64)
+    def __init__(self, files, columns, group_starts, shards, groups, rows):
+        self.files, self.columns, self.group_starts = files, columns, group_starts  # columns: (id, image) a shard
         self.shards, self.groups = np.asarray(shards, dtype=np.int32), np.asarray(groups, dtype=np.int32)
         self.rows = np.asarray(rows, dtype=np.int32)
-        self._reader = {}  # this process's: pid, its open shards, the row group read last and its images
+        self._reader = {}  # this process's: pid, its open shards, the row group read last
 
     def __len__(self):
-        return len(self.starts)
+        return len(self.rows)
 
     def __getitem__(self, i):
         if isinstance(i, slice):
-            return ParquetRecordStore(self.files, self.image_columns, self.group_starts, self.text, self.starts[i],
-                                      self.ends[i], self.shards[i], self.groups[i], self.rows[i])
-        rec = json.loads(self.text[self.starts[i]:self.ends[i]])
-        rec["source"] = self.where(i)
-        rec.setdefault("id", rec["source"])
-        rec["image_bytes"] = self.image_bytes(i)
-        return rec
+            return ParquetRecordStore(self.files, self.columns, self.group_starts, self.shards[i], self.groups[i],
+                                      self.rows[i])
+        shard, group, row = int(self.shards[i]), int(self.groups[i]), int(self.rows[i])
+        (id_column, image_column), table = self.columns[shard], self._row_group(shard, group)
+        source = f"{self.files[shard]} row {self.group_starts[shard][group] + row}"
+        rid = table.column(id_column)[row].as_py() if id_column else None
+        return {"id": source if rid is None else rid,
+                "conversations": row_conversations(table.column("conversations")[row].as_py()),
+                "image_bytes": row_images(table.column(image_column)[row].as_py()) if image_column else [],
+                "source": source}
 
-    def where(self, i) -> str:
-        shard = int(self.shards[i])
-        return f"{self.files[shard]} row {self.group_starts[shard][int(self.groups[i])] + int(self.rows[i])}"
-
-    def image_bytes(self, i) -> list[bytes]:
-        """Record i's images, as their bytes, from its shard."""
-        shard, group = int(self.shards[i]), int(self.groups[i])
-        if self.image_columns[shard] is None:
-            return []
-        return row_images(self._row_group_images(shard, group)[int(self.rows[i])].as_py())
-
-    def _row_group_images(self, shard: int, group: int):
+    def _row_group(self, shard: int, group: int):
         reader = self._reader
         if reader.get("pid") != os.getpid():  # a new process (a forked worker): its own files and row group
             reader.clear()
-            reader.update(pid=os.getpid(), open=OrderedDict(), key=None, images=None)
+            reader.update(pid=os.getpid(), open=OrderedDict(), key=None, table=None)
         if reader["key"] != (shard, group):
-            reader["images"] = None  # the previous row group goes before the next is read
+            reader["table"] = None  # the previous row group goes before the next is read
             files = reader["open"]
             if shard not in files:
                 files[shard] = open_shard(self.files[shard])
                 if len(files) > OPEN_SHARDS:
                     files.popitem(last=False)
             files.move_to_end(shard)
-            reader["images"] = files[shard].read_row_group(group, columns=[self.image_columns[shard]],
-                                                           use_threads=False).column(0)
+            wanted = [c for c in (self.columns[shard][0], "conversations", self.columns[shard][1]) if c]
+            # one thread: pyarrow's threads would each keep memory of their own in every worker
+            reader["table"] = files[shard].read_row_group(group, columns=wanted, use_threads=False)
             reader["key"] = (shard, group)
-        return reader["images"]
+        return reader["table"]
 
     def __getstate__(self):
         return {**self.__dict__, "_reader": {}}
