@@ -45,13 +45,14 @@ def make_loader(cfg: TrainConfig, stage: str, records, model: VictorModel, token
     return loader, sampler
 
 
-def validate_data(cfg: TrainConfig, master: bool) -> tuple[D.RecordStore, list[tuple[str, str]]]:
+def validate_data(cfg: TrainConfig, master: bool) -> tuple[D.RecordStore | D.ParquetRecordStore,
+                                                           list[tuple[str, str]]]:
     """The validation pass, before any training: every structurally bad record (and every record
     whose image file is missing) is reported with its position and reason, and written to
     out_dir/bad_records.json; --strict fails on any. Every process reads and checks the file itself
     (sending rank 0's records would pickle the whole dataset once per process); rank 0 reports."""
     try:
-        records, bad = D.load_records(cfg.data, strict=cfg.strict, image_folder=cfg.image_folder)
+        records, bad = D.load_data(cfg.data, strict=cfg.strict, image_folder=cfg.image_folder)
     except ValueError as e:  # not JSON at all, or --strict and bad records: the first five named, on one line
         first, *listed = str(e).splitlines()
         named = "; ".join(line.strip() for line in listed[:5]) + (" ..." if len(listed) > 5 else "")

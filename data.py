@@ -8,12 +8,19 @@ LLaVA format, as published (a JSON list or JSONL, plus an image folder):
                        {"from": "gpt", "value": "A cat."}]}
 "image" may be missing (text-only record) or a list (several images, one <image> each).
 
+Or parquet shards (a .parquet file, a directory of them, or a glob), as LLaVA-ReCap and LLaVA-OneVision
+are published: the same fields a row, the image as its bytes (Hugging Face datasets' Image feature,
+{bytes, path}, or plain binary; a list for several), read with pyarrow a row group at a time
+(load_data, load_parquet_records, ParquetRecordStore).
+
 Make the shapes data by hand (train.py does it on first use):
     python data.py --out data/shapes
 """
 from __future__ import annotations
 
 import argparse
+import glob
+import io
 import itertools
 import json
 import os
@@ -21,7 +28,7 @@ import random
 import re
 import warnings
 from array import array
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -105,8 +112,9 @@ def record_images(rec: dict) -> list[str]:
     return list(img) if isinstance(img, list) else [img]
 
 
-def check_record(rec) -> str | None:
-    """Why a LLaVA record is structurally unusable, or None when it is fine."""
+def check_record(rec, n_images: int | None = None) -> str | None:
+    """Why a LLaVA record is structurally unusable, or None when it is fine. n_images: how many images
+    the record has when they are not its "image" paths (a parquet row's image bytes)."""
     if not isinstance(rec, dict):
         return f"record is a {type(rec).__name__}, not an object"
     conv = rec.get("conversations")
@@ -128,13 +136,15 @@ def check_record(rec) -> str | None:
         return "the first turn (after an optional system turn) is not from 'human'"
     if "assistant" not in talk:
         return "no 'gpt' turn to learn from"
-    images = rec.get("image")
-    if images is not None and not (isinstance(images, str) or
-                                   (isinstance(images, list) and all(isinstance(p, str) for p in images))):
-        return "'image' is neither a path nor a list of paths"
+    if n_images is None:
+        images = rec.get("image")
+        if images is not None and not (isinstance(images, str) or
+                                       (isinstance(images, list) and all(isinstance(p, str) for p in images))):
+            return "'image' is neither a path nor a list of paths"
+        n_images = len(record_images(rec))
     n_placeholders = sum(turn["value"].count(IMAGE_PLACEHOLDER) for turn in conv)
-    if n_placeholders != len(record_images(rec)):
-        return f"{n_placeholders} <image> placeholders for {len(record_images(rec))} images"
+    if n_placeholders != n_images:
+        return f"{n_placeholders} <image> placeholders for {n_images} images"
     return None
 
 
@@ -286,10 +296,253 @@ def load_records(path: str, strict: bool = False, image_folder: str | None = Non
                     has_id = isinstance(rec, dict) and "id" in rec
                     bad.append((f"{rec['id']} ({where})" if has_id else where, why))
     if strict and bad:
-        raise ValueError(f"{path}: {len(bad)} bad records (strict):\n" +
-                         "\n".join(f"  {where}: {why}" for where, why in bad[:50]) +
-                         ("\n  ..." if len(bad) > 50 else ""))
+        raise strict_error(path, bad)
     return RecordStore(buf, starts, ends), bad
+
+
+def strict_error(path: str, bad: list[tuple[str, str]]) -> ValueError:
+    """--strict's error: how many bad records, then the first 50, one a line."""
+    return ValueError(f"{path}: {len(bad)} bad records (strict):\n" +
+                      "\n".join(f"  {where}: {why}" for where, why in bad[:50]) + ("\n  ..." if len(bad) > 50 else ""))
+
+
+def load_data(path: str, strict: bool = False, image_folder: str | None = None):
+    """--data: parquet shards (is_parquet: images in the rows) or a JSON / JSONL file with image_folder.
+    Returns (a store of the good records, [(where, reason), ...] for the bad ones)."""
+    if not is_parquet(path):
+        return load_records(path, strict=strict, image_folder=image_folder)
+    if image_folder:
+        raise ValueError(f"{path}: parquet shards carry their images in their rows; an image folder "
+                         f"({image_folder}) would go unused: drop --image-folder")
+    return load_parquet_records(path, strict=strict)
+
+
+# -----------------------------------------------------------------------------
+# Parquet shards, as LLaVA-ReCap and LLaVA-OneVision are published: each row's images are its bytes
+
+PARQUET_IMAGE_COLUMNS = ("image", "images")  # a shard's images: the first of these columns it has
+OPEN_SHARDS = 16  # shards a process keeps open while reading images (file handles, footers)
+
+
+def is_parquet(path: str) -> bool:
+    """Whether --data names parquet shards: a .parquet file, a directory of them, or a glob (a name with
+    glob characters that is no file, and not a .json / .jsonl name)."""
+    return (path.endswith(".parquet") or os.path.isdir(path) or
+            (glob.has_magic(path) and not os.path.exists(path) and not path.endswith((".json", ".jsonl"))))
+
+
+def parquet_files(path: str) -> list[str]:
+    """The shards path names, sorted: the file, the .parquet files under a directory (at any depth), or the
+    files a glob matches."""
+    if os.path.isdir(path):
+        files = glob.glob(os.path.join(glob.escape(path), "**", "*.parquet"), recursive=True)
+    elif glob.has_magic(path) and not os.path.exists(path):
+        files = [f for f in glob.glob(path, recursive=True) if os.path.isfile(f)]
+    else:
+        files = [path] if os.path.isfile(path) else []
+    if not files:
+        raise FileNotFoundError(f"{path}: no parquet shards there (--data takes a .parquet file, a directory "
+                                f"of them, or a glob)")
+    return sorted(files)
+
+
+def open_shard(path: str):
+    """A pyarrow ParquetFile (read, not memory-mapped: a mapped shard's pages would count as the reading
+    process's own memory); ValueError naming the file when it is not parquet."""
+    import pyarrow.parquet as pq
+    try:
+        return pq.ParquetFile(path)
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise ValueError(f"{path}: not a readable parquet file ({e})") from None
+
+
+def _is_image_type(t) -> bool:
+    """Binary, or a struct with binary 'bytes' (Hugging Face datasets' Image feature: {bytes, path})."""
+    import pyarrow as pa
+    if pa.types.is_struct(t):
+        index = t.get_field_index("bytes")
+        return index >= 0 and _is_image_type(t.field(index).type)
+    return pa.types.is_binary(t) or pa.types.is_large_binary(t)
+
+
+def shard_columns(shard, path: str) -> tuple[str | None, str | None]:
+    """(the id column or None, the image column or None) of a shard; ValueError naming the file when it has
+    no 'conversations' column, or an image column that does not hold image bytes."""
+    import pyarrow as pa
+    schema = shard.schema_arrow
+    if "conversations" not in schema.names:
+        raise ValueError(f"{path}: no 'conversations' column (its columns: {', '.join(schema.names)})")
+    image = next((c for c in PARQUET_IMAGE_COLUMNS if c in schema.names), None)
+    if image is not None:
+        t = schema.field(image).type
+        if not _is_image_type(t.value_type if pa.types.is_list(t) or pa.types.is_large_list(t) else t):
+            raise ValueError(f"{path}: column {image!r} is {t}, not image bytes (binary, a struct with "
+                             f"'bytes', or a list of them)")
+    return ("id" if "id" in schema.names else None), image
+
+
+def row_images(cell) -> list[bytes]:
+    """A row's image cell as a list of image bytes: None (no image), bytes, {"bytes": ..., "path": ...},
+    or a list of those. SampleError for an image without bytes."""
+    if cell is None:
+        return []
+    images = []
+    for k, item in enumerate(cell if isinstance(cell, list) else [cell]):
+        path = item.get("path") if isinstance(item, dict) else None
+        data = item.get("bytes") if isinstance(item, dict) else item
+        if data is None:
+            raise SampleError(f"image {k} has no bytes" + (f" (only a path: {path})" if path else ""))
+        images.append(data)
+    return images
+
+
+def _image_error(e: Exception, source) -> str:
+    """PIL's message without the repr of an in-memory file (which says nothing)."""
+    return str(e).replace(repr(source), "").strip() if not isinstance(source, str) else str(e)
+
+
+def image_header_problem(data: bytes, name: str) -> str | None:
+    """Why PIL cannot open these image bytes, from their header (nothing is decoded), or None; the reason
+    as load_image words it."""
+    source = io.BytesIO(data)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(source):
+                return None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        return f"image too large (decompression bomb): {name}: {e}"
+    except (OSError, ValueError, SyntaxError) as e:
+        return f"image unreadable: {name}: {_image_error(e, source)}"
+
+
+def row_conversations(cell):
+    """A row's conversations: a list of {from, value} (other keys dropped), or its JSON text parsed;
+    SampleError when the text is not JSON."""
+    if isinstance(cell, str):  # some shards hold the conversations as JSON text
+        cell = _parse(cell.encode())
+        if isinstance(cell, SampleError):
+            raise SampleError(f"conversations: {cell}")
+    if isinstance(cell, list) and all(isinstance(t, dict) and "from" in t and "value" in t for t in cell):
+        return [{"from": t["from"], "value": t["value"]} for t in cell]
+    return cell  # check_record says what is wrong with it
+
+
+def parquet_row_problem(conversations_cell, image_cell) -> str | None:
+    """Why a parquet row is bad, or None: the JSON records' checks, and each image's header."""
+    try:
+        conversations, images = row_conversations(conversations_cell), row_images(image_cell)
+    except SampleError as e:
+        return str(e)
+    why = check_record({"conversations": conversations}, n_images=len(images))
+    for k, data in enumerate(images):
+        why = why or image_header_problem(data, f"image {k}")
+    return why
+
+
+def load_parquet_records(path: str, strict: bool = False) -> tuple[ParquetRecordStore, list[tuple[str, str]]]:
+    """Read and check every row of the parquet shards path names (parquet_files), a row group at a time:
+    the validation pass. Each row needs 'conversations' (a list of {from, value}, or its JSON text); 'id'
+    and the images ('image' or 'images': bytes, {bytes, path}, or a list of them) are optional.
+
+    Returns (the good rows as a ParquetRecordStore, [(where, reason), ...] for every bad one), where names
+    the row by its id, shard and row in the shard (from 0): "000123 (shards/a.parquet row 6)". A row is bad
+    for what a JSON record is (roles, <image> count against the images), and for an image whose header PIL
+    cannot read. strict=True raises, listing every bad row.
+    Memory: 12 bytes a good row, and one row group.
+    """
+    import pyarrow as pa
+    files = parquet_files(path)
+    shards, groups, rows = array("i"), array("i"), array("i")
+    columns, group_starts, bad = [], [], []
+    for s, file in enumerate(files):
+        shard = open_shard(file)
+        id_column, image_column = shard_columns(shard, file)
+        sizes = [shard.metadata.row_group(g).num_rows for g in range(shard.num_row_groups)]
+        columns.append((id_column, image_column))
+        group_starts.append(list(itertools.accumulate(sizes, initial=0))[:-1])
+        for g in range(shard.num_row_groups):
+            table = shard.read_row_group(g, columns=[c for c in (id_column, "conversations", image_column) if c])
+            ids = table.column(id_column).to_pylist() if id_column else [None] * table.num_rows
+            conversations = table.column("conversations").to_pylist()
+            image_cells = table.column(image_column) if image_column else None
+            for r, (rid, conv) in enumerate(zip(ids, conversations)):
+                why = parquet_row_problem(conv, image_cells[r].as_py() if image_column else None)
+                if why is None:
+                    shards.append(s), groups.append(g), rows.append(r)
+                else:
+                    where = f"{file} row {group_starts[s][g] + r}"
+                    bad.append((f"{rid} ({where})" if rid is not None else where, why))
+            del table, conversations, image_cells
+    pa.default_memory_pool().release_unused()  # what pyarrow keeps of the row groups read, not left to workers
+    if strict and bad:
+        raise strict_error(path, bad)
+    return ParquetRecordStore(files, columns, group_starts, shards, groups, rows), bad
+
+
+class ParquetRecordStore(Sequence):
+    """The good rows of parquet shards, held as where each is: (shard, row group, row in the group) in
+    numpy arrays, 12 bytes a row. A row is read from its shard when store[i] is: a new dict of its id (else
+    where it is), conversations, "image_bytes" (a list of bytes) and "source" ("shards/a.parquet row 6",
+    for error messages).
+
+    The shards' own columns are the compact form of the text (holding it decoded would be ~3x their size
+    on disk where the text dominates). A process reads a whole row group (id, conversations, images) and
+    keeps it until it reads another: a forked DataLoader worker opens the shards itself and holds only the
+    row group it read last, never another process's. The store pickles to its arrays, without open files.
+    """
+
+    def __init__(self, files, columns, group_starts, shards, groups, rows):
+        self.files, self.columns, self.group_starts = files, columns, group_starts  # columns: (id, image) a shard
+        self.shards, self.groups = np.asarray(shards, dtype=np.int32), np.asarray(groups, dtype=np.int32)
+        self.rows = np.asarray(rows, dtype=np.int32)
+        self._reader = {}  # this process's: pid, its open shards, the row group read last
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return ParquetRecordStore(self.files, self.columns, self.group_starts, self.shards[i], self.groups[i],
+                                      self.rows[i])
+        shard, group, row = int(self.shards[i]), int(self.groups[i]), int(self.rows[i])
+        (id_column, image_column), table = self.columns[shard], self._row_group(shard, group)
+        source = f"{self.files[shard]} row {self.group_starts[shard][group] + row}"
+        rid = table.column(id_column)[row].as_py() if id_column else None
+        return {"id": source if rid is None else rid,
+                "conversations": row_conversations(table.column("conversations")[row].as_py()),
+                "image_bytes": row_images(table.column(image_column)[row].as_py()) if image_column else [],
+                "source": source}
+
+    def _row_group(self, shard: int, group: int):
+        reader = self._reader
+        if reader.get("pid") != os.getpid():  # a new process (a forked worker): its own files and row group
+            reader.clear()
+            reader.update(pid=os.getpid(), open=OrderedDict(), key=None, table=None)
+        if reader["key"] != (shard, group):
+            reader["table"] = None  # the previous row group goes before the next is read
+            files = reader["open"]
+            if shard not in files:
+                files[shard] = open_shard(self.files[shard])
+                if len(files) > OPEN_SHARDS:
+                    files.popitem(last=False)
+            files.move_to_end(shard)
+            wanted = [c for c in (self.columns[shard][0], "conversations", self.columns[shard][1]) if c]
+            # one thread: pyarrow's threads would each keep memory of their own in every worker
+            reader["table"] = files[shard].read_row_group(group, columns=wanted, use_threads=False)
+            reader["key"] = (shard, group)
+        return reader["table"]
+
+    def __getstate__(self):
+        return {**self.__dict__, "_reader": {}}
+
+    def __eq__(self, other):  # equal to a list of the same records
+        if not isinstance(other, (list, ParquetRecordStore)):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    def __repr__(self):
+        return f"ParquetRecordStore({len(self)} records from {len(self.files)} shards)"
 
 
 def ensure_pad_token(tokenizer):
@@ -400,9 +653,11 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def load_image(path: str) -> Image.Image:
-    """Open and fully decode an image as RGB; SampleError (skip) for missing, corrupt or truncated
-    files and for decompression bombs (more than PIL's Image.MAX_IMAGE_PIXELS pixels)."""
+def load_image(path, name: str | None = None) -> Image.Image:
+    """Open and fully decode an image (a path, or a file object named by name) as RGB; SampleError (skip)
+    for missing, corrupt or truncated files and for decompression bombs (more than PIL's
+    Image.MAX_IMAGE_PIXELS pixels)."""
+    name = name or path
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL only warns below 2x the limit
@@ -410,11 +665,11 @@ def load_image(path: str) -> Image.Image:
                 im.load()  # decode now: a truncated file fails here, not later in a worker
                 return to_rgb(im)
     except FileNotFoundError:
-        raise SampleError(f"image not found: {path}") from None
+        raise SampleError(f"image not found: {name}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise SampleError(f"image too large (decompression bomb): {path}: {e}") from None
+        raise SampleError(f"image too large (decompression bomb): {name}: {e}") from None
     except (OSError, ValueError, SyntaxError) as e:  # PIL raises SyntaxError for some broken headers
-        raise SampleError(f"image unreadable: {path}: {e}") from None
+        raise SampleError(f"image unreadable: {name}: {_image_error(e, path)}") from None
 
 
 def preprocess_images(images: list[Image.Image], image_processor) -> torch.Tensor:
@@ -428,7 +683,8 @@ def preprocess_images(images: list[Image.Image], image_processor) -> torch.Tenso
 
 
 class LlavaDataset(torch.utils.data.Dataset):
-    """LLaVA-format records + image folder -> tokenised, labelled samples.
+    """LLaVA-format records + image folder (or a ParquetRecordStore's rows, their images inside) ->
+    tokenised, labelled samples.
 
     A sample that cannot be used (missing/corrupt image, too long) comes back as
     {"skipped": (id, reason)}: the collator drops it and the training loop counts it.
@@ -446,6 +702,9 @@ class LlavaDataset(torch.utils.data.Dataset):
     def load_images(self, rec: dict) -> list[Image.Image]:
         """The record's images, RGB; SampleError when one cannot be used. A subclass may take images
         from elsewhere than image_folder (eval.py: base64 strings from benchmark files)."""
+        if "image_bytes" in rec:  # a parquet row's (ParquetRecordStore)
+            return [load_image(io.BytesIO(data), f"{rec['source']} image {k}")
+                    for k, data in enumerate(rec["image_bytes"])]
         return [load_image(os.path.join(self.image_folder, p)) for p in record_images(rec)]
 
     def __getitem__(self, i):

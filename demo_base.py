@@ -219,7 +219,7 @@ def demo_inputs(overrides: dict, out_root: str, num_images: int) -> dict:
     """The demo recipe's shapes data and tiny base models, generated on first use unless given; their paths
     go into overrides. Returns the data file of each stage ({} when the data was given)."""
     given = {k for k, v in overrides.items() if v}
-    need_data = not {"data", "image_folder"} <= given
+    need_data = not ({"data", "image_folder"} <= given or ("data" in given and D.is_parquet(overrides["data"])))
     need_base = not ("init" in given or {"vision_model", "llm"} <= given)
     rank, _, _ = setup_distributed()
     spec = D.ShapesSpec(num_train_images=num_images)

@@ -80,8 +80,9 @@ class TrainConfig:
                                        "and base models")
     stage: str = knob("all", "1 | 1.5 | 2 | all (each stage initialised from the one before)")
     # data
-    data: str = knob("", "LLaVA-format JSON / JSONL of this stage (the demo recipe generates its own)")
-    image_folder: str = knob("", "the folder the records' image paths are relative to")
+    data: str = knob("", "LLaVA-format JSON / JSONL of this stage, or its parquet shards with the images in "
+                         "their rows (a .parquet file, a directory, a glob); the demo recipe generates its own")
+    image_folder: str = knob("", "the folder the JSON records' image paths are relative to (not for parquet)")
     template: str = knob("auto", "auto | plain | vicuna_v1 | chatml | chat (the tokenizer's own); "
                                  "auto: plain in stage 1, else the tokenizer's own, else vicuna_v1")
     max_length: int = knob(2048, "tokens per sample: a longer one is cut (or skipped where the cut would "
@@ -319,7 +320,7 @@ def start_stage(cfg: TrainConfig, stage: str) -> StageRun:
                          f"batch_size {cfg.batch_size} x {world} processes")
     grad_accum = cfg.global_batch_size // (cfg.batch_size * world)
     check_memory_fits(cfg, stage, world, device)
-    if not cfg.data or not os.path.isfile(cfg.data):
+    if not cfg.data or not (os.path.isfile(cfg.data) or D.is_parquet(cfg.data)):  # parquet_files names a miss
         raise FileNotFoundError(f"stage {stage}: data file {cfg.data!r} not found (--data)")
     records, bad_records = validate_data(cfg, rank == 0)
     torch.manual_seed(cfg.seed + rank)

@@ -3,19 +3,25 @@ Benchmark: host memory of the record loader (data.load_records) and of DataLoade
 
     python tests/bench_data_memory.py --records 200000                  # JSON list, this data.py
     python tests/bench_data_memory.py --records 200000 --format jsonl
+    python tests/bench_data_memory.py --records 200000 --format parquet  # shards, the image bytes in the rows
     python tests/bench_data_memory.py --module /tmp/data_orig.py        # another version of data.py
 
 It writes an LLaVA-ReCap-like stage-1.5 file (id, image, the detail prompt, a ~110-word caption)
 into a temporary folder. Every record points at the same tiny image, so the loader's image check
-runs (one stat per record) without a million image files.
+runs (one stat per record) without a million image files. --format parquet writes the same records as
+parquet shards of SHARD_ROWS rows in row groups of GROUP_ROWS (as Hugging Face datasets writes image
+data), each row holding the tiny PNG's bytes (--image-kib: that many KiB of random bytes after it, so
+that the shards are not mostly text): load_data reads them and checks every image's header.
 
 (a) peak_rss/file_size: a fresh process imports the module and reads its RSS, runs load_records with
-    the image folder, then reads its peak RSS (VmHWM). The figure is (peak - RSS before loading) /
-    file size: the loader's own memory, without the ~0.3 GiB that importing torch costs any process.
+    the image folder (parquet: load_data), then reads its peak RSS (VmHWM). The figure is (peak - RSS
+    before loading) / the data's size on disk: the loader's own memory, without the ~0.3 GiB that
+    importing torch (and pyarrow) costs any process.
 (b) worker_growth_gib_per_1M: the records go into data.LlavaDataset and a DataLoader with 2 forked,
     persistent workers and a shuffled order. Its __getitem__ reads the record through the store and the
-    fields LlavaDataset.__getitem__ reads (record_id, to_messages, record_images), but skips tokenising
-    and image decoding: their cost does not depend on how records are held. Each worker's private
+    fields LlavaDataset.__getitem__ reads (record_id, to_messages, record_images; for parquet the row's
+    image bytes, which the store reads with their row group), but skips tokenising and image decoding:
+    their cost does not depend on how records are held. Each worker's private
     memory (Private_Clean + Private_Dirty in /proc/PID/smaps_rollup) is read after the first batch and
     at the end of the epoch. The figure is the largest growth, in GiB per million records in the file.
 
@@ -23,6 +29,7 @@ The last line reads: peak_rss/file_size=X worker_growth_gib_per_1M=Y
 """
 import argparse
 import importlib.util
+import itertools
 import json
 import os
 import random
@@ -52,17 +59,40 @@ def load_module(path: str):
     return module
 
 
-def write_records(path: str, n: int, fmt: str, image: str):
+SHARD_ROWS, GROUP_ROWS = 50_000, 100
+
+
+def recap_records(n: int, image):
     rng = random.Random(0)
+    for i in range(n):
+        caption = " ".join(rng.choices(WORDS, k=rng.randint(90, 130))).capitalize() + "."
+        yield {"id": f"{i:07d}", "image": image, "conversations": [
+            {"from": "human", "value": f"<image>\n{DETAIL_PROMPT}"}, {"from": "gpt", "value": caption}]}
+
+
+def write_records(path: str, n: int, fmt: str, image: str):
     with open(path, "w") as f:
         f.write("[\n" if fmt == "json" else "")
-        for i in range(n):
-            caption = " ".join(rng.choices(WORDS, k=rng.randint(90, 130))).capitalize() + "."
-            rec = {"id": f"{i:07d}", "image": image, "conversations": [
-                {"from": "human", "value": f"<image>\n{DETAIL_PROMPT}"}, {"from": "gpt", "value": caption}]}
+        for i, rec in enumerate(recap_records(n, image)):
             sep = ("," if i < n - 1 else "") if fmt == "json" else ""
             f.write(json.dumps(rec) + sep + "\n")
         f.write("]\n" if fmt == "json" else "")
+
+
+def write_shards(folder: str, n: int, png: bytes, image_kib: int):
+    """The records as parquet shards in folder, the image as {bytes, path} (Hugging Face's Image feature)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    os.makedirs(folder)
+    rng = random.Random(1)
+    records = recap_records(n, None)
+    for s in range(0, n, SHARD_ROWS):
+        rows = []
+        for rec in itertools.islice(records, SHARD_ROWS):
+            data = png + (rng.randbytes(image_kib * 1024) if image_kib else b"")  # after IEND: PIL reads the PNG
+            rows.append({**rec, "image": {"bytes": data, "path": None}})
+        pq.write_table(pa.Table.from_pylist(rows), os.path.join(folder, f"part-{s // SHARD_ROWS:05d}.parquet"),
+                       row_group_size=GROUP_ROWS)
 
 
 def proc_kib(pid, key: str, name: str = "status") -> int:
@@ -75,12 +105,21 @@ def private_kib(pid) -> int:
     return proc_kib(pid, "Private_Clean", "smaps_rollup") + proc_kib(pid, "Private_Dirty", "smaps_rollup")
 
 
+def load(D, data: str, image_folder: str):
+    """The records: load_records for JSON (any data.py), load_data for parquet shards (a directory)."""
+    if os.path.isdir(data):
+        return D.load_data(data)
+    return D.load_records(data, image_folder=image_folder)
+
+
 def measure_load(module_path: str, data: str, image_folder: str):
-    """In a fresh process: RSS before and peak RSS after load_records, in kB, as JSON on stdout."""
+    """In a fresh process: RSS before and peak RSS after loading, in kB, as JSON on stdout."""
     D = load_module(module_path)
+    if os.path.isdir(data):
+        import pyarrow.parquet  # noqa: F401  (its import, like torch's, is any process's, not the loader's)
     before = proc_kib("self", "VmRSS")
     t = time.perf_counter()
-    records, bad = D.load_records(data, image_folder=image_folder)
+    records, bad = load(D, data, image_folder)
     seconds = time.perf_counter() - t
     assert len(records) > 0 and not bad, bad[:3]
     print(json.dumps({"before": before, "peak": proc_kib("self", "VmHWM"), "records": len(records),
@@ -95,9 +134,10 @@ def measure_workers(D, data: str, image_folder: str, batch_size: int = 256):
         def __getitem__(self, i):  # LlavaDataset.__getitem__'s reads of the record, nothing else
             rec = self.records[i]
             messages = D.to_messages(rec["conversations"])
-            return D.record_id(rec, i), sum(len(m["content"]) for m in messages), len(D.record_images(rec))
+            images = len(D.record_images(rec)) + sum(len(b) for b in rec.get("image_bytes", []))
+            return D.record_id(rec, i), sum(len(m["content"]) for m in messages), images
 
-    records, _ = D.load_records(data, image_folder=image_folder)
+    records, _ = load(D, data, image_folder)
     dataset = RecordAccess(records, image_folder, None, None, "", 1)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=2,
                                          persistent_workers=True, collate_fn=list,
@@ -116,7 +156,8 @@ def measure_workers(D, data: str, image_folder: str, batch_size: int = 256):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--records", type=int, default=200_000)
-    ap.add_argument("--format", choices=("json", "jsonl"), default="json")
+    ap.add_argument("--format", choices=("json", "jsonl", "parquet"), default="json")
+    ap.add_argument("--image-kib", type=int, default=0, help="parquet: random KiB after each row's tiny PNG")
     ap.add_argument("--module", default=os.path.join(MAIN, "data.py"), help="the data.py to measure")
     ap.add_argument("--measure-load", nargs=2, metavar=("DATA", "IMAGE_FOLDER"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -128,8 +169,13 @@ def main():
         Image.new("RGB", (4, 4), (128, 64, 32)).save(os.path.join(tmp, "tiny.png"))
         data = os.path.join(tmp, f"recap.{args.format}")
         t = time.perf_counter()
-        write_records(data, args.records, args.format, "tiny.png")
-        size = os.path.getsize(data)
+        if args.format == "parquet":
+            with open(os.path.join(tmp, "tiny.png"), "rb") as f:
+                write_shards(data, args.records, f.read(), args.image_kib)
+            size = sum(os.path.getsize(os.path.join(data, name)) for name in os.listdir(data))
+        else:
+            write_records(data, args.records, args.format, "tiny.png")
+            size = os.path.getsize(data)
         print(f"{args.records} records, {args.format}: {size / GIB:.3f} GiB "
               f"({size / args.records:.0f} bytes a record), "
               f"written in {time.perf_counter() - t:.0f} s; module {args.module}")
@@ -140,9 +186,10 @@ def main():
             sys.exit(out.stderr)
         load = json.loads(out.stdout.strip().splitlines()[-1])
         loader_kib = load["peak"] - load["before"]
-        print(f"(a) load_records: {load['seconds']:.1f} s; RSS {load['before'] / 2**20:.3f} GiB before, "
+        loader = "load_data" if args.format == "parquet" else "load_records"
+        print(f"(a) {loader}: {load['seconds']:.1f} s; RSS {load['before'] / 2**20:.3f} GiB before, "
               f"peak {load['peak'] / 2**20:.3f} GiB; the loader's own peak {loader_kib / 2**20:.3f} GiB "
-              f"= {loader_kib * 1024 / size:.2f} x the file")
+              f"= {loader_kib * 1024 / size:.2f} x the data on disk")
 
         t = time.perf_counter()
         start, end = measure_workers(load_module(args.module), data, tmp)
