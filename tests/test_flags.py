@@ -38,7 +38,7 @@ def test_every_numeric_field_declares_a_range_and_a_help():
             assert f.default in f.metadata["range"], f.name  # the default itself is valid
     for recipe in T.RECIPES.values():  # and so are the recipes' values
         for values in recipe["stages"].values():
-            assert T.out_of_range(values, T.RANGES) == ""
+            assert FL.out_of_range(values, T.RANGES) == ""
 
 
 CASES = [(f.name, value) for f in numeric_fields() for value in just_outside(f.metadata["range"], f.type == "int")]
