@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import sys
@@ -257,7 +258,7 @@ def prepare_model(cfg: TrainConfig, stage: str, rank: int, world: int, device: t
     fsdp = uses_fsdp(cfg, world)
     if cfg.fsdp and world == 1 and rank == 0:
         print("note: --fsdp with one process: nothing to shard over, training unsharded")
-    build = (lambda settings=None: build_model(cfg, stage, settings))  # noqa: E731
+    build = functools.partial(build_model, cfg, stage)  # build(settings=...): the same model on the meta device
     model, tokenizer, image_processor = build_model_once(build, rank) if fsdp else build()
     trainable_param_groups(model, stage, cfg)  # what this stage trains (requires_grad), before any wrapping
     if cfg.gradient_checkpointing:

@@ -33,8 +33,8 @@ def status_kib(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def every_rank_loads(cfg, stage, rank):
-    return T.build_model(cfg, stage)
+def every_rank_loads(build, rank):
+    return build()
 
 
 def shard_own_copy(model, use_bf16, device):
@@ -46,8 +46,9 @@ def shard_own_copy(model, use_bf16, device):
     return model
 
 
-def recording(build, shard):
-    def build_recorded(cfg, stage, rank):
+def recording(build_once, shard):
+    def build_recorded(build, rank):
+        cfg = build.args[0]  # train.prepare_model's build: partial(build_model, cfg, stage)
         # the first build imports the model's transformers modules (~110 MiB, whatever the model's size):
         # a build on the meta device first puts them in the baseline, so that the growth is the model's
         with torch.device("meta"):
@@ -55,7 +56,7 @@ def recording(build, shard):
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # VmHWM := VmRSS: the peak from here on
         record["rss_before_build_kib"] = status_kib("VmRSS")
-        return build(cfg, stage, rank)
+        return build_once(build, rank)
 
     def shard_recorded(model, use_bf16, device):
         model = shard(model, use_bf16, device)
@@ -70,10 +71,10 @@ def recording(build, shard):
 if __name__ == "__main__":
     loader, argv = sys.argv[1], sys.argv[2:]
     if loader == "every-rank":
-        DI.build_model_once, DI.shard_with_fsdp = every_rank_loads, shard_own_copy
+        T.build_model_once, DI.shard_with_fsdp = every_rank_loads, shard_own_copy
     elif loader != "once":
         sys.exit(f"loader must be 'once' or 'every-rank', got {loader!r}")
-    DI.build_model_once, DI.shard_with_fsdp = recording(DI.build_model_once, DI.shard_with_fsdp)
+    T.build_model_once, DI.shard_with_fsdp = recording(T.build_model_once, DI.shard_with_fsdp)
     T.run(T.parse_args(argv))
     record["peak_run_kib"] = status_kib("VmHWM")
     with open(os.path.join(os.environ["PROBE_DIR"], f"rank-{dist.get_rank()}.json"), "w") as f:

@@ -357,7 +357,7 @@ def test_an_image_folder_with_parquet_is_refused_in_one_line(base, shards, tmp_p
 def test_the_demo_recipe_gives_parquet_data_no_image_folder(base, shards, tmp_path):
     folder, _, _ = shards
     overrides = {"data": folder, "vision_model": base.vision, "llm": base.llm}
-    assert DB.demo_inputs(overrides, str(tmp_path)) == {} and "image_folder" not in overrides
+    assert DB.demo_inputs(overrides, str(tmp_path), T.TrainConfig.demo_images) == {} and "image_folder" not in overrides
     assert not (tmp_path / "shapes").exists()
 
 

@@ -6,7 +6,6 @@ import sys
 
 import pytest
 
-import demo_base as DB
 import eval as E
 import flags as FL
 import train as T
@@ -47,7 +46,7 @@ CASES += [("lr", float("nan"))]
 
 @pytest.mark.parametrize("name,value", CASES)
 def test_a_train_flag_just_outside_its_range_is_one_line(name, value, monkeypatch, tmp_path):
-    monkeypatch.setattr(DB, "demo_inputs", lambda *a: pytest.fail("data was made before the ranges were checked"))
+    monkeypatch.setattr(T, "demo_inputs", lambda *a: pytest.fail("data was made before the ranges were checked"))
     monkeypatch.setattr(T, "train_stage", lambda *a: pytest.fail("a stage started before the ranges were checked"))
     flag = "--" + name.replace("_", "-")
     with pytest.raises(SystemExit) as e:
