@@ -32,6 +32,14 @@ def test_the_recipe_names_the_recorded_models():
         assert not cfg.fsdp and cfg.global_batch_size % cfg.batch_size == 0  # one GPU: accumulation only
 
 
+
+def test_siglip_b_values_are_the_vision_config_defaults():
+    """PAPER_MODELS says google/siglip-base-patch16-224's config.json leaves its vision_config at
+    SiglipVisionConfig's defaults: the recorded values are those defaults (transformers' own, offline)."""
+    from transformers import SiglipVisionConfig
+    recorded, defaults = MP.PAPER_MODELS[VISION], SiglipVisionConfig().to_dict()
+    assert {k: defaults[k] for k in recorded} == recorded
+
 def test_plan_on_the_meta_device_fits_one_24gb_gpu():
     h, i, layers, vocab, kv = 896, 4864, 24, 151936, 2 * 64  # 2 KV heads of 64, q/k/v biases, tied embeddings
     qwen = vocab * h + layers * (2 * h * h + 2 * h * kv + h + 2 * kv + 3 * h * i + 2 * h) + h
