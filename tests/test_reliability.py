@@ -66,16 +66,28 @@ def max_diffs(ref_dir, other_dir):
 # FSDP
 
 
+# One 2-process FSDP run serves two tests: its result against one process (6 steps), and its sharded
+# training state at step 3 for the resume test (saving a state does not change the training).
+FSDP_RUN = dict(batch_size=4, fsdp=True, max_steps=6, save_every=3)  # 2 shards x 4 = global batch 8
+
+
 @pytest.fixture(scope="module")
 def stage15_single(base, tmp_path_factory):
     out = tmp_path_factory.mktemp("stage15_single")
-    train(stage15(base, out))
+    train(stage15(base, out, max_steps=FSDP_RUN["max_steps"]))
     return out
 
 
-def test_fsdp_two_processes_match_one(base, stage15_single, tmp_path):
-    out = tmp_path / "fsdp"
-    train(stage15(base, out, batch_size=4, fsdp=True), procs=2)  # 2 shards x 4 = global batch 8
+@pytest.fixture(scope="module")
+def fsdp_full(base, tmp_path_factory):
+    """2-process FSDP, stage 1.5, 6 steps, the sharded training state saved at step 3."""
+    out = tmp_path_factory.mktemp("fsdp_full")
+    train(stage15(base, out, **FSDP_RUN), procs=2)
+    return out
+
+
+def test_fsdp_two_processes_match_one(base, stage15_single, fsdp_full):
+    out = fsdp_full
     loss_diff, weight_diff = max_diffs(stage15_single, out)
     print(f"FSDP (2 x 4) vs 1 process (1 x 8), stage 1.5: max loss diff {loss_diff:.2e}, "
           f"max weight diff {weight_diff:.2e}")
@@ -111,12 +123,11 @@ def test_fsdp_text_only_batches_match_one(base, tmp_path):
     assert loss_diff < LOSS_TOL and weight_diff < WEIGHT_TOL
 
 
-def test_fsdp_sharded_state_resumes_exactly(base, tmp_path):
+def test_fsdp_sharded_state_resumes_exactly(base, fsdp_full, tmp_path):
     """The sharded training state (one file set per process, torch.distributed.checkpoint) resumes
     bitwise under FSDP, and also loads into one process without FSDP."""
-    full = tmp_path / "full"
-    values = stage15(base, full, batch_size=4, fsdp=True, max_steps=6, save_every=3)
-    train(values, procs=2)
+    full = fsdp_full
+    values = stage15(base, full, **FSDP_RUN)
     state = full / "checkpoints" / "step-3"
     assert (state / "progress.json").is_file()
     assert any(f.endswith(".distcp") for f in os.listdir(state / "model_optimizer"))
