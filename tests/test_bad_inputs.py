@@ -23,6 +23,8 @@ import data as D
 import train as T
 from conftest import read_metrics
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # -----------------------------------------------------------------------------
 # Image files of every awkward kind
 
