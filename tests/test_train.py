@@ -23,6 +23,7 @@ import train as T
 from conftest import MAIN, cli_flags, read_metrics, subprocess_env
 from victor import VictorModel, load_checkpoint
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 PARTS = ("projector", "llm", "vision_tower", "token_pool", "recon_head")
 LR, VISION_LR, POOL_LR = 1e-3, 3e-4, 1e-2  # distinct, so each group's lr is recognisable
 
