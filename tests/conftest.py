@@ -118,6 +118,16 @@ def subprocess_env():
     return env
 
 
+def together(*calls):
+    """Call each of calls (each one starting a subprocess and waiting for it) at the same time, in threads; returns
+    their results in order, raising the first failure once all have ended. The subprocesses are independent and
+    single-threaded (OMP_NUM_THREADS=1): one run alone leaves a core idle much of the time."""
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(len(calls)) as pool:
+        futures = [pool.submit(call) for call in calls]
+    return [f.result() for f in futures]
+
+
 def read_metrics(out_dir):
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f if line.strip()]

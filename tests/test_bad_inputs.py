@@ -26,6 +26,8 @@ import flags as FL
 import train as T
 from conftest import read_metrics
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # -----------------------------------------------------------------------------
 # Image files of every awkward kind
 

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -94,33 +95,59 @@ def train(values, procs):
     return proc.stdout
 
 
+@pytest.fixture(scope="module")
+def train_runs(base, tmp_path_factory):
+    """train.py runs made once for the module: run(stage, procs, bf16) -> (out_dir, stdout); bf16 None leaves
+    the flag out. The 1-process stage-1.5 --no-bf16 run serves both the bf16 comparison and the CPU default.
+    Runs asked for together are independent processes and run at the same time (each is single-threaded,
+    and a run alone leaves a core idle much of the time)."""
+    made = {}
+
+    def start(key):
+        stage, procs, bf16 = key
+        out = tmp_path_factory.mktemp(f"bf16-run-{stage}-{procs}-{bf16}")
+        extra = dict(fsdp=True, gradient_checkpointing=True) if procs == 2 else {}
+        flags = {} if bf16 is None else dict(bf16=bf16)
+        return out, pool.submit(train, train_values(base, out, stage, **flags, **extra), procs)
+
+    def run(*keys):
+        started = {key: start(key) for key in dict.fromkeys(keys) if key not in made}
+        for key, (out, stdout) in started.items():
+            made[key] = (out, stdout.result())
+        return [made[key] for key in keys]
+
+    with ThreadPoolExecutor(3) as pool:
+        yield run
+
+
 @pytest.mark.parametrize("stage,procs", [("1.5", 1), ("1.5", 2), ("2", 2)])
-def test_train_bf16_against_float32(base, tmp_path, stage, procs):
+def test_train_bf16_against_float32(base, train_runs, stage, procs):
     """--bf16 on a CPU trains in bf16 (1 process: autocast; 2: FSDP with gradient checkpointing, the paper
     recipes' setting); its first step's loss is float32's within LOSS_RTOL, and stage 1.5 moves the pool."""
-    extra = dict(fsdp=True, gradient_checkpointing=True) if procs == 2 else {}
-    runs = {}
-    for name, bf16 in (("fp32", False), ("bf16", True)):
-        out = train(train_values(base, tmp_path / name, stage, bf16=bf16, **extra), procs)
+    keys = [(stage, procs, False), (stage, procs, True)]
+    if procs == 1:  # test_cpu_default_stays_float32's other run: made alongside these
+        keys.append((stage, procs, None))
+    made = train_runs(*keys)
+    runs, outs = {}, {}
+    for (name, bf16), (out_dir, out) in zip((("fp32", False), ("bf16", True)), made):
+        outs[name] = out_dir
         assert ("note: --bf16 on a CPU" in out) == bf16
-        runs[name] = read_metrics(tmp_path / name)[0]
+        runs[name] = read_metrics(out_dir)[0]
     a, b = runs["fp32"][0], runs["bf16"][0]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in runs["bf16"])
     assert a["loss"] != b["loss"], "bitwise float32's loss: bf16 did not take effect"
     assert abs(b["loss"] - a["loss"]) <= LOSS_RTOL * a["loss"], (a["loss"], b["loss"])
     if stage == "1.5":
         init, trained = load_file(os.path.join(base.init, "model.safetensors")), load_file(
-            str(tmp_path / "bf16" / "model.safetensors"))
+            str(outs["bf16"] / "model.safetensors"))
         assert trained["token_pool"].dtype == torch.float32  # the master weights stay float32
         assert not torch.equal(init["token_pool"], trained["token_pool"]), "the pool got no gradient"
 
 
-def test_cpu_default_stays_float32(base, tmp_path):
+def test_cpu_default_stays_float32(train_runs):
     """Without --bf16 a CPU run computes in float32: bitwise the run that says --no-bf16."""
-    runs = {}
-    for name, flags in (("default", {}), ("no-bf16", dict(bf16=False))):
-        train(train_values(base, tmp_path / name, "1.5", **flags), 1)
-        runs[name] = read_metrics(tmp_path / name)[0]
+    made = train_runs(("1.5", 1, None), ("1.5", 1, False))
+    runs = {name: read_metrics(out_dir)[0] for name, (out_dir, _) in zip(("default", "no-bf16"), made)}
     assert [r["loss"] for r in runs["default"]] == [r["loss"] for r in runs["no-bf16"]]
     assert DI.computes_in_bf16(T.TrainConfig(), torch.device("cpu")) is False
     assert DI.computes_in_bf16(T.TrainConfig(), torch.device("cuda")) is True

@@ -15,12 +15,13 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import MAIN, cli_flags, read_metrics, subprocess_env
+from conftest import MAIN, cli_flags, read_metrics, subprocess_env, together
 from victor import load_checkpoint
 
 LOSS_TOL, WEIGHT_TOL = 1e-5, 1e-5  # float32 sums in another order (2 shards / 2 processes vs 1)
@@ -66,16 +67,32 @@ def max_diffs(ref_dir, other_dir):
 # FSDP
 
 
+# One 2-process FSDP run serves two tests: its result against one process (6 steps), and its sharded
+# training state at step 3 for the resume test (saving a state does not change the training).
+FSDP_RUN = dict(batch_size=4, fsdp=True, max_steps=6, save_every=3)  # 2 shards x 4 = global batch 8
+
+
 @pytest.fixture(scope="module")
-def stage15_single(base, tmp_path_factory):
-    out = tmp_path_factory.mktemp("stage15_single")
-    train(stage15(base, out))
-    return out
+def stage15_runs(base, tmp_path_factory):
+    """(one process, 6 steps; 2-process FSDP, 6 steps, the sharded training state saved at step 3), run at once."""
+    single, fsdp = tmp_path_factory.mktemp("stage15_single"), tmp_path_factory.mktemp("fsdp_full")
+    together(lambda: train(stage15(base, single, max_steps=FSDP_RUN["max_steps"])),
+             lambda: train(stage15(base, fsdp, **FSDP_RUN), procs=2))
+    return single, fsdp
 
 
-def test_fsdp_two_processes_match_one(base, stage15_single, tmp_path):
-    out = tmp_path / "fsdp"
-    train(stage15(base, out, batch_size=4, fsdp=True), procs=2)  # 2 shards x 4 = global batch 8
+@pytest.fixture(scope="module")
+def stage15_single(stage15_runs):
+    return stage15_runs[0]
+
+
+@pytest.fixture(scope="module")
+def fsdp_full(stage15_runs):
+    return stage15_runs[1]
+
+
+def test_fsdp_two_processes_match_one(base, stage15_single, fsdp_full):
+    out = fsdp_full
     loss_diff, weight_diff = max_diffs(stage15_single, out)
     print(f"FSDP (2 x 4) vs 1 process (1 x 8), stage 1.5: max loss diff {loss_diff:.2e}, "
           f"max weight diff {weight_diff:.2e}")
@@ -104,27 +121,32 @@ def test_fsdp_text_only_batches_match_one(base, tmp_path):
     data = tmp_path / "mixed.json"
     data.write_text(json.dumps(records))
     values = dict(stage15(base, tmp_path / "ref", data=str(data)), stage="2", global_batch_size=4, batch_size=4)
-    train(values)
-    train({**values, "out_dir": str(tmp_path / "fsdp"), "batch_size": 2, "fsdp": True}, procs=2)
+    together(lambda: train(values),
+             lambda: train({**values, "out_dir": str(tmp_path / "fsdp"), "batch_size": 2, "fsdp": True}, procs=2))
     loss_diff, weight_diff = max_diffs(tmp_path / "ref", tmp_path / "fsdp")
     print(f"FSDP stage 2 with text-only records: max loss diff {loss_diff:.2e}, max weight diff {weight_diff:.2e}")
     assert loss_diff < LOSS_TOL and weight_diff < WEIGHT_TOL
 
 
-def test_fsdp_sharded_state_resumes_exactly(base, tmp_path):
+def test_fsdp_sharded_state_resumes_exactly(base, fsdp_full, tmp_path):
     """The sharded training state (one file set per process, torch.distributed.checkpoint) resumes
     bitwise under FSDP, and also loads into one process without FSDP."""
-    full = tmp_path / "full"
-    values = stage15(base, full, batch_size=4, fsdp=True, max_steps=6, save_every=3)
-    train(values, procs=2)
+    full = fsdp_full
+    values = stage15(base, full, **FSDP_RUN)
     state = full / "checkpoints" / "step-3"
     assert (state / "progress.json").is_file()
     assert any(f.endswith(".distcp") for f in os.listdir(state / "model_optimizer"))
-    for name, procs, fsdp in (("fsdp_resumed", 2, True), ("single_resumed", 1, False)):
+    resumes = {"fsdp_resumed": (2, True), "single_resumed": (1, False)}  # name: (processes, --fsdp)
+
+    def resume(name):
+        procs, fsdp = resumes[name]
         out = tmp_path / name
         shutil.copytree(state, out / "checkpoints" / "step-3")
-        text = train({**values, "out_dir": str(out), "resume": "auto", "fsdp": fsdp,
+        return train({**values, "out_dir": str(out), "resume": "auto", "fsdp": fsdp,
                       "batch_size": 4 if procs == 2 else 8}, procs=procs)
+    texts = together(*(lambda name=name: resume(name) for name in resumes))  # the two resumes at once
+    for (name, (procs, _)), text in zip(resumes.items(), texts):
+        out = tmp_path / name
         assert re.search(r"resuming from \S+step-3 at step 3", text), text[-2000:]
         a, b = weights(full), weights(out)
         if procs == 2:
@@ -190,10 +212,16 @@ RUN = dict(max_steps=30, save_every=5, batch_size=2, global_batch_size=4, vision
 
 @pytest.fixture(scope="module")
 def ddp_uninterrupted(base, tmp_path_factory):
-    """2-process DDP, stage 1.5, 30 steps over two epochs of the 64-image set, never interrupted."""
+    """2-process DDP, stage 1.5, 30 steps over two epochs of the 64-image set, never interrupted. It runs in the
+    background while the tests make their own runs: calling the fixture's value waits for it, returns its dir."""
     out = tmp_path_factory.mktemp("ddp_ref")
-    train(stage15(base, out, **RUN), procs=2)
-    return out
+    with ThreadPoolExecutor(1) as pool:
+        run = pool.submit(train, stage15(base, out, **RUN), procs=2)
+
+        def finished():
+            run.result()
+            return out
+        yield finished
 
 
 def test_ddp_killed_and_resumed_equals_uninterrupted(base, ddp_uninterrupted, tmp_path):
@@ -211,9 +239,9 @@ def test_ddp_killed_and_resumed_equals_uninterrupted(base, ddp_uninterrupted, tm
     text = train(stage15(base, out, **RUN, resume="auto"), procs=2)
     m = re.search(r"resuming from \S+step-(\d+) at step (\d+)", text)
     assert m and 5 <= int(m.group(2)) < 30, text[-2000:]
-    a, b = weights(ddp_uninterrupted), weights(out)
+    a, b = weights(ddp_uninterrupted()), weights(out)
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), "resumed DDP weights differ"
-    rows, ref_rows = read_metrics(str(out))[0], read_metrics(str(ddp_uninterrupted))[0]
+    rows, ref_rows = read_metrics(str(out))[0], read_metrics(str(ddp_uninterrupted()))[0]
     assert rows[-1]["step"] == ref_rows[-1]["step"] == 30 and rows[-1]["loss"] == ref_rows[-1]["loss"]
 
 
@@ -238,5 +266,5 @@ def test_torchrun_restarts_a_dead_worker_and_resumes(base, ddp_uninterrupted, tm
         text = log.read()
     m = re.search(r"resuming from \S+step-(\d+) at step (\d+)", text)
     assert m and 5 <= int(m.group(2)) < 30, "the restarted group did not resume: " + text[-3000:]
-    a, b = weights(ddp_uninterrupted), weights(out)
+    a, b = weights(ddp_uninterrupted()), weights(out)
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), "restarted job's weights differ"

@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import pytest
@@ -25,6 +26,7 @@ import train as T
 from conftest import MAIN, cli_flags, read_metrics, subprocess_env
 from victor import VictorModel, load_checkpoint
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 PARTS = ("projector", "llm", "vision_tower", "token_pool", "recon_head")
 LR, VISION_LR, POOL_LR = 1e-3, 3e-4, 1e-2  # distinct, so each group's lr is recognisable
 
@@ -502,23 +504,14 @@ def test_a_crash_while_saving_keeps_the_previous_state(base, tmp_path, monkeypat
 def test_killed_and_resumed_run_equals_uninterrupted(base, tmp_path):
     """Stage 1.5 (random token selection, pool, optimizer state), 40 steps crossing two epochs of
     the 64-image set: SIGKILL right after the first saved state, then --resume auto."""
-    import signal
-    import time
     ref, run = tmp_path / "ref", tmp_path / "killed"
     cmd = [sys.executable, "train.py"]
-    done = subprocess.run(cmd + cli_flags(stage15_overrides(base, ref)), cwd=MAIN, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=300)
+    with ThreadPoolExecutor(1) as pool:  # the uninterrupted run goes on while the other is killed and resumed
+        uninterrupted = pool.submit(subprocess.run, cmd + cli_flags(stage15_overrides(base, ref)), cwd=MAIN,
+                                    env=subprocess_env(), capture_output=True, text=True, timeout=300)
+        resumed = kill_and_resume(base, cmd, run)
+    done = uninterrupted.result()
     assert done.returncode == 0, done.stderr[-3000:]
-    proc = subprocess.Popen(cmd + cli_flags(stage15_overrides(base, run, save_every=5)), cwd=MAIN,
-                            env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not (run / "checkpoints" / "step-5").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-    assert not (run / "model.safetensors").exists()
-    resumed = subprocess.run(cmd + cli_flags(stage15_overrides(base, run, save_every=5, resume="auto")), cwd=MAIN,
-                             env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     m = re.search(r"resuming from \S+step-(\d+) at step (\d+)", resumed.stdout + resumed.stderr)
     assert m and 5 <= int(m.group(2)) < 40, (resumed.stdout + resumed.stderr)[-2000:]
@@ -530,6 +523,22 @@ def test_killed_and_resumed_run_equals_uninterrupted(base, tmp_path):
     ref_rows, _ = read_metrics(str(ref))
     assert rows[-1]["step"] == ref_rows[-1]["step"] == 40
     assert rows[-1]["loss"] == ref_rows[-1]["loss"]
+
+
+def kill_and_resume(base, cmd, run):
+    """The run SIGKILLed right after its first saved state (step 5), then resumed with --resume auto."""
+    import signal
+    import time
+    proc = subprocess.Popen(cmd + cli_flags(stage15_overrides(base, run, save_every=5)), cwd=MAIN,
+                            env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (run / "checkpoints" / "step-5").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (run / "model.safetensors").exists()
+    return subprocess.run(cmd + cli_flags(stage15_overrides(base, run, save_every=5, resume="auto")), cwd=MAIN,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=300)
 
 
 def test_demo_base_is_rebuilt_when_built_by_another_version(tmp_path, capsys):
