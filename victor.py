@@ -33,7 +33,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 
 IGNORE_INDEX = -100  # label value that the LM loss skips
 IMAGE_TOKEN_ID = -200  # LLaVA's placeholder id: never looked up in the vocabulary
@@ -186,6 +185,13 @@ def select_tokens_to_replace(num_images: int, num_tokens: int, replace_ratio: fl
                               for s in seeds]).to(device)
     chosen = scores.topk(r, dim=1).indices  # (I, R): a uniformly random R-subset per image
     return torch.zeros(num_images, num_tokens, dtype=torch.bool, device=device).scatter_(1, chosen, True)
+
+
+def linear_sum_assignment(cost: np.ndarray):
+    """scipy's exact assignment solver, imported when first used (half a second that a process never matching,
+    a train.py --help or a stage-2 run, does not pay)."""
+    from scipy.optimize import linear_sum_assignment as solve
+    return solve(cost)
 
 
 def solve_assignment_plain(cost: np.ndarray) -> np.ndarray:
