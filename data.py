@@ -148,7 +148,16 @@ def check_record(rec, n_images: int | None = None) -> str | None:
     return None
 
 
-class RecordStore(Sequence):
+class Records(Sequence):
+    """What both record stores (JSON's, parquet's) share: equal to a list of the same records."""
+
+    def __eq__(self, other):
+        if not isinstance(other, (list, Records)):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+
+class RecordStore(Records):
     """Records held as their JSON text: the file's bytes and the byte span of each record, parsed
     when read. store[i] is a new dict each time; a slice is a store over the same bytes.
 
@@ -169,11 +178,6 @@ class RecordStore(Sequence):
         if isinstance(i, slice):
             return RecordStore(self.buffer, self.starts[i], self.ends[i])
         return json.loads(self.buffer[self.starts[i]:self.ends[i]])
-
-    def __eq__(self, other):  # equal to a list of the same records
-        if not isinstance(other, (list, RecordStore)):
-            return NotImplemented
-        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
 
     def __repr__(self):
         return f"RecordStore({len(self)} records in {len(self.buffer)} bytes)"
@@ -480,7 +484,7 @@ def load_parquet_records(path: str, strict: bool = False) -> tuple[ParquetRecord
     return ParquetRecordStore(files, columns, group_starts, shards, groups, rows), bad
 
 
-class ParquetRecordStore(Sequence):
+class ParquetRecordStore(Records):
     """The good rows of parquet shards, held as where each is: (shard, row group, row in the group) in
     numpy arrays, 12 bytes a row. A row is read from its shard when store[i] is: a new dict of its id (else
     where it is), conversations, "image_bytes" (a list of bytes) and "source" ("shards/a.parquet row 6",
@@ -535,11 +539,6 @@ class ParquetRecordStore(Sequence):
 
     def __getstate__(self):
         return {**self.__dict__, "_reader": {}}
-
-    def __eq__(self, other):  # equal to a list of the same records
-        if not isinstance(other, (list, ParquetRecordStore)):
-            return NotImplemented
-        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
 
     def __repr__(self):
         return f"ParquetRecordStore({len(self)} records from {len(self.files)} shards)"

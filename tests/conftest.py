@@ -144,3 +144,16 @@ def cli_flags(values: dict) -> list[str]:
         else:
             flags += [flag, json.dumps(v) if isinstance(v, dict) else str(v)]
     return flags
+
+
+def die_on_second_rename(monkeypatch):
+    """os.replace raises on its second call: the process is killed while moving its second saved training
+    state into place (step-N.tmp -> step-N), leaving the first complete and the second half-written."""
+    real_replace, calls = os.replace, []
+
+    def crash_on_second_rename(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed while saving")
+        return real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", crash_on_second_rename)

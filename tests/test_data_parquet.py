@@ -30,7 +30,7 @@ import data as D
 import demo_base as DB
 import flags as FL
 import train as T
-from conftest import MAIN, cli_flags, read_metrics, subprocess_env
+from conftest import MAIN, cli_flags, die_on_second_rename, read_metrics, subprocess_env
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -306,14 +306,7 @@ def test_a_crash_resumes_bitwise_on_parquet(base, shards, tmp_path, monkeypatch)
         return T.TrainConfig(**stage15(base, out, folder, max_steps=20, save_every=2, global_batch_size=4,
                                        batch_size=4, **kw))
     T.train_stage(cfg(tmp_path / "ref"), "1.5")
-    real_replace, calls = os.replace, []
-
-    def crash_on_second_rename(src, dst):
-        calls.append(dst)
-        if len(calls) == 2:
-            raise KeyboardInterrupt("killed while saving")
-        return real_replace(src, dst)
-    monkeypatch.setattr(T.os, "replace", crash_on_second_rename)
+    die_on_second_rename(monkeypatch)
     run = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         T.train_stage(cfg(run), "1.5")

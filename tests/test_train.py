@@ -23,7 +23,7 @@ import demo_base as DB
 import distributed as DI
 import eval as E
 import train as T
-from conftest import MAIN, cli_flags, read_metrics, subprocess_env
+from conftest import MAIN, cli_flags, die_on_second_rename, read_metrics, subprocess_env
 from victor import VictorModel, load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -481,14 +481,7 @@ def test_a_crash_while_saving_keeps_the_previous_state(base, tmp_path, monkeypat
     def cfg(out, **kw):
         return T.TrainConfig(**{**stage15_overrides(base, out, max_steps=6, save_every=2), **kw})
     T.train_stage(cfg(tmp_path / "ref"), "1.5")
-    real_replace, calls = os.replace, []
-
-    def crash_on_second_rename(src, dst):
-        calls.append(dst)
-        if len(calls) == 2:
-            raise KeyboardInterrupt("killed while saving")
-        return real_replace(src, dst)
-    monkeypatch.setattr(T.os, "replace", crash_on_second_rename)
+    die_on_second_rename(monkeypatch)
     run = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         T.train_stage(cfg(run), "1.5")
