@@ -1,18 +1,17 @@
 """tests/bench_ablation.py --quick runs every arm end to end and writes a valid report."""
 import json
 import os
-import subprocess
 import sys
 
-from conftest import MAIN, subprocess_env
+import forked
+from conftest import MAIN
 
 
 def test_bench_ablation_quick_writes_a_valid_report(tmp_path):
     sys.path.insert(0, os.path.join(MAIN, "tests"))
     from bench_ablation import ARMS
     out = tmp_path / "ablation"
-    proc = subprocess.run([sys.executable, "tests/bench_ablation.py", "--quick", "--out-dir", str(out)], cwd=MAIN,
-                          env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    proc = forked.run(["tests/bench_ablation.py", "--quick", "--out-dir", str(out)], timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     report = json.loads((out / "ablation.json").read_text())
     assert set(report["arms"]) == set(ARMS) and report["config"]["plan"] == {a: [0] for a in ARMS}
@@ -59,7 +58,6 @@ def test_bench_ablation_quick_writes_a_valid_report(tmp_path):
         assert r["accuracy"] == r["correct"].count("1") / 40 == report["arms"][a]["accuracy"]["mean"]
         assert r["curve"]["4"] == r["correct"][:20].count("1") / 20
     # run again with the same settings: every run is reused, nothing is trained
-    again = subprocess.run([sys.executable, "tests/bench_ablation.py", "--quick", "--out-dir", str(out)], cwd=MAIN,
-                           env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    again = forked.run(["tests/bench_ablation.py", "--quick", "--out-dir", str(out)], timeout=600)
     assert again.returncode == 0 and "started" not in again.stdout, again.stdout[-2000:]
     assert json.loads((out / "ablation.json").read_text())["config"]["reused_runs"] == len(ARMS)

@@ -23,6 +23,7 @@ import batches as BA
 import data as D
 import distributed as DI
 import flags as FL
+import forked
 import train as T
 from conftest import read_metrics
 
@@ -333,15 +334,10 @@ def stage2_flags(base, out_dir, data, **overrides) -> list[str]:
     return cli_flags(values)
 
 
-def run_train(flags, timeout=300, torchrun=False):
-    """train.py in a subprocess, bounded by a timeout: a run that hangs fails the test with TimeoutExpired."""
-    import subprocess
-    import sys
-
-    from conftest import MAIN, subprocess_env
-    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if torchrun else []
-    return subprocess.run([sys.executable, *launcher, "train.py", *flags], cwd=MAIN, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=timeout)
+def run_train(flags, timeout=300, procs=1):
+    """train.py as `procs` processes of its own (as torchrun starts them), bounded by a timeout: a run that hangs
+    fails the test with TimeoutExpired."""
+    return forked.run(["train.py", *flags], procs=procs, timeout=timeout)
 
 
 @pytest.mark.parametrize("case", ["corrupt", "too-long"])
@@ -374,13 +370,13 @@ def test_the_first_n_samples_all_skipped_stop_before_a_full_pass(base, tmp_path,
 
 
 def test_two_processes_stop_together_when_one_has_only_bad_data(base, tmp_path):
-    """torchrun, 2 processes on gloo: process 1's share of the records (DistributedSampler's, epoch 0) is all
-    bad, process 0's all good. Both stop at the first step; neither is left waiting in a collective."""
+    """2 processes on gloo, as torchrun starts them: process 1's share of the records (DistributedSampler's, epoch
+    0) is all bad, process 0's all good. Both stop at the first step; neither is left waiting in a collective."""
     sampler = torch.utils.data.DistributedSampler(range(64), num_replicas=2, rank=1, shuffle=True, seed=0,
                                                   drop_last=True)
     out = tmp_path / "out"
     flags = stage2_flags(base, out, lfs_pointer_copy(base, tmp_path, bad_ids=set(sampler)), global_batch_size=8)
-    proc = run_train(flags, torchrun=True)
+    proc = run_train(flags, procs=2)
     text = proc.stdout + proc.stderr
     assert proc.returncode != 0, text[-3000:]
     # process 0 tried its first batch of 4 (all usable) before they stopped

@@ -8,8 +8,6 @@ further apart than bf16 can move them (2 x the largest change bf16 made to a tok
 """
 import json
 import os
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -20,8 +18,9 @@ from safetensors.torch import load_file
 
 import distributed as DI
 import eval as E
+import forked
 import train as T
-from conftest import MAIN, cli_flags, read_metrics, subprocess_env, tiny_model
+from conftest import cli_flags, read_metrics, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 LOSS_RTOL = 0.01
@@ -61,9 +60,7 @@ def test_bf16_one_process(case):
 def test_bf16_fsdp_two_processes(tmp_path):
     """distributed.shard_with_fsdp's bf16 policy (bf16 parameters, fp32 reduce-scatter) runs on gloo: each rank's
     loss, the whole pool gradient and matching against the same model sharded in float32."""
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "tests/bf16_probe.py", str(tmp_path)], cwd=MAIN, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=600)
+    proc = forked.run(["tests/bf16_probe.py", str(tmp_path)], procs=2, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     for rank in (0, 1):
         results = torch.load(tmp_path / f"rank-{rank}.pt", weights_only=True)
@@ -87,10 +84,7 @@ def train_values(base, out_dir, stage, **overrides):
 
 
 def train(values, procs):
-    launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-                                   if procs == 2 else [])
-    proc = subprocess.run([*launcher, "train.py", *cli_flags(values)], cwd=MAIN, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=600)
+    proc = forked.run(["train.py", *cli_flags(values)], procs=procs, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     return proc.stdout
 

@@ -15,8 +15,6 @@ import multiprocessing
 import os
 import pickle
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pyarrow as pa
@@ -29,8 +27,9 @@ from safetensors.torch import load_file
 import data as D
 import demo_base as DB
 import flags as FL
+import forked
 import train as T
-from conftest import MAIN, cli_flags, die_on_second_rename, read_metrics, subprocess_env
+from conftest import cli_flags, die_on_second_rename, read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -319,12 +318,12 @@ def test_a_crash_resumes_bitwise_on_parquet(base, shards, tmp_path, monkeypatch)
 
 
 def test_two_processes_match_one_on_parquet(base, shards, tmp_path):
-    """torchrun, 2 processes x 4 against 1 x 8: the sampler splits the parquet store's records as a JSON's."""
+    """2 processes x 4 (as torchrun starts them) against 1 x 8: the sampler splits the parquet store's records
+    as a JSON's."""
     folder, _, _ = shards
     T.run(stage15(base, tmp_path / "one", folder))
     flags = cli_flags(stage15(base, tmp_path / "two", folder, batch_size=4))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py", *flags]
-    proc = subprocess.run(cmd, cwd=MAIN, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    proc = forked.run(["train.py", *flags], procs=2, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     one, two = read_metrics(str(tmp_path / "one"))[0], read_metrics(str(tmp_path / "two"))[0]
     assert [r["step"] for r in two] == [1, 2, 3]
@@ -339,9 +338,8 @@ def test_an_image_folder_with_parquet_is_refused_in_one_line(base, shards, tmp_p
     with pytest.raises(FL.UsageError, match=rf"^{re.escape(folder)}: parquet shards carry their images in their rows; "
                                            r"an image folder \(.*\) would go unused: drop --image-folder$"):
         T.train_stage(cfg, "1.5")
-    proc = subprocess.run([sys.executable, "train.py", *cli_flags(stage15(base, tmp_path / "cli", folder,
-                                                                          image_folder=base.shapes))],
-                          cwd=MAIN, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    proc = forked.run(["train.py", *cli_flags(stage15(base, tmp_path / "cli", folder, image_folder=base.shapes))],
+                      timeout=120)
     assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == (
         f"error: {folder}: parquet shards carry their images in their rows; an image folder ({base.shapes}) "
         "would go unused: drop --image-folder")

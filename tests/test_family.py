@@ -567,12 +567,8 @@ def test_eval_max_new_tokens_reaches_the_shapes_evaluation(monkeypatch, tmp_path
     (["--epochs", "2", "--max-steps", "3"], "--epochs has no effect with --max-steps"),
 ])
 def test_train_cli_mistakes_are_one_line(flags, said, tmp_path):
-    import subprocess
-    import sys
-
-    from conftest import MAIN, subprocess_env
-    proc = subprocess.run([sys.executable, "train.py", "--out-dir", str(tmp_path), *flags], cwd=MAIN,
-                          env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    import forked
+    proc = forked.run(["train.py", "--out-dir", str(tmp_path), *flags], timeout=120)
     assert proc.returncode != 0
     assert said in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "shapes").exists()  # refused before the demo data is built

@@ -9,16 +9,15 @@ those of every rank reading the whole model; a fresh token pool and head are ran
 """
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import forked
 import memory_plan as MP
 import train as T
-from conftest import MAIN, cli_flags, subprocess_env, tiny_config, together
+from conftest import cli_flags, tiny_config, together
 from victor import VictorConfig, VictorModel, save_checkpoint
 
 PAPER_RECIPES = ("llava15-vicuna7b", "siglip-qwen25-7b")
@@ -103,9 +102,8 @@ def test_paper_recipes_shard_the_stages_that_train_the_llm():
 
 
 def plan_cli(*flags):
-    env = {**subprocess_env(), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}  # nothing may be fetched
-    return subprocess.run([sys.executable, "train.py", *flags], cwd=MAIN, env=env, capture_output=True, text=True,
-                          timeout=600)
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}  # nothing may be fetched
+    return forked.run(["train.py", *flags], env=env, timeout=600)
 
 
 @pytest.mark.parametrize("recipe,llm_params", [("llava15-vicuna7b", "6738.4M"), ("siglip-qwen25-7b", "7615.6M")])
@@ -164,10 +162,8 @@ def big_checkpoint(path, shapes_tokenizer, tiny_image_processor) -> int:
 def probe_run(loader, values, probe_dir):
     """2-process FSDP stage 1.5 through tests/fsdp_load_probe.py; returns each rank's record."""
     os.makedirs(probe_dir)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "tests/fsdp_load_probe.py", loader, *cli_flags(values)], cwd=MAIN,
-                          env={**subprocess_env(), "PROBE_DIR": str(probe_dir)}, capture_output=True, text=True,
-                          timeout=300)
+    proc = forked.run(["tests/fsdp_load_probe.py", loader, *cli_flags(values)], procs=2,
+                      env={"PROBE_DIR": str(probe_dir)}, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     records = []
     for rank in (0, 1):
@@ -226,10 +222,7 @@ def test_fsdp_fresh_pool_and_head_are_rank_0s(base, shapes_tokenizer, tiny_image
     two = stage15(base, stage1, tmp_path / "two")
 
     def train(values, procs):
-        launcher = [sys.executable] if procs == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                         "--nproc_per_node", "2"]
-        proc = subprocess.run([*launcher, "train.py", *cli_flags(values)], cwd=MAIN, env=subprocess_env(),
-                              capture_output=True, text=True, timeout=300)
+        proc = forked.run(["train.py", *cli_flags(values)], procs=procs, timeout=300)
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     together(lambda: train(one, 1), lambda: train(two, 2))  # the two runs at once
     a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("one", "two"))

@@ -21,6 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import forked
 from conftest import MAIN, cli_flags, read_metrics, subprocess_env, together
 from victor import load_checkpoint
 
@@ -37,13 +38,9 @@ def stage15(base, out_dir, **overrides):
     return values
 
 
-def train(values: dict, procs: int = 1, extra: list[str] = (), timeout: int = 240):
-    """Run train.py (torchrun with `procs` processes when procs > 1); returns stdout + stderr."""
-    launcher = [sys.executable, "train.py"] if procs == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs), *extra,
-        "train.py"]
-    proc = subprocess.run(launcher + cli_flags(values), cwd=MAIN, env=subprocess_env(), capture_output=True,
-                          text=True, timeout=timeout)
+def train(values: dict, procs: int = 1, timeout: int = 240):
+    """Run train.py as `procs` processes (as torchrun starts them when procs > 1); returns stdout + stderr."""
+    proc = forked.run(["train.py", *cli_flags(values)], procs=procs, timeout=timeout)
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text[-6000:]
     return text
@@ -225,16 +222,13 @@ def ddp_uninterrupted(base, tmp_path_factory):
 
 
 def test_ddp_killed_and_resumed_equals_uninterrupted(base, ddp_uninterrupted, tmp_path):
-    """The whole job (launcher and both workers) is SIGKILLed right after the first saved state."""
+    """The whole job (both processes) is SIGKILLed right after the first saved state."""
     out = tmp_path / "killed"
-    flags = cli_flags(stage15(base, out, **RUN))
-    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                                 "2", "train.py", *flags], cwd=MAIN, env=subprocess_env(),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    job = forked.start(["train.py", *cli_flags(stage15(base, out, **RUN))], procs=2)
     try:
-        wait_for(out / "checkpoints" / "step-5", launcher)
+        wait_for(out / "checkpoints" / "step-5", job)
     finally:
-        kill_all(launcher)  # like a node that loses power
+        job.kill()  # both processes at once, like a node that loses power
     assert not (out / "model.safetensors").exists(), "the run finished before it could be killed"
     text = train(stage15(base, out, **RUN, resume="auto"), procs=2)
     m = re.search(r"resuming from \S+step-(\d+) at step (\d+)", text)

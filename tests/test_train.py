@@ -22,6 +22,7 @@ import data as D
 import demo_base as DB
 import distributed as DI
 import eval as E
+import forked
 import train as T
 from conftest import MAIN, cli_flags, die_on_second_rename, read_metrics, subprocess_env
 from victor import VictorModel, load_checkpoint
@@ -498,10 +499,9 @@ def test_killed_and_resumed_run_equals_uninterrupted(base, tmp_path):
     """Stage 1.5 (random token selection, pool, optimizer state), 40 steps crossing two epochs of
     the 64-image set: SIGKILL right after the first saved state, then --resume auto."""
     ref, run = tmp_path / "ref", tmp_path / "killed"
-    cmd = [sys.executable, "train.py"]
+    cmd = ["train.py"]
     with ThreadPoolExecutor(1) as pool:  # the uninterrupted run goes on while the other is killed and resumed
-        uninterrupted = pool.submit(subprocess.run, cmd + cli_flags(stage15_overrides(base, ref)), cwd=MAIN,
-                                    env=subprocess_env(), capture_output=True, text=True, timeout=300)
+        uninterrupted = pool.submit(forked.run, cmd + cli_flags(stage15_overrides(base, ref)), timeout=300)
         resumed = kill_and_resume(base, cmd, run)
     done = uninterrupted.result()
     assert done.returncode == 0, done.stderr[-3000:]
@@ -522,16 +522,14 @@ def kill_and_resume(base, cmd, run):
     """The run SIGKILLed right after its first saved state (step 5), then resumed with --resume auto."""
     import signal
     import time
-    proc = subprocess.Popen(cmd + cli_flags(stage15_overrides(base, run, save_every=5)), cwd=MAIN,
-                            env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    job = forked.start(cmd + cli_flags(stage15_overrides(base, run, save_every=5)))
     deadline = time.time() + 240
-    while not (run / "checkpoints" / "step-5").exists() and proc.poll() is None and time.time() < deadline:
+    while not (run / "checkpoints" / "step-5").exists() and job.poll() is None and time.time() < deadline:
         time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    job.kill()
+    assert job.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (run / "model.safetensors").exists()
-    return subprocess.run(cmd + cli_flags(stage15_overrides(base, run, save_every=5, resume="auto")), cwd=MAIN,
-                          env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    return forked.run(cmd + cli_flags(stage15_overrides(base, run, save_every=5, resume="auto")), timeout=300)
 
 
 def test_demo_base_is_rebuilt_when_built_by_another_version(tmp_path, capsys):
