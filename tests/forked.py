@@ -149,7 +149,7 @@ class Job:
                                                 self._path(rank, "err")), daemon=False)
             p.start()
             self.processes.append(p)
-        self.pids, self.failed_at = [p.pid for p in self.processes], None
+        self.pids, self.failed, self.failed_at = [p.pid for p in self.processes], None, None
 
     def _path(self, rank, stream):
         return os.path.join(self.dir, f"rank-{rank}.{stream}")
@@ -158,15 +158,15 @@ class Job:
         """None while any process runs. Once one has failed, the others get STOP_GRACE seconds to end on their
         own (a test can see whether they did), then SIGTERM, as torchrun stops a group whose worker failed."""
         codes = [p.exitcode for p in self.processes]
-        if None in codes and any(c not in (None, 0) for c in codes):
-            self.failed_at = self.failed_at or time.time()
-            if time.time() - self.failed_at > STOP_GRACE:
-                self._stop_the_rest()
-                codes = [p.exitcode for p in self.processes]
+        failed = [c for c in codes if c not in (None, 0)]
+        if failed and self.failed is None:
+            self.failed, self.failed_at = failed[0], time.time()  # the job's status: the first failure's
+        if None in codes and failed and time.time() - self.failed_at > STOP_GRACE:
+            self._stop_the_rest()
+            codes = [p.exitcode for p in self.processes]
         if None in codes:
             return None
-        failed = [c for c in codes if c != 0]
-        return failed[0] if failed else 0
+        return self.failed or 0
 
     def _stop_the_rest(self, grace=30.0):
         for p in self.processes:
