@@ -1,13 +1,15 @@
 """Run train.py (or a test script) as its own process, without paying for the imports again.
 
 A fresh `python train.py` spends ~5 s of CPU importing torch and transformers before it does anything;
-a test suite of ~100 such runs spent most of its time there. Here each run is forked from one server
-process that imported torch, transformers and the project once (multiprocessing's forkserver). The run is
-still a process of its own, as `python SCRIPT ARGS` makes it: its own environment, working directory,
-argv, stdout/stderr and exit status (`sys.exit("error: ...")` prints the line and exits 1; an uncaught
-exception prints its traceback and exits 1). With procs=N it is N processes with the variables that
-`torchrun --standalone --nproc_per_node N` gives its workers (RANK, LOCAL_RANK, WORLD_SIZE,
-LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT), and, as torchrun, the others are stopped once one fails.
+the test suite's ~100 such runs spent most of its 7 minutes there (3 minutes with this). Here each run
+is forked from one server process that imported torch, transformers and the project once
+(multiprocessing's forkserver). The run is still a process of its own, as `python SCRIPT ARGS` makes it:
+its own environment, working directory, argv, stdout/stderr and exit status (`sys.exit("error: ...")`
+prints the line and exits 1; an uncaught exception prints its traceback and exits 1). With procs=N it is
+N processes with the variables that `torchrun --standalone --nproc_per_node N` gives its workers (RANK,
+LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT); as under torchrun, once one fails
+the others are stopped (after STOP_GRACE seconds in which they may end by themselves, so that a test
+sees whether they would).
 
     from forked import run, start
     proc = run(["train.py", "--stage", "1.5", ...], procs=2)   # a subprocess.CompletedProcess
@@ -36,7 +38,8 @@ import traceback
 MAIN = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # What a run of train.py, eval.py or a test script imports; the server imports it once. (A module left
-# out is imported by the run that needs it, as it would be anyway.)
+# out is imported by the run that needs it, as it would be anyway.) pytest: a forked process imports the
+# main module of the process that asked for it, which under `python -m pytest` is pytest's.
 PRELOAD = [
     "torch", "torch.distributed", "torch.distributed.fsdp", "torch.distributed.checkpoint", "numpy", "PIL.Image",
     "safetensors.torch", "tokenizers", "scipy.optimize", "pyarrow.parquet", "tqdm",
