@@ -7,7 +7,8 @@ is forked from one server process that imported torch, transformers and the proj
 its own environment, working directory, argv, stdout/stderr and exit status (`sys.exit("error: ...")`
 prints the line and exits 1; an uncaught exception prints its traceback and exits 1). With procs=N it is
 N processes with the variables that `torchrun --standalone --nproc_per_node N` gives its workers (RANK,
-LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT); as under torchrun, once one fails
+LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT), connecting to a rendezvous store the
+launcher holds (TORCHELASTIC_USE_AGENT_STORE, as torchrun's agent does); as under torchrun, once one fails
 the others are stopped (after STOP_GRACE seconds in which they may end by themselves, so that a test
 sees whether they would).
 
@@ -27,7 +28,6 @@ import os
 import runpy
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -129,12 +129,6 @@ def _main(script: str, args: list[str], env: dict, cwd: str, out_path: str, err_
     os._exit(code)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Job:
     """`procs` processes running one script (ranks 0..procs-1), as subprocess.Popen for one: poll, wait, kill."""
 
@@ -142,12 +136,17 @@ class Job:
         ctx = _server()
         self.cmd, self.dir = list(cmd), tempfile.mkdtemp(prefix="forked-")
         env = base_env(env)
-        port = _free_port()
+        self.store = None
+        if procs > 1:
+            # torchrun's way: the launcher holds the rendezvous store (on a port the OS gives it, held from the
+            # start, so that no other job can take it first) and the workers connect to it
+            from torch.distributed import TCPStore
+            self.store = TCPStore("127.0.0.1", 0, procs, is_master=True, wait_for_workers=False)
+            env = dict(env, WORLD_SIZE=str(procs), LOCAL_WORLD_SIZE=str(procs), MASTER_ADDR="127.0.0.1",
+                       MASTER_PORT=str(self.store.port), TORCHELASTIC_USE_AGENT_STORE="True")
         self.processes = []
         for rank in range(procs):
-            rank_env = dict(env, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(procs),
-                            LOCAL_WORLD_SIZE=str(procs), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)) \
-                if procs > 1 else env
+            rank_env = dict(env, RANK=str(rank), LOCAL_RANK=str(rank)) if procs > 1 else env
             p = ctx.Process(target=_main, args=(cmd[0], cmd[1:], rank_env, cwd, self._path(rank, "out"),
                                                 self._path(rank, "err")), daemon=False)
             p.start()
@@ -169,6 +168,7 @@ class Job:
             codes = [p.exitcode for p in self.processes]
         if None in codes:
             return None
+        self.store = None  # the rendezvous store's port is free again
         return self.failed or 0
 
     def _stop_the_rest(self, grace=30.0):
@@ -197,6 +197,7 @@ class Job:
                 p.kill()
         for p in self.processes:
             p.join()
+        self.store = None
 
     def output(self) -> tuple[str, str]:
         """(stdout, stderr), rank 0's then rank 1's..., as torchrun passes its workers' streams through."""
