@@ -146,6 +146,25 @@ def cli_flags(values: dict) -> list[str]:
     return flags
 
 
+def crash_while_saving_then_resume(cfg, tmp_path, monkeypatch):
+    """Stage 1.5 from cfg(out_dir, **overrides) (saving every 2 steps) three times: uninterrupted into tmp_path/ref;
+    into tmp_path/run, the process dying while it moves step-4's state into place (step-2 is then the newest
+    complete state); and resumed from there (--resume auto). Returns (ref, run)."""
+    import distributed as DI
+    import train as T
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    T.train_stage(cfg(ref), "1.5")
+    die_on_second_rename(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        T.train_stage(cfg(run), "1.5")
+    monkeypatch.undo()
+    states = run / "checkpoints"
+    assert sorted(os.listdir(states)) == ["step-2", "step-4.tmp"]
+    assert DI.latest_training_state(str(states)) == str(states / "step-2")
+    T.train_stage(cfg(run, resume="auto"), "1.5")
+    return ref, run
+
+
 def die_on_second_rename(monkeypatch):
     """os.replace raises on its second call: the process is killed while moving its second saved training
     state into place (step-N.tmp -> step-N), leaving the first complete and the second half-written."""

@@ -29,7 +29,7 @@ import demo_base as DB
 import flags as FL
 import forked
 import train as T
-from conftest import cli_flags, die_on_second_rename, read_metrics
+from conftest import cli_flags, crash_while_saving_then_resume, read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -304,17 +304,10 @@ def test_a_crash_resumes_bitwise_on_parquet(base, shards, tmp_path, monkeypatch)
     def cfg(out, **kw):
         return T.TrainConfig(**stage15(base, out, folder, max_steps=20, save_every=2, global_batch_size=4,
                                        batch_size=4, **kw))
-    T.train_stage(cfg(tmp_path / "ref"), "1.5")
-    die_on_second_rename(monkeypatch)
-    run = tmp_path / "run"
-    with pytest.raises(KeyboardInterrupt):
-        T.train_stage(cfg(run), "1.5")
-    monkeypatch.undo()
-    assert sorted(os.listdir(run / "checkpoints")) == ["step-2", "step-4.tmp"]
-    T.train_stage(cfg(run, resume="auto"), "1.5")
-    a, b = load_file(str(tmp_path / "ref" / "model.safetensors")), load_file(str(run / "model.safetensors"))
+    ref, run = crash_while_saving_then_resume(cfg, tmp_path, monkeypatch)
+    a, b = load_file(str(ref / "model.safetensors")), load_file(str(run / "model.safetensors"))
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
-    assert read_metrics(str(run))[0][-1]["loss"] == read_metrics(str(tmp_path / "ref"))[0][-1]["loss"]
+    assert read_metrics(str(run))[0][-1]["loss"] == read_metrics(str(ref))[0][-1]["loss"]
 
 
 def test_two_processes_match_one_on_parquet(base, shards, tmp_path):

@@ -24,7 +24,7 @@ import distributed as DI
 import eval as E
 import forked
 import train as T
-from conftest import MAIN, cli_flags, die_on_second_rename, read_metrics, subprocess_env
+from conftest import MAIN, cli_flags, crash_while_saving_then_resume, read_metrics, subprocess_env
 from victor import VictorModel, load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -481,17 +481,8 @@ def test_a_crash_while_saving_keeps_the_previous_state(base, tmp_path, monkeypat
     complete state, and resuming from it ends bitwise where an uninterrupted run does."""
     def cfg(out, **kw):
         return T.TrainConfig(**{**stage15_overrides(base, out, max_steps=6, save_every=2), **kw})
-    T.train_stage(cfg(tmp_path / "ref"), "1.5")
-    die_on_second_rename(monkeypatch)
-    run = tmp_path / "run"
-    with pytest.raises(KeyboardInterrupt):
-        T.train_stage(cfg(run), "1.5")
-    monkeypatch.undo()
-    states = run / "checkpoints"
-    assert sorted(os.listdir(states)) == ["step-2", "step-4.tmp"]
-    assert DI.latest_training_state(str(states)) == str(states / "step-2")
-    T.train_stage(cfg(run, resume="auto"), "1.5")
-    a, b = load_file(str(tmp_path / "ref" / "model.safetensors")), load_file(str(run / "model.safetensors"))
+    ref, run = crash_while_saving_then_resume(cfg, tmp_path, monkeypatch)
+    a, b = load_file(str(ref / "model.safetensors")), load_file(str(run / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
