@@ -1,25 +1,26 @@
 """
-The demo's base models: a tiny CLIP vision tower and a tiny Llama that stand in for pretrained ones,
-and the demo's inputs (these models and the generated shapes data). A reader of the method may skip
-this file; train.py builds the base on the demo's first run:
+The demo's base models: a tiny CLIP vision tower and a tiny Llama that stand in for pretrained ones
+(CLIP ViT-L and Vicuna-7B in the paper), and the demo's inputs. A reader of the method may skip this file.
 
-    python demo_base.py            # build (or reuse) out/demo/base and print what was measured
+Like a model download, the base is pretrained once and committed as files (shapes_world/base: safetensors
+weights, configs, tokenizer, and demo_base.json with the recipe, the measurements and each file's
+sha256). The demo loads it and checks every file against its sha256:
 
-ViCToR starts from a pretrained LLM (Vicuna-7B, Qwen2.5-7B): stage 1 aligns a projector to a model that
-already has its language, and stage 1.5 teaches that model to read visual tokens. So the demo's Llama
-is pretrained here on the shapes world's text alone (no images): a scene told as its detailed caption,
-then questions about it and their answers, next-token loss on every token. It then answers text-only
-questions about a described scene far above chance (measured and recorded in base/demo_base.json).
+    python demo_base.py                         # check the committed base and print its measurements
+    python demo_base.py --rebuild out/base      # pretrain it again from scratch (README gives the time)
 
-The vision tower is the same class as CLIP ViT-L's. A random one carries the objects only weakly in
-each of a cell's four patch tokens (a linear probe reads a token's object 0.77 of the time, its shape
-0.80); a real CLIP tower was trained to see. So it is pretrained briefly too (~10 s): each grid cell's
-object (empty, or colour x shape) is classified from the mean of the cell's tokens at the layer victor
-reads (the second-to-last); the probe then reads 0.92 / 0.93. Its position embeddings are scaled up, as a
-trained tower's say where a patch is. The tower stays frozen in the demo's stages.
+The LLM is pretrained on the shapes world's language alone (no images): a scene told as its detailed
+caption, then questions about it, next-token loss on the answers. It then answers text-only questions
+about a described scene as a pretrained LLM would (recorded in demo_base.json). The tower is the same
+class as CLIP ViT-L's, pretrained to see: every patch token's grid cell's object (empty, or colour x
+shape) is classified from the token at the layer victor reads (the second-to-last), so that a linear
+probe reads each token's object. Its position embeddings are scaled up, as a trained tower's say where
+a patch is. The tower stays frozen in the demo's stages.
 """
 from __future__ import annotations
 
+import argparse
+import hashlib
 import json
 import math
 import os
@@ -27,10 +28,16 @@ import random
 import sys
 import time
 
+import numpy as np
 import torch
 
 import data as D
 from distributed import barrier, setup_distributed
+from flags import UsageError
+
+# the committed base, and the command that makes it again
+BASE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shapes_world", "base")
+REBUILD = "python demo_base.py --rebuild shapes_world/base"
 
 # The tower: patch 16 on 96-px images = 36 visual tokens, 2 x 2 per grid cell, so a replaced token's
 # neighbours carry part of its object (the premise of reconstructing it, as with natural images' patches).
@@ -39,17 +46,18 @@ DEMO_VISION = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, 
 # (position embeddings std 0.02, far below the patch content), and the LLM cannot find "the object at
 # the top left". At std 0.4 a probe reads every token's cell.
 DEMO_POSITION_SCALE = 20
-# 8 heads of 16, init std 1/sqrt(width) and RoPE base 1e6 (docs/demo_log.md)
 DEMO_LLM = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=8,
                 num_key_value_heads=8, head_dim=16, initializer_range=128 ** -0.5, rope_theta=1e6,
                 max_position_embeddings=512)
-# The LLM's text pretraining: ~50 s on 2 CPU cores. Each sequence is one scene (its detailed caption)
-# and 4 questions about it, in the chat template the later stages use.
-DEMO_TEXT_PRETRAIN = dict(steps=240, batch_size=32, lr=5e-3, warmup_steps=25, adam_beta2=0.95, questions=4,
-                          data_seed=1, eval_questions=500, eval_seed=2)
-
-# The tower's pretraining: ~10 s on 2 CPU cores
-DEMO_VISION_PRETRAIN = dict(steps=150, batch_size=32, lr=1e-3, data_seed=3)
+# The LLM's text pretraining (docs/world.md: why the loss is on the answers). Each sequence is one scene
+# (its detailed caption) and `questions` questions about it, in the chat template the later stages use.
+DEMO_TEXT_PRETRAIN = dict(steps=1500, batch_size=32, lr=1e-3, warmup_steps=50, adam_beta2=0.95, questions=5,
+                          data_seed=1)
+# The tower's pretraining: every token's cell's object
+DEMO_VISION_PRETRAIN = dict(steps=500, batch_size=32, lr=1e-3, data_seed=3)
+# What the build measures and records: text-only QA on fresh described scenes, and the tower's probe
+BASE_CHECKS = dict(text_questions=1000, text_seed=2, probe_fit=600, probe_test=300)
+PROBE_SEED = 12345  # the probe's images: fresh ones, none of them in any training data
 
 
 def demo_base_configs():
@@ -66,11 +74,25 @@ def render(tokenizer, messages, generation_prompt: bool = False) -> str:
                                          add_generation_prompt=generation_prompt)
 
 
+def answer_labels(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
+    """Labels for the assistant answers alone (each answer and its <|im_end|>); -100 elsewhere."""
+    start, assistant, end = tokenizer.convert_tokens_to_ids(["<|im_start|>", "assistant", "<|im_end|>"])
+    labels = torch.full_like(input_ids, -100)
+    for row, out in zip(input_ids.tolist(), labels):
+        inside = False
+        for i in range(2, len(row)):
+            inside = inside or (row[i - 2] == start and row[i - 1] == assistant)
+            if inside:
+                out[i] = row[i]
+                inside = row[i] != end
+    return labels
+
+
 def pretrain_on_text(llm, tokenizer, steps: int, batch_size: int, lr: float, warmup_steps: int, adam_beta2: float,
-                     questions: int, data_seed: int, **_) -> float:
-    """Next-token training on the world's text (text_conversation), every token supervised (a
-    pretraining corpus has no prompt/answer split). AdamW, warm-up then cosine. Returns the mean loss
-    of the last 20 steps."""
+                     questions: int, data_seed: int) -> float:
+    """Next-token training on the world's text (text_conversation), the loss on the answers: a scene's
+    caption is a random draw (its own entropy swamps a loss on every token; docs/world.md), the answers
+    are what reading it is for. AdamW, warm-up then cosine. Returns the mean loss of the last 20 steps."""
     rng, spec = random.Random(data_seed), D.ShapesSpec()
     opt = torch.optim.AdamW(llm.parameters(), lr=lr, betas=(0.9, adam_beta2), weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup_steps) * 0.5 * (
@@ -81,8 +103,8 @@ def pretrain_on_text(llm, tokenizer, steps: int, batch_size: int, lr: float, war
     for _ in range(steps):
         texts = [render(tokenizer, D.text_conversation(rng, spec, questions)[0]) for _ in range(batch_size)]
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
-        loss = llm(input_ids=enc.input_ids, attention_mask=enc.attention_mask, labels=labels).loss
+        loss = llm(input_ids=enc.input_ids, attention_mask=enc.attention_mask,
+                   labels=answer_labels(enc.input_ids, tokenizer)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(llm.parameters(), 1.0)
         opt.step()
@@ -103,40 +125,92 @@ def cell_objects(objects) -> list[int]:
     return cells
 
 
+def token_cells(num_tokens: int, grid: int) -> np.ndarray:
+    """The grid cell of each visual token (row-major patches; sqrt(num_tokens) per side)."""
+    side = int(round(num_tokens ** 0.5))
+    row, col = np.divmod(np.arange(num_tokens), side)
+    return (row * grid // side) * grid + col * grid // side
+
+
 def pixels(images, processor) -> torch.Tensor:
     """The processor's normalisation of images already at the tower's size (no resize needed)."""
-    import numpy as np
     x = torch.tensor(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2).float() / 255
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (processor.image_mean, processor.image_std))
     return (x - mean) / std
 
 
 def pretrain_tower(vision, processor, steps: int, batch_size: int, lr: float, data_seed: int) -> float:
-    """Each grid cell's object (13 classes) from the mean of the cell's patch tokens at the second-to-last
-    layer (CLS dropped, as victor reads them), on fresh shapes images. Returns the last 20 steps' loss."""
+    """Each patch token's grid cell's object (13 classes) from the token at the second-to-last layer (CLS
+    dropped, as victor reads them), on fresh shapes images. Returns the last 20 steps' loss."""
     spec = D.ShapesSpec()
     rng = random.Random(data_seed)
-    side = spec.image_size // vision.config.patch_size
-    rows, cols = torch.arange(side * side) // side, torch.arange(side * side) % side
-    token_cell = (rows * spec.grid // side) * spec.grid + cols * spec.grid // side
-    per_cell = torch.bincount(token_cell, minlength=spec.grid ** 2).float().view(1, -1, 1)
+    token_cell = torch.tensor(token_cells((spec.image_size // vision.config.patch_size) ** 2, spec.grid))
     head = torch.nn.Linear(vision.config.hidden_size, 1 + len(D.COLOURS) * len(D.SHAPES))
     opt = torch.optim.AdamW([*vision.parameters(), *head.parameters()], lr=lr, weight_decay=0.0)
     vision.train()
     losses = []
     for _ in range(steps):
         drawn = [D.draw_shapes_image(rng, spec) for _ in range(batch_size)]
-        labels = torch.tensor([cell_objects(objects) for _, objects in drawn])
+        labels = torch.tensor([cell_objects(objects) for _, objects in drawn])[:, token_cell]
         h = vision(pixel_values=pixels([im for im, _ in drawn], processor),
                    output_hidden_states=True).hidden_states[-2][:, 1:]
-        cells = torch.zeros(batch_size, spec.grid ** 2, h.shape[-1]).index_add_(1, token_cell, h) / per_cell
-        loss = torch.nn.functional.cross_entropy(head(cells).flatten(0, 1), labels.flatten())
+        loss = torch.nn.functional.cross_entropy(head(h).flatten(0, 1), labels.flatten())
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
     vision.eval()
     return sum(losses[-20:]) / len(losses[-20:])
+
+
+def probe_images(n: int, offset: int):
+    """n fresh shapes images (PIL) and their 9 cell labels (cell_objects)."""
+    rng, spec = random.Random(PROBE_SEED + offset), D.ShapesSpec()
+    images, labels = [], []
+    for _ in range(n):
+        im, objects = D.draw_shapes_image(rng, spec)
+        images.append(im)
+        labels.append(cell_objects(objects))
+    return images, np.array(labels)
+
+
+def linear_probe(x_fit, y_fit, x_test, y_test, classes: int, steps: int = 150) -> dict:
+    """Multinomial logistic regression (L-BFGS, small L2) on standardised features. Accuracy on the
+    test cells: 'object' (occupied cells: the exact colour and shape, chance 1/12), 'colour' and
+    'shape' (occupied cells), 'occupied' (empty or not, all cells)."""
+    torch.manual_seed(0)
+    mu, sd = x_fit.mean(0), x_fit.std(0) + 1e-6
+    xf, xt = torch.tensor((x_fit - mu) / sd), torch.tensor((x_test - mu) / sd)
+    yf = torch.tensor(y_fit)
+    lin = torch.nn.Linear(xf.shape[1], classes)
+    opt = torch.optim.LBFGS(lin.parameters(), max_iter=steps, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(lin(xf), yf) + 1e-3 * lin.weight.pow(2).sum()
+        loss.backward()
+        return loss
+    opt.step(closure)
+    with torch.no_grad():
+        pred = lin(xt).argmax(1).numpy()
+    occ = y_test > 0
+    shapes = len(D.SHAPES)
+    return {"object": float((pred[occ] == y_test[occ]).mean()),
+            "colour": float(((pred[occ] - 1) // shapes == (y_test[occ] - 1) // shapes).mean() if occ.any() else 0),
+            "shape": float(((pred[occ] - 1) % shapes == (y_test[occ] - 1) % shapes).mean() if occ.any() else 0),
+            "occupied": float(((pred > 0) == occ).mean())}
+
+
+@torch.no_grad()
+def tower_probe(vision, processor, fit: int, test: int) -> dict:
+    """A linear probe of every visual token's cell's object, at the layer victor reads (fresh images)."""
+    def features(n, offset):
+        images, labels = probe_images(n, offset)
+        h = vision(pixel_values=pixels(images, processor), output_hidden_states=True).hidden_states[-2][:, 1:]
+        cells = token_cells(h.shape[1], D.ShapesSpec().grid)
+        return h.flatten(0, 1).numpy(), labels[:, cells].reshape(-1)
+    probe = linear_probe(*features(fit, 0), *features(test, 1), 1 + len(D.COLOURS) * len(D.SHAPES))
+    return {k: round(v, 4) for k, v in probe.items()}
 
 
 @torch.no_grad()
@@ -165,83 +239,135 @@ def text_qa_accuracy(llm, tokenizer, n: int, seed: int, batch: int = 100) -> dic
     return {"accuracy": round(sum(sum(v) for v in right.values()) / n, 4), "per_kind": per_kind}
 
 
-def build_demo_base(out_dir: str, seed: int = 0, pretrain: dict | None = None,
-                    vision_pretrain: dict | None = None) -> tuple[str, str]:
-    """Save the tiny CLIP tower (+ image processor) and the tiny Llama (+ shapes tokenizer), the tower
-    pretrained to see the world's objects (`vision_pretrain`: DEMO_VISION_PRETRAIN's fields) and the Llama on
-    its text (`pretrain`: DEMO_TEXT_PRETRAIN's fields); steps 0 leaves a model random.
-    A base folder built from other values is rebuilt. Returns (vision_dir, llm_dir)."""
+def sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def build_demo_base(out_dir: str, seed: int = 0, text: dict | None = None, vision: dict | None = None,
+                    checks: dict | None = None) -> tuple[str, str]:
+    """Pretrain the tiny CLIP tower (`vision`: DEMO_VISION_PRETRAIN's fields) and the tiny Llama (`text`:
+    DEMO_TEXT_PRETRAIN's fields) from scratch, measure them (`checks`: BASE_CHECKS' fields) and save them
+    with the shapes tokenizer and image processor into out_dir/vision and out_dir/llm, and
+    out_dir/demo_base.json: the recipe, the measurements and each file's sha256. Returns the two dirs."""
     from transformers import CLIPImageProcessor, CLIPVisionModel, LlamaForCausalLM
-    pretrain = {**DEMO_TEXT_PRETRAIN, **(pretrain or {})}
-    vision_pretrain = {**DEMO_VISION_PRETRAIN, **(vision_pretrain or {})}
-    vision_dir, llm_dir = os.path.join(out_dir, "base", "vision"), os.path.join(out_dir, "base", "llm")
-    recipe_file = os.path.join(out_dir, "base", "demo_base.json")
-    recipe = {"vision": DEMO_VISION, "position_scale": DEMO_POSITION_SCALE, "llm": DEMO_LLM, "seed": seed,
-              "vision_pretraining": vision_pretrain, "text_pretraining": pretrain}
-    if os.path.isfile(recipe_file):
-        with open(recipe_file) as f:
-            if json.load(f).get("recipe") == recipe:
-                return vision_dir, llm_dir
-    if os.path.isdir(os.path.join(out_dir, "base")):
-        print(f"note: {os.path.join(out_dir, 'base')} was built by another version of the demo: rebuilding it")
+    text_recipe = {**DEMO_TEXT_PRETRAIN, **(text or {})}
+    vision_recipe = {**DEMO_VISION_PRETRAIN, **(vision or {})}
+    checks = {**BASE_CHECKS, **(checks or {})}
+    vision_dir, llm_dir = os.path.join(out_dir, "vision"), os.path.join(out_dir, "llm")
+    record_file = os.path.join(out_dir, "demo_base.json")
+    if os.path.exists(record_file):
+        os.remove(record_file)  # first: a build cut short leaves no record, so it is never taken for a base
     t0 = time.time()
     vision_config, llm_config = demo_base_configs()
     torch.manual_seed(seed)
     size = D.ShapesSpec().image_size
-    vision = CLIPVisionModel(vision_config)
+    tower = CLIPVisionModel(vision_config)
     with torch.no_grad():
-        vision.embeddings.position_embedding.weight.mul_(DEMO_POSITION_SCALE)
+        tower.embeddings.position_embedding.weight.mul_(DEMO_POSITION_SCALE)
     processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-    measured = {}
-    if vision_pretrain["steps"] > 0:
-        measured["vision_loss"] = round(pretrain_tower(vision, processor, **vision_pretrain), 4)
-        print(f"demo base: vision tower pretrained ({vision_pretrain['steps']} steps, cell-object loss "
-              f"{measured['vision_loss']})", flush=True)
-    vision.save_pretrained(vision_dir)
+    measured = {"vision_loss": round(pretrain_tower(tower, processor, **vision_recipe), 4)}
+    measured["vision_seconds"] = round(time.time() - t0, 1)
+    measured["tower_probe"] = tower_probe(tower, processor, checks["probe_fit"], checks["probe_test"])
+    print(f"demo base: vision tower pretrained ({vision_recipe['steps']} steps, {measured['vision_seconds']} s), "
+          f"probe {measured['tower_probe']}", flush=True)
+    tower.save_pretrained(vision_dir)
     processor.save_pretrained(vision_dir)
     tok = D.build_shapes_tokenizer()
     llm = LlamaForCausalLM(llm_config)
-    if pretrain["steps"] > 0:
-        print(f"demo base: pretraining the LLM on the shapes world's text ({pretrain['steps']} steps)", flush=True)
-        measured["text_loss"] = round(pretrain_on_text(llm, tok, **pretrain), 4)
-        measured["text_qa"] = text_qa_accuracy(llm, tok, pretrain["eval_questions"], pretrain["eval_seed"])
-        print(f"demo base: text loss {measured['text_loss']}, text-only questions answered "
-              f"{measured['text_qa']['accuracy']:.3f} {measured['text_qa']['per_kind']}", flush=True)
+    print(f"demo base: pretraining the LLM on the shapes world's text ({text_recipe['steps']} steps)", flush=True)
+    t1 = time.time()
+    measured["text_loss"] = round(pretrain_on_text(llm, tok, **text_recipe), 4)
+    measured["text_seconds"] = round(time.time() - t1, 1)
+    measured["text_qa"] = text_qa_accuracy(llm, tok, checks["text_questions"], checks["text_seed"])
+    print(f"demo base: answer loss {measured['text_loss']}, text-only questions answered "
+          f"{measured['text_qa']['accuracy']:.3f} {measured['text_qa']['per_kind']}", flush=True)
     llm.save_pretrained(llm_dir)
     tok.save_pretrained(llm_dir)
     measured["seconds"] = round(time.time() - t0, 1)
-    with open(recipe_file, "w") as f:  # last: a build cut short is redone
-        json.dump({"recipe": recipe, "measured": measured}, f, indent=1)
+    files = sorted(os.path.relpath(os.path.join(d, f), out_dir) for sub in (vision_dir, llm_dir)
+                   for d, _, fs in os.walk(sub) for f in fs)
+    record = {"recipe": {"vision": DEMO_VISION, "position_scale": DEMO_POSITION_SCALE, "llm": DEMO_LLM,
+                         "seed": seed, "vision_pretraining": vision_recipe, "text_pretraining": text_recipe,
+                         "checks": checks},
+              "built_with": {"torch": torch.__version__, "threads": torch.get_num_threads()},
+              "measured": measured,
+              "bytes": sum(os.path.getsize(os.path.join(out_dir, f)) for f in files),
+              "sha256": {f: sha256(os.path.join(out_dir, f)) for f in files}}
+    with open(record_file, "w") as f:  # last: a build cut short has no record
+        json.dump(record, f, indent=1)
     return vision_dir, llm_dir
 
 
+def load_base_record(base_dir: str | None = None) -> dict:
+    """The base's demo_base.json (default: the committed base), each file it lists checked against its
+    sha256: one line (UsageError) naming a missing or changed file and how to restore or rebuild it."""
+    base_dir = base_dir or BASE_DIR
+    record_file = os.path.join(base_dir, "demo_base.json")
+    fix = f"restore it (git checkout -- {os.path.relpath(base_dir)}) or rebuild the base: {REBUILD}"
+    if not os.path.isfile(record_file):
+        raise UsageError(f"the demo's base record {record_file} is missing: {fix}")
+    with open(record_file) as f:
+        record = json.load(f)
+    for name, digest in record["sha256"].items():
+        path = os.path.join(base_dir, name)
+        if not os.path.isfile(path):
+            raise UsageError(f"the demo's base file {path} is missing: {fix}")
+        if sha256(path) != digest:
+            raise UsageError(f"the demo's base file {path} differs from the sha256 that {record_file} records: {fix}")
+    return record
+
+
+def demo_base(base_dir: str | None = None) -> tuple[str, str]:
+    """The committed base's (vision_dir, llm_dir), every file checked (load_base_record)."""
+    base_dir = base_dir or BASE_DIR
+    load_base_record(base_dir)
+    return os.path.join(base_dir, "vision"), os.path.join(base_dir, "llm")
+
+
 def demo_inputs(overrides: dict, out_root: str, num_images: int) -> dict:
-    """The demo recipe's shapes data and tiny base models, generated on first use unless given; their paths
-    go into overrides. Returns the data file of each stage ({} when the data was given)."""
+    """The demo recipe's shapes data (generated on first use) and the committed base models, unless given;
+    their paths go into overrides. Returns the data file of each stage ({} when the data was given)."""
     given = {k for k, v in overrides.items() if v}
     need_data = not ({"data", "image_folder"} <= given or ("data" in given and D.is_parquet(overrides["data"])))
     need_base = not ("init" in given or {"vision_model", "llm"} <= given)
+    if need_base:
+        vision_dir, llm_dir = demo_base()
+        overrides.setdefault("vision_model", vision_dir)
+        overrides.setdefault("llm", llm_dir)
+    if not need_data:
+        return {}
     rank, _, _ = setup_distributed()
     spec = D.ShapesSpec(num_train_images=num_images)
     if rank == 0:
-        if need_data:
-            D.shapes_files(os.path.join(out_root, "shapes"), spec)
-        if need_base:
-            build_demo_base(out_root)
+        D.shapes_files(os.path.join(out_root, "shapes"), spec)
     barrier()
-    if need_base:
-        overrides.setdefault("vision_model", os.path.join(out_root, "base", "vision"))
-        overrides.setdefault("llm", os.path.join(out_root, "base", "llm"))
-    if not need_data:
-        return {}
     files = D.shapes_files(os.path.join(out_root, "shapes"), spec)
     overrides.setdefault("image_folder", os.path.join(out_root, "shapes"))
     return {"1": files["stage1"], "1.5": files["stage1.5"], "2": files["stage2"]}
 
 
-if __name__ == "__main__":
-    out = sys.argv[1] if len(sys.argv) > 1 else "out/demo"
-    build_demo_base(out)
-    with open(os.path.join(out, "base", "demo_base.json")) as f:
-        print(json.dumps(json.load(f)["measured"], indent=1))
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 allow_abbrev=False)
+    ap.add_argument("--rebuild", metavar="OUT", help="pretrain the base from scratch into OUT (then "
+                    "OUT/vision, OUT/llm, OUT/demo_base.json); OUT=shapes_world/base replaces the committed one")
+    ap.add_argument("--base", default=None, help="the base to check (default: the committed one, shapes_world/base)")
+    args = ap.parse_args(argv)
+    if args.rebuild:
+        build_demo_base(args.rebuild)
+        args.base = args.rebuild
+    try:
+        record = load_base_record(args.base)
+    except UsageError as e:
+        sys.exit(f"error: {e}")
+    print(f"{args.base or BASE_DIR}: {len(record['sha256'])} files, {record['bytes'] / 2 ** 20:.1f} MiB, "
+          "every sha256 as recorded")
+    print(json.dumps(record["measured"], indent=1))
 
+
+if __name__ == "__main__":
+    main()

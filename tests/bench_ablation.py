@@ -62,7 +62,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import random
 import shutil
 import sys
 import time
@@ -94,26 +93,19 @@ GRID_ARMS = (*CORE_ARMS, "vdep", "croc")
 CORE_SEEDS, OTHER_SEEDS = [0, 1, 2, 3, 4], [0, 1, 2]
 # the experiment's lengths: stage 1.5 = one pass over the 4000 detailed captions at batch 8
 FULL = dict(train_images=4000, test_images=5000, curve_questions=1000, stage1_steps=200,
-            stage15_steps=500, stage2_steps=1500, curve=[500, 1000], probe_fit=600, probe_test=300,
-            base_pretrain=dict(text={}, vision={}))
+            stage15_steps=500, stage2_steps=1500, curve=[500, 1000], probe_fit=600, probe_test=300)
 QUICK = dict(train_images=160, test_images=40, curve_questions=20, stage1_steps=2, stage15_steps=3, stage2_steps=4,
-             curve=[2], probe_fit=40, probe_test=20,
-             base_pretrain=dict(text=dict(steps=3, eval_questions=10), vision=dict(steps=2)))
-PROBE_SEED = 12345  # the probe's images: the same for every arm and seed, none of them in the training data
+             curve=[2], probe_fit=40, probe_test=20)
 
 
 def world(lengths: dict) -> dict:
     """What every run of a grid shares and a finished run must have been made with: the shapes data, the
-    base models' recipe (demo_base) and the demo recipe's stage settings."""
+    committed base models (their files' sha256) and the demo recipe's stage settings."""
     import data as D
     import demo_base as B
     import train as T
     spec = D.ShapesSpec(num_train_images=lengths["train_images"], num_test_images=lengths["test_images"])
-    return {"shapes": spec.__dict__, "vision": B.DEMO_VISION, "llm": B.DEMO_LLM,
-            "position_scale": B.DEMO_POSITION_SCALE,
-            "vision_pretraining": {**B.DEMO_VISION_PRETRAIN, **lengths["base_pretrain"]["vision"]},
-            "text_pretraining": {**B.DEMO_TEXT_PRETRAIN, **lengths["base_pretrain"]["text"]},
-            "recipe": T.RECIPES["demo"]}
+    return {"shapes": spec.__dict__, "base_sha256": B.load_base_record()["sha256"], "recipe": T.RECIPES["demo"]}
 
 
 def run_settings(arm: str | None, lengths: dict) -> dict:
@@ -142,39 +134,15 @@ def train(**overrides):
 def run_stage1(out: str, seed: int, lengths: dict) -> dict:
     """The seed's stage-1 checkpoint from the grid's one pretrained base, shared by every arm of the seed."""
     seed_dir = os.path.join(out, "seeds", f"seed-{seed}")
-    base = os.path.join(out, "base")
+    import demo_base as B
+    vision_dir, llm_dir = B.demo_base()
     shapes = os.path.join(out, "shapes")
     shutil.rmtree(os.path.join(seed_dir, "stage1"), ignore_errors=True)
-    train(stage="1", out_dir=os.path.join(seed_dir, "stage1"), vision_model=os.path.join(base, "vision"),
-          llm=os.path.join(base, "llm"), seed=seed, data=os.path.join(shapes, "stage1.json"), image_folder=shapes,
-          max_steps=lengths["stage1_steps"])
+    train(stage="1", out_dir=os.path.join(seed_dir, "stage1"), vision_model=vision_dir, llm=llm_dir, seed=seed,
+          data=os.path.join(shapes, "stage1.json"), image_folder=shapes, max_steps=lengths["stage1_steps"])
     with open(os.path.join(seed_dir, "stage1.json"), "w") as f:
         json.dump({"settings": run_settings(None, lengths)}, f, indent=1)
     return {"stage1": os.path.join(seed_dir, "stage1")}
-
-
-def probe_images(n: int, offset: int):
-    """n fresh shapes images (PIL) and their 9 cell labels: 0 empty, else 1 + colour * 3 + shape."""
-    import data as D
-    spec, colours = D.ShapesSpec(), sorted(D.COLOURS)
-    rng = random.Random(PROBE_SEED + offset)
-    images, labels = [], []
-    for _ in range(n):
-        im, objects = D.draw_shapes_image(rng, spec)
-        cells = [0] * spec.grid ** 2
-        for o in objects:
-            object_class = colours.index(o["colour"]) * len(D.SHAPES) + D.SHAPES.index(o["shape"])
-            cells[D.CELLS.index(o["cell"])] = 1 + object_class
-        images.append(im)
-        labels.append(cells)
-    return images, np.array(labels)
-
-
-def token_cells(num_tokens: int, grid: int) -> np.ndarray:
-    """The grid cell of each visual token (row-major patches; sqrt(num_tokens) per side)."""
-    side = int(round(num_tokens ** 0.5))
-    row, col = np.divmod(np.arange(num_tokens), side)
-    return (row * grid // side) * grid + col * grid // side
 
 
 def hidden_at_images(model, tokenizer, image_processor, images, batch: int = 100) -> dict[str, np.ndarray]:
@@ -203,38 +171,11 @@ def hidden_at_images(model, tokenizer, image_processor, images, batch: int = 100
     return {k: np.concatenate(v) for k, v in layers.items()}
 
 
-def linear_probe(x_fit, y_fit, x_test, y_test, classes: int, steps: int = 150) -> dict:
-    """Multinomial logistic regression (L-BFGS, small L2) on standardised features. Accuracy on the
-    test cells: 'object' (occupied cells: the exact colour and shape, chance 1/12), 'colour' and
-    'shape' (occupied cells), 'occupied' (empty or not, all cells)."""
-    import torch
-    torch.manual_seed(0)
-    mu, sd = x_fit.mean(0), x_fit.std(0) + 1e-6
-    xf, xt = torch.tensor((x_fit - mu) / sd), torch.tensor((x_test - mu) / sd)
-    yf = torch.tensor(y_fit)
-    lin = torch.nn.Linear(xf.shape[1], classes)
-    opt = torch.optim.LBFGS(lin.parameters(), max_iter=steps, history_size=20, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(lin(xf), yf) + 1e-3 * lin.weight.pow(2).sum()
-        loss.backward()
-        return loss
-    opt.step(closure)
-    with torch.no_grad():
-        pred = lin(xt).argmax(1).numpy()
-    occ = y_test > 0
-    shapes = 3
-    return {"object": float((pred[occ] == y_test[occ]).mean()),
-            "colour": float(((pred[occ] - 1) // shapes == (y_test[occ] - 1) // shapes).mean() if occ.any() else 0),
-            "shape": float(((pred[occ] - 1) % shapes == (y_test[occ] - 1) % shapes).mean() if occ.any() else 0),
-            "occupied": float(((pred > 0) == occ).mean())}
-
-
 def probe(checkpoint: str, lengths: dict) -> dict:
     """The probe of the model leaving stage 1.5 (for llava: leaving stage 1), per layer: each image
     position's hidden state -> the object of the grid cell its patch lies in."""
     import data as D
+    from demo_base import linear_probe, probe_images, token_cells
     from victor import load_checkpoint
     model, tokenizer, image_processor = load_checkpoint(checkpoint)
     fit_images, y_fit = probe_images(lengths["probe_fit"], 0)
@@ -593,8 +534,7 @@ def main(argv=None):
     import demo_base as B
     D.shapes_files(os.path.join(out, "shapes"), D.ShapesSpec(num_train_images=lengths["train_images"],
                                                              num_test_images=lengths["test_images"]))
-    B.build_demo_base(out, seed=0, pretrain=lengths["base_pretrain"]["text"],
-                      vision_pretrain=lengths["base_pretrain"]["vision"])  # one pretrained base for every run
+    B.load_base_record()  # one base for every run: the committed one, every file as recorded
     seeds = sorted({s for ss in plan.values() for s in ss})
     print(f"ablation: {plan}, stage 1 {lengths['stage1_steps']}, stage 1.5 {lengths['stage15_steps']}, "
           f"stage 2 {lengths['stage2_steps']} steps -> {out}", flush=True)

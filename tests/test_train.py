@@ -22,6 +22,7 @@ import data as D
 import demo_base as DB
 import distributed as DI
 import eval as E
+import flags as FL
 import forked
 import train as T
 from conftest import MAIN, cli_flags, crash_while_saving_then_resume, read_metrics, subprocess_env
@@ -523,30 +524,38 @@ def kill_and_resume(base, cmd, run):
     return forked.run(cmd + cli_flags(stage15_overrides(base, run, save_every=5, resume="auto")), timeout=300)
 
 
-def test_demo_base_is_rebuilt_when_built_by_another_version(tmp_path, capsys):
-    short = dict(pretrain=dict(steps=2, eval_questions=10), vision_pretrain=dict(steps=2))  # a quick base
-    vision_dir, llm_dir = DB.build_demo_base(str(tmp_path), **short)
+def test_a_reduced_rebuild_makes_a_base_whose_files_are_checked(tmp_path, monkeypatch):
+    """`demo_base.py --rebuild`'s build, a few steps each: the design's models, a record of the recipe, the
+    measurements and every file's sha256; a missing or changed file is refused in one line naming it."""
+    out = str(tmp_path / "base")
+    vision_dir, llm_dir = DB.build_demo_base(out, text=dict(steps=2), vision=dict(steps=2),
+                                             checks=dict(text_questions=10, probe_fit=20, probe_test=10))
     llm = json.load(open(os.path.join(llm_dir, "config.json")))
     assert llm["num_attention_heads"] == DB.DEMO_LLM["num_attention_heads"]
     assert llm["rope_parameters"]["rope_theta"] == DB.DEMO_LLM["rope_theta"]
     first = load_file(os.path.join(vision_dir, "model.safetensors"))["embeddings.position_embedding.weight"]
     assert 0.3 < first.std() < 0.5  # CLIP's init (0.02) x DEMO_POSITION_SCALE
-    recorded = json.load(open(os.path.join(tmp_path, "base", "demo_base.json")))
-    assert recorded["recipe"]["text_pretraining"]["steps"] == recorded["recipe"]["vision_pretraining"]["steps"] == 2
-    assert set(recorded["measured"]) >= {"text_loss", "text_qa", "vision_loss", "seconds"}
+    record = DB.load_base_record(out)
+    assert record["recipe"]["text_pretraining"]["steps"] == record["recipe"]["vision_pretraining"]["steps"] == 2
+    assert set(record["measured"]) >= {"text_loss", "text_qa", "vision_loss", "tower_probe", "seconds"}
+    assert {"vision/model.safetensors", "llm/model.safetensors", "llm/tokenizer.json"} <= set(record["sha256"])
+    assert DB.demo_base(out) == (vision_dir, llm_dir)
     weights = os.path.join(llm_dir, "model.safetensors")
-    stamp = os.stat(weights).st_mtime_ns
-    DB.build_demo_base(str(tmp_path), **short)  # the same recipe: kept as it is
-    assert os.stat(weights).st_mtime_ns == stamp
-    # a base built from other values (4 heads, no recipe file) is rebuilt, not silently reused
-    os.remove(os.path.join(tmp_path, "base", "demo_base.json"))
-    json.dump({**llm, "num_attention_heads": 4}, open(os.path.join(llm_dir, "config.json"), "w"))
-    DB.build_demo_base(str(tmp_path), **short)
-    assert "rebuilding" in capsys.readouterr().out
-    assert json.load(open(os.path.join(llm_dir, "config.json")))["num_attention_heads"] == 8
-    again = load_file(os.path.join(vision_dir, "model.safetensors"))["embeddings.position_embedding.weight"]
-    assert torch.equal(first, again)  # deterministic: the same models as a fresh build
-    # a base pretrained otherwise (another number of text steps) is rebuilt too
-    DB.build_demo_base(str(tmp_path), pretrain=dict(steps=3, eval_questions=10), vision_pretrain=dict(steps=2))
-    assert "rebuilding" in capsys.readouterr().out
-    assert json.load(open(os.path.join(tmp_path, "base", "demo_base.json")))["recipe"]["text_pretraining"]["steps"] == 3
+    data = bytearray(open(weights, "rb").read())
+    data[-1] ^= 1  # one bit of one weight
+    open(weights, "wb").write(bytes(data))
+    with pytest.raises(FL.UsageError, match=rf"^the demo's base file {re.escape(weights)} differs from the sha256 "
+                                           r".*demo_base\.py --rebuild"):
+        DB.demo_base(out)
+    # train.py's demo recipe loads the base through the same check: one line, before anything is built
+    monkeypatch.setattr(DB, "BASE_DIR", out)
+    with pytest.raises(FL.UsageError, match=r"^the demo's base file .*model\.safetensors differs"):
+        T.run(dict(recipe="demo", stage="1", out_dir=str(tmp_path / "run"), max_steps=1))
+    assert not (tmp_path / "run").exists()
+    os.remove(weights)
+    with pytest.raises(FL.UsageError, match=rf"^the demo's base file {re.escape(weights)} is missing: "):
+        DB.demo_base(out)
+    proc = forked.run(["demo_base.py", "--base", out], timeout=60)
+    [line] = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and line.startswith(f"error: the demo's base file {weights} is missing: restore it")
+    assert line.endswith(f"or rebuild the base: {DB.REBUILD}")

@@ -43,7 +43,7 @@ def test_pretrained_llm_answers_text_only_questions_far_above_chance():
 
 
 def probe_features(vision, processor, n, seed):
-    images, labels = A.probe_images(n, seed)
+    images, labels = B.probe_images(n, seed)
     with torch.no_grad():
         h = vision(pixel_values=D.preprocess_images(images, processor), output_hidden_states=True).hidden_states[-2]
     return h[:, 1:].numpy(), labels  # CLIP: drop CLS, as the model does
@@ -63,7 +63,7 @@ def test_several_visual_tokens_per_object_and_neighbours_carry_a_replaced_token(
     h_fit, y_fit = probe_features(vision, processor, 300, 0)
     h_test, y_test = probe_features(vision, processor, 150, 1)
     n = h_fit.shape[1]
-    cells = A.token_cells(n, D.ShapesSpec().grid)
+    cells = B.token_cells(n, D.ShapesSpec().grid)
     assert n == 36 and np.bincount(cells).tolist() == [4] * 9
     side = 6
     right = np.arange(n) + np.where(np.arange(n) % 2 == 0, 1, -1)  # the other token of its cell in its row
@@ -73,7 +73,7 @@ def test_several_visual_tokens_per_object_and_neighbours_carry_a_replaced_token(
     d = h_fit.shape[-1]
 
     def probe(source):
-        return A.linear_probe(h_fit[:, source].reshape(-1, d), y_fit[:, cells].reshape(-1),
+        return B.linear_probe(h_fit[:, source].reshape(-1, d), y_fit[:, cells].reshape(-1),
                               h_test[:, source].reshape(-1, d), y_test[:, cells].reshape(-1), 13)
     neighbour, elsewhere = probe(right), probe(other)
     assert neighbour["object"] > 0.5 and neighbour["colour"] > 0.8  # chance 1/12 and 1/4
@@ -118,3 +118,23 @@ def test_grid_plan_is_the_pre_registered_one():
     assert set(plan) == set(A.GRID_ARMS) and set(A.CORE_ARMS) <= set(plan)
     assert A.grid_plan(["victor"], None, quick=True) == {"victor": [0]}
     assert A.grid_plan(["victor", "llava"], [3, 4], quick=False) == {"victor": [3, 4], "llava": [3, 4]}
+
+
+def test_the_committed_base_is_the_recorded_one_and_answers_as_recorded():
+    """The committed base (shapes_world/base): every file as its sha256 record says, at most 10 MB, and
+    re-measured on fresh scenes and images it reads as recorded: text-only questions per type (300 scenes
+    that the build never measured) and the tower's probe (half its images), each within 0.03 of the record."""
+    from transformers import CLIPImageProcessor, CLIPVisionModel, LlamaForCausalLM
+    record = B.load_base_record()
+    assert record["bytes"] <= 10 * 2 ** 20
+    vision_dir, llm_dir = B.demo_base()
+    llm = LlamaForCausalLM.from_pretrained(llm_dir).eval()
+    tok = D.build_shapes_tokenizer()
+    again = B.text_qa_accuracy(llm, tok, n=300, seed=record["recipe"]["checks"]["text_seed"] + 100)
+    recorded = record["measured"]["text_qa"]["per_kind"]
+    assert set(again["per_kind"]) == set(recorded) == set(D.QUESTION_KINDS)
+    for kind, value in recorded.items():
+        assert again["per_kind"][kind] >= value - 0.03, (kind, again["per_kind"][kind], value)
+    vision = CLIPVisionModel.from_pretrained(vision_dir).eval()
+    probe = B.tower_probe(vision, CLIPImageProcessor.from_pretrained(vision_dir), 300, 150)
+    assert probe["object"] >= record["measured"]["tower_probe"]["object"] - 0.03
