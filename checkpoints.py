@@ -222,7 +222,7 @@ def read_victor_checkpoint(path: str, meta: dict) -> SourceCheckpoint:
     cfg.projector_path = ""  # the checkpoint's own projector wins
     projector_only = meta.get("saved_parts") == "projector"
     return SourceCheckpoint(cfg, read_weight_files(path), AutoTokenizer.from_pretrained(path),
-                            AutoImageProcessor.from_pretrained(path), base_from_names=projector_only,
+                            AutoImageProcessor.from_pretrained(path, backend="pil"), base_from_names=projector_only,
                             pool_saved=not projector_only,
                             keeps=("vision_tower.", "llm.", "token_pool", "recon_head.") if projector_only else ())
 
@@ -349,7 +349,8 @@ def read_llava_checkpoint(path: str, meta: dict) -> SourceCheckpoint:
                        pool_size=pool_size)
     keeps = ("vision_tower.",) + (() if pool_key else ("token_pool",)) + \
         (() if "recon_head.weight" in weights else ("recon_head.",))
-    return SourceCheckpoint(cfg, weights, _tokenizer_of(path), AutoImageProcessor.from_pretrained(tower),
+    return SourceCheckpoint(cfg, weights, _tokenizer_of(path),
+                            AutoImageProcessor.from_pretrained(tower, backend="pil"),
                             label=label, why_normalize=why, notes=notes, pool_saved=bool(pool_key), keeps=keeps)
 
 
@@ -409,7 +410,7 @@ def read_llava_hf_checkpoint(path: str, meta: dict) -> SourceCheckpoint:
                        vision_feature_layer=conf.vision_feature_layer, vision_feature_select=select,
                        projector_type="mlp2x_gelu", normalize_visual_tokens=False)
     weights, skipped = read_weight_files(path).renamed(_llava_hf_name)
-    image_processor = AutoImageProcessor.from_pretrained(path)
+    image_processor = AutoImageProcessor.from_pretrained(path, backend="pil")
     notes = [f"skipped weights of parts victor does not have: {_group_names(skipped)}"] if skipped else []
     if not getattr(image_processor, "do_pad", False):
         notes.append("victor pads every image to a square with the mean colour (LLaVA-1.5's 'pad'); this "
@@ -564,6 +565,9 @@ def load_init_checkpoint(init: str, overrides: dict, given: dict):
         return UsageError(f"--init {init}: cannot load a base model it refers to (vision_model "
                           f"{saved.get('vision_model')!r}, llm {saved.get('llm')!r}): {why}; put the model "
                           f"back at that path (or name), or train this checkpoint's stage again")
+    hub_name = init.count("/") == 1 and not init.startswith((".", "/", "~"))  # org/name
+    if not os.path.exists(init) and not hub_name:
+        raise UsageError(f"--init {init}: no such directory (give a checkpoint directory that a stage saved)")
     saved = read_config_json(init).get("victor", {}) if os.path.isdir(init) else {}
     for key in ("vision_model", "llm"):  # a local directory that is gone: said now (else the hub is asked)
         if os.path.isabs(saved.get(key) or "") and not os.path.isdir(saved[key]):

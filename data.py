@@ -975,7 +975,8 @@ def build_shapes_tokenizer():
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 allow_abbrev=False)
     ap.add_argument("--out", default="data/shapes")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()

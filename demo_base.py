@@ -49,10 +49,10 @@ DEMO_POSITION_SCALE = 20
 DEMO_LLM = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=8,
                 num_key_value_heads=8, head_dim=16, initializer_range=128 ** -0.5, rope_theta=1e6,
                 max_position_embeddings=512)
-# The LLM's text pretraining (docs/world.md: why the loss is on the answers). Each sequence is one scene
+# The LLM's text pretraining (docs/world.md: why the answers weigh more than the rest). Each sequence is one scene
 # (its detailed caption) and `questions` questions about it, in the chat template the later stages use.
 DEMO_TEXT_PRETRAIN = dict(steps=1500, batch_size=32, lr=1e-3, warmup_steps=50, adam_beta2=0.95, questions=5,
-                          data_seed=1)
+                          data_seed=1, caption_weight=0.3)
 # The tower's pretraining: every token's cell's object
 DEMO_VISION_PRETRAIN = dict(steps=500, batch_size=32, lr=1e-3, data_seed=3)
 # What the build measures and records: text-only QA on fresh described scenes, and the tower's probe
@@ -89,10 +89,11 @@ def answer_labels(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
 
 
 def pretrain_on_text(llm, tokenizer, steps: int, batch_size: int, lr: float, warmup_steps: int, adam_beta2: float,
-                     questions: int, data_seed: int) -> float:
-    """Next-token training on the world's text (text_conversation), the loss on the answers: a scene's
-    caption is a random draw (its own entropy swamps a loss on every token; docs/world.md), the answers
-    are what reading it is for. AdamW, warm-up then cosine. Returns the mean loss of the last 20 steps."""
+                     questions: int, data_seed: int, caption_weight: float) -> float:
+    """Next-token training on the world's text (text_conversation), every token, the answers weighted 1
+    and the rest (the scene's caption, the questions) `caption_weight`: the caption is a random draw whose
+    own entropy swamps an unweighted loss (docs/world.md), yet the LLM must learn to speak it (stage 1's
+    captions are read against it). AdamW, warm-up then cosine. Returns the last 20 steps' mean answer loss."""
     rng, spec = random.Random(data_seed), D.ShapesSpec()
     opt = torch.optim.AdamW(llm.parameters(), lr=lr, betas=(0.9, adam_beta2), weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup_steps) * 0.5 * (
@@ -103,14 +104,18 @@ def pretrain_on_text(llm, tokenizer, steps: int, batch_size: int, lr: float, war
     for _ in range(steps):
         texts = [render(tokenizer, D.text_conversation(rng, spec, questions)[0]) for _ in range(batch_size)]
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        loss = llm(input_ids=enc.input_ids, attention_mask=enc.attention_mask,
-                   labels=answer_labels(enc.input_ids, tokenizer)).loss
+        answers = (answer_labels(enc.input_ids, tokenizer) != -100).float()[:, 1:]
+        weight = answers + caption_weight * (1 - answers) * enc.attention_mask[:, 1:]
+        logits = llm(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits[:, :-1]
+        ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), enc.input_ids[:, 1:].flatten(),
+                                               reduction="none").view_as(weight)
+        loss = (ce * weight).sum() / weight.sum()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(llm.parameters(), 1.0)
         opt.step()
         schedule.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(((ce * answers).sum() / answers.sum()).item())
     llm.eval()
     tail = losses[-20:]
     return sum(tail) / len(tail)

@@ -324,9 +324,20 @@ def run_dtype(args) -> torch.dtype | None:
     return torch.bfloat16 if args.bf16 else None
 
 
+def not_a_checkpoint(path: str):
+    """One line when a directory given as CHECKPOINT holds no checkpoint (an out-dir, say), naming those under it."""
+    if not os.path.isdir(path) or os.path.isfile(os.path.join(path, "config.json")):
+        return
+    found = sorted(os.path.relpath(d, path) for d, _, files in os.walk(path) if "config.json" in files
+                   and any(f in files for f in WEIGHT_FILES) and os.sep + "checkpoints" + os.sep not in d + os.sep)
+    raise InputError(f"{path} is not a checkpoint (no config.json)" +
+                     (f"; checkpoints under it: {', '.join(found[:8])}" if found else ""))
+
+
 def shapes_main(args) -> dict:
     test_file, folder = args.test_file, args.image_folder
     if not test_file:  # the shapes test set beside the demo run that made the checkpoint
+        not_a_checkpoint(args.checkpoint)
         folder = folder or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "shapes")
         test_file = os.path.join(folder, "test.jsonl")
         if not os.path.isfile(test_file):
@@ -334,10 +345,15 @@ def shapes_main(args) -> dict:
     results = evaluate(args.checkpoint, test_file, folder, args.batch_size, args.limit,
                        max_new_tokens=args.max_new_tokens or 8, device=args.device, dtype=run_dtype(args))
     print(format_table(results))
-    return write_results(results, args.out or os.path.join(args.checkpoint, "eval.json"))
+    # a partial evaluation (--limit) never takes the full one's file
+    default_out = os.path.join(args.checkpoint, f"eval_limit{args.limit}.json" if args.limit else "eval.json")
+    return write_results(results, args.out or default_out)
 
 
 def bench_main(args) -> dict:
+    if not os.path.isfile(args.bench):
+        raise InputError(f"--bench {args.bench}: no such file; give a VLMEvalKit TSV (MMStar, POPE...; README, "
+                         "\"Evaluation\")")
     results = evaluate_bench(args.checkpoint, args.bench, args.image_folder, args.batch_size, args.limit,
                              args.max_new_tokens or 16, args.device, run_dtype(args))
     print(format_table(results))
@@ -357,7 +373,16 @@ def question_file_main(args) -> list[dict]:
 
 def export_main(args) -> str:
     """The checkpoint (any format load_checkpoint reads) as a llava-hf directory."""
-    model, tokenizer, image_processor = load_checkpoint(args.checkpoint)
+    out = args.export_llava_hf
+    if os.path.isdir(out) and os.path.isdir(args.checkpoint) and os.path.samefile(out, args.checkpoint):
+        raise InputError(f"--export-llava-hf {out}: that is the checkpoint being read; give another directory")
+    if os.path.isdir(out) and os.listdir(out) and not args.overwrite:
+        raise InputError(f"--export-llava-hf {out}: the directory is not empty; give a new or empty one, or add "
+                         "--overwrite to write into it")
+    try:
+        model, tokenizer, image_processor = load_checkpoint(args.checkpoint)
+    except ValueError as e:  # not a checkpoint: the reason, in one line
+        raise InputError(str(e)) from None
     try:
         out = export_llava_hf(model, tokenizer, image_processor, args.export_llava_hf)
     except ValueError as e:  # where llava-hf would compute something else: the reason, no directory
@@ -375,6 +400,11 @@ def pictures_main(args) -> str:
                                  assignment=args.pool_assign, dtype=run_dtype(args))
     else:
         out = args.out_png or os.path.join(os.path.dirname(args.curves[0]), "curves.png")  # as given, like --visualize
+        for path in args.curves:
+            if not os.path.isfile(path):
+                raise InputError(f"--curves {path}: " + ("a directory; give a metrics.jsonl file (a stage's "
+                                 "OUT/metrics.jsonl)" if os.path.isdir(path) else "no such file; give a "
+                                 "metrics.jsonl file (a stage's OUT/metrics.jsonl)"))
         try:
             series = read_curves(args.curves)
         except ValueError as e:  # a file that is not a metrics.jsonl (read_curves raises nothing else)
@@ -439,7 +469,7 @@ ASK_INTERACTIVELY = ""  # --ask without a question
 EVAL_FLAGS = {"image_folder", "batch_size", "limit", "max_new_tokens", "bf16"}
 MODES = {
     "ask": ("ask", ask_main, {"ask", "image", "max_new_tokens", "temperature", "top_p", "seed"}),
-    "export": ("export_llava_hf", export_main, {"export_llava_hf"}),
+    "export": ("export_llava_hf", export_main, {"export_llava_hf", "overwrite"}),
     "visualize": ("visualize", pictures_main, {"visualize", "out_png", "seed", "pool_assign", "bf16"}),
     "curves": ("curves", pictures_main, {"curves", "out_png"}),
     "question file": ("question_file", question_file_main, {"question_file", "answers_file", *EVAL_FLAGS}),
@@ -466,7 +496,8 @@ RANGES = {"batch_size": Range(1), "limit": Range(0), "seed": Range(0), "max_new_
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 allow_abbrev=False)
     ap.add_argument("checkpoint", nargs="?", default="out/demo/stage2")
     ap.add_argument("--test-file", default="", help="LLaVA-format test records (default: the shapes test set)")
     ap.add_argument("--image-folder", default="")
@@ -498,6 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"--ask with --temperature > 0: nucleus sampling ({RANGES['top_p']})")
     ap.add_argument("--export-llava-hf", default="", metavar="OUT",
                     help="write CHECKPOINT as a transformers LlavaForConditionalGeneration directory, no evaluation")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="--export-llava-hf: write into a directory that is not empty (never the checkpoint read)")
     return ap
 
 

@@ -76,6 +76,17 @@ def declared_ranges(config_class) -> dict[str, Range]:
     return {f.name: f.metadata["range"] for f in dataclasses.fields(config_class) if f.metadata.get("range")}
 
 
+def json_object(text: str) -> dict:
+    """A dict flag's value: a JSON object, or one line that says so with an example."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object; quote the keys, e.g. '{{\"pool_size\": 4}}'")
+    return value
+
+
 def add_config_flags(ap: argparse.ArgumentParser, config_class):
     """Every field of a config dataclass (declared with knob) as a --flag; a flag not given is absent from
     the parsed namespace, so that only the flags given override a recipe."""
@@ -86,7 +97,7 @@ def add_config_flags(ap: argparse.ArgumentParser, config_class):
         if f.type in ("bool", "bool | None"):
             ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         elif f.type == "dict":
-            ap.add_argument(flag, type=json.loads, default=argparse.SUPPRESS, metavar="JSON",
+            ap.add_argument(flag, type=json_object, default=argparse.SUPPRESS, metavar="JSON",
                             help=f"{f.metadata['help']} (default {{}})")
         else:
             kind = {"int": int, "float": float}.get(f.type, str)

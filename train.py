@@ -223,7 +223,7 @@ def build_model(cfg: TrainConfig, stage: str, settings: dict | None = None):
         with torch.device("meta"):  # a LLaVA projector (projector_path) arrives with rank 0's weights
             model = VictorModel(VictorConfig.from_dict({**settings, "projector_path": ""}), load_weights=False)
         tokenizer = AutoTokenizer.from_pretrained(cfg.init or cfg.llm)
-        image_processor = AutoImageProcessor.from_pretrained(cfg.init or cfg.vision_model)
+        image_processor = AutoImageProcessor.from_pretrained(cfg.init or cfg.vision_model, backend="pil")
     elif cfg.init:
         given = {"vision_model": cfg.vision_model, "llm": cfg.llm}
         model, tokenizer, image_processor = load_init_checkpoint(cfg.init, cfg.model_overrides, given)
@@ -238,7 +238,7 @@ def build_model(cfg: TrainConfig, stage: str, settings: dict | None = None):
         try:
             model = VictorModel(vcfg)
             tokenizer = AutoTokenizer.from_pretrained(cfg.llm)
-            image_processor = AutoImageProcessor.from_pretrained(cfg.vision_model)
+            image_processor = AutoImageProcessor.from_pretrained(cfg.vision_model, backend="pil")
         except OSError as e:  # transformers' way of saying a base model is not there
             raise UsageError(f"cannot load the base models (--vision-model {cfg.vision_model!r}, --llm "
                              f"{cfg.llm!r}): {first_line(e)}") from None
@@ -329,6 +329,8 @@ def start_stage(cfg: TrainConfig, stage: str) -> StageRun:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     loader, sampler = make_loader(cfg, stage, records, model, tokenizer, image_processor, rank, world)
+    if not records and not bad_records:
+        raise UsageError(f"{cfg.data}: the file has no records")
     if not records:
         raise UsageError(f"{cfg.data}: no usable record: all {len(bad_records)} are bad (listed in "
                          f"{os.path.join(cfg.out_dir, 'bad_records.json')})")
@@ -570,8 +572,15 @@ def run(overrides: dict) -> list[str]:
     check_knobs(given, recipe, stages)
     note_replaced_counts(given, recipe, stages)
     MetricsReporter(overrides.get("report_to", ""))  # a missing optional package fails before data or models
-    if stage == "all" and "data" in overrides and recipe != "demo":
-        raise UsageError("--stage all needs different data per stage: run the stages one by one with --data")
+    if len(stages) > 1 and overrides.get("data"):
+        raise UsageError(f"--data with --stage {stage} would train every stage on one file; give each stage its "
+                         "data, one stage at a time: --stage 1 --data CAPTIONS --out-dir OUT/stage1, then --stage "
+                         "1.5 --init OUT/stage1 --data DETAILED_CAPTIONS ..., then --stage 2 --init ... --data QA")
+    if overrides.get("data") and not overrides.get("image_folder") and not D.is_parquet(overrides["data"]):
+        overrides["image_folder"] = os.path.dirname(os.path.abspath(overrides["data"]))
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"note: no --image-folder: the records' image paths are read relative to the data file's "
+                  f"folder, {overrides['image_folder']}")
     demo_data = (demo_inputs(overrides, out_root, overrides.get("demo_images", TrainConfig.demo_images))
                  if recipe == "demo" else {})
     outs, init = [], overrides.pop("init", "")
@@ -605,7 +614,8 @@ def print_plans(args: dict, world: int):
 
 def parse_args(argv=None) -> dict:
     """Every TrainConfig field becomes a --flag; only the flags given override the recipe."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 allow_abbrev=False)
     add_config_flags(ap, TrainConfig)
     # not TrainConfig fields: they ask for a memory plan instead of a run (a run's world size is torchrun's)
     ap.add_argument("--plan", action="store_true", default=argparse.SUPPRESS,

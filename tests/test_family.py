@@ -503,9 +503,14 @@ def test_llava_variant_runs_stages_1_and_2(tmp_path, monkeypatch):
         seen.append((stage, cfg.init, cfg.model_overrides))
         return cfg.out_dir
     monkeypatch.setattr(T, "train_stage", fake_train)
+    stage_data = {"1": "s1.json", "1.5": "s15.json", "2": "s2.json"}
+    monkeypatch.setattr(T, "demo_inputs", lambda overrides, root, n: stage_data)
     out = str(tmp_path / "out")
-    outs = T.run({"variant": "llava", "stage": "all", "out_dir": out, "data": "d.json", "image_folder": "img",
-                  "vision_model": "v", "llm": "l"})
+    with pytest.raises(T.UsageError, match=r"^--data with --stage all would train every stage on one file; give "):
+        T.run({"variant": "llava", "stage": "all", "out_dir": out, "data": "d.json", "image_folder": "img",
+               "vision_model": "v", "llm": "l"})
+    assert seen == []
+    outs = T.run({"variant": "llava", "stage": "all", "out_dir": out, "vision_model": "v", "llm": "l"})
     assert [s for s, _, _ in seen] == ["1", "2"]
     assert seen[1][1] == outs[0]  # stage 2 starts from stage 1
     assert not set(V.VARIANTS["victor"]) & set(seen[0][2])  # no stage-1.5 switches
