@@ -176,18 +176,19 @@ RECIPES = {
                 "1.5": dict(PAPER, lr=2e-5, vision_lr=2e-6, pool_lr=3e-4, global_batch_size=128, batch_size=4,
                             template="chat"),
                 "2": dict(PAPER, lr=2e-5, vision_lr=2e-6, global_batch_size=128, batch_size=4, template="chat")}),
-    # tiny models on the shapes data (demo_base.py: a tower and an LLM pretrained in-project): all three
-    # stages in a few CPU minutes. Chosen from the base models and the no-stage-1.5 (llava) arm alone, on
-    # a development copy of the world (README, "The demo and its data"): stage 1 until its loss flattens,
-    # stage 2 until llava's test curve flattens (1500 steps), stage 1.5 at stage 2's learning rate as in the
-    # paper (pool lr 15x, the paper's 1.5e-4 / 1e-5). The tower stays frozen (vision_lr 0).
+    # tiny models on the shapes data (demo_base.py: a tower and an LLM pretrained once, committed in
+    # shapes_world/base): all three stages in a few CPU minutes. Chosen from the base models and the
+    # no-stage-1.5 (llava) arm alone, on a development copy of the world (docs/world.md): stage 1 until its
+    # loss flattens, stage 2 until llava's test curve flattens (2000 steps on the committed base), stage 1.5
+    # at stage 2's learning rate as in the paper (pool lr 15x, the paper's 1.5e-4 / 1e-5). The tower stays
+    # frozen (vision_lr 0).
     "demo": dict(
         model=dict(model_overrides=dict(pool_size=128)),
         stages={"1": dict(lr=1e-3, vision_lr=0.0, max_steps=200, warmup_steps=10, global_batch_size=32,
                           batch_size=32, template="plain", max_length=256, num_workers=0),
                 "1.5": dict(lr=5e-4, vision_lr=0.0, pool_lr=7.5e-3, max_steps=200, warmup_steps=20, adam_beta2=0.95,
                             global_batch_size=8, batch_size=8, max_length=256, num_workers=0),
-                "2": dict(lr=5e-4, vision_lr=0.0, max_steps=1500, warmup_steps=30, adam_beta2=0.95,
+                "2": dict(lr=5e-4, vision_lr=0.0, max_steps=2000, warmup_steps=30, adam_beta2=0.95,
                           global_batch_size=16, batch_size=16, max_length=256, num_workers=0)}),
 }
 
