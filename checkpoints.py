@@ -515,9 +515,33 @@ def export_llava_hf(model: VictorModel, tokenizer, image_processor, out_dir: str
     llava.save_pretrained(out_dir)
     processor = LlavaProcessor(image_processor=_llava_image_processor(image_processor), tokenizer=tokenizer,
                                patch_size=model.vision_tower.config.patch_size, vision_feature_select_strategy=strategy,
-                               num_additional_image_tokens=1 if clip else 0, image_token=IMAGE_TOKEN)
+                               num_additional_image_tokens=1 if clip else 0, image_token=IMAGE_TOKEN,
+                               chat_template=list_content_template(tokenizer.chat_template))
     processor.save_pretrained(out_dir)
     return out_dir
+
+
+# The message forms transformers' multimodal examples, its image-text-to-text pipeline and evaluation harnesses
+# pass: content as a list of {"type": "image"} / {"type": "text", "text": ...} items. Each becomes victor's
+# string form ("<image>\n" before the text, as the training data has it) before the tokenizer's own template.
+LIST_CONTENT_PREAMBLE = (
+    "{%- set converted = namespace(messages=[]) -%}"
+    "{%- for m in messages -%}"
+    "{%- if m['content'] is string -%}{%- set text = m['content'] -%}"
+    "{%- else -%}{%- set parts = namespace(text='') -%}"
+    "{%- for item in m['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{%- set parts.text = parts.text + '" + IMAGE_TOKEN + "\n' -%}"
+    "{%- elif item['type'] == 'text' -%}{%- set parts.text = parts.text + item['text'] -%}{%- endif -%}"
+    "{%- endfor -%}{%- set text = parts.text -%}{%- endif -%}"
+    "{%- set converted.messages = converted.messages + [{'role': m['role'], 'content': text}] -%}"
+    "{%- endfor -%}"
+    "{%- set messages = converted.messages -%}"
+)
+
+
+def list_content_template(template: str | None) -> str | None:
+    """The tokenizer's chat template, taking message content as a string or as a list of image/text items."""
+    return LIST_CONTENT_PREAMBLE + template if template else None
 
 
 def _victor_to_llava_hf_name(name: str) -> str | None:

@@ -424,6 +424,15 @@ def test_export_llava_hf_identical_logits_pixels_and_answers(tmp_path, shapes_to
     enc = processor(text="<image>\nWhat colour?", images=image, return_tensors="pt")
     assert torch.equal(enc["pixel_values"], D.preprocess_images([image], tiny_image_processor))
     assert int((enc["input_ids"] == image_id).sum()) == model.num_image_tokens
+    # the chat template takes the standard multimodal message form (content as a list) and the plain one alike
+    question = "How many objects are there ?"
+    listed = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text",
+                                                                                            "text": question}]}],
+                                           add_generation_prompt=True)
+    plain = processor.apply_chat_template([{"role": "user", "content": f"<image>\n{question}"}],
+                                          add_generation_prompt=True)
+    assert listed == plain == shapes_tokenizer.apply_chat_template(
+        [{"role": "user", "content": f"<image>\n{question}"}], tokenize=False, add_generation_prompt=True)
     # greedy answers: transformers' generate on the exported model = victor's generate
     prompt = shapes_tokenizer("what colour is it ?")["input_ids"]
     v_ids = torch.tensor([prompt[:2] + [IMAGE_TOKEN_ID] * model.num_image_tokens + prompt[2:]])
