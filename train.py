@@ -17,8 +17,10 @@ import argparse
 import contextlib
 import dataclasses
 import functools
+import json
 import math
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -130,6 +132,9 @@ class TrainConfig:
                            NON_NEGATIVE)
     resume: str = knob("", "auto: continue from the newest complete state in OUT/checkpoints; or a state "
                            "directory")
+    overwrite: bool = knob(False, "train every stage anew, removing its earlier outputs (default: a stage that "
+                                  "finished with the same settings is kept, an interrupted one resumes from its "
+                                  "last saved state or starts again)")
     max_bad_steps: int = knob(5, "steps in a row with a non-finite loss or gradient that stop the run "
                                  "(each one is skipped)", AT_LEAST_1)
     out_dir: str = knob("out/demo", "where the checkpoint, metrics and reports go (--stage all: a folder "
@@ -556,8 +561,74 @@ def note_replaced_counts(given: dict, recipe: str, stages: list[str]):
                   f"{replaced} ({recipe_counts})")
 
 
+# What a stage writes into its out-dir: a stage started anew removes an earlier run's (never anything else)
+STAGE_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "metrics.jsonl", "bad_records.json",
+               "skipped.json", "truncated.json", "chat_template.jinja", "preprocessor_config.json", "tokenizer.json",
+               "tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "curves.png")
+STAGE_DIRS = ("snapshots", "checkpoints", "tensorboard")
+# settings that do not change what a stage computes: a finished stage is kept whatever they are
+NOT_RESULT_SETTINGS = ("resume", "save_every", "report_to", "log_every", "overwrite", "num_workers")
+RUNNING = {}  # the stage being trained, for the one line Ctrl-C prints
+
+
+def finished_settings(out_dir: str) -> dict | None:
+    """The settings a finished stage in out_dir was trained with (its checkpoint's train_config, when its
+    metrics.jsonl ends with the stage's "done" row); None if there is none."""
+    try:
+        with open(os.path.join(out_dir, "metrics.jsonl"), "rb") as f:
+            last = f.read().splitlines()[-1]
+        with open(os.path.join(out_dir, "config.json")) as f:
+            saved = json.load(f).get("train_config")
+        return saved if json.loads(last).get("done") and saved else None
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def result_settings(settings: dict) -> dict:
+    return {k: v for k, v in json.loads(json.dumps(settings)).items() if k not in NOT_RESULT_SETTINGS}
+
+
+def remove_stage_outputs(out_dir: str) -> list[str]:
+    """An earlier run's outputs in out_dir (STAGE_FILES, STAGE_DIRS, its evaluations), removed; their names."""
+    if not os.path.isdir(out_dir):
+        return []
+    gone = [n for n in sorted(os.listdir(out_dir)) if n in STAGE_FILES or n in STAGE_DIRS or
+            (n.startswith("eval") and n.endswith(".json")) or (n.startswith("pool_") and n.endswith(".png"))]
+    for name in gone:
+        path = os.path.join(out_dir, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    return gone
+
+
+def continue_or_start(cfg: TrainConfig, stage: str, anew: bool) -> str:
+    """The rule for running a stage into an out-dir that may hold an earlier run: 'keep' (it finished with the
+    same settings), 'resume' (it saved a state and did not finish), or 'new' (anything else, or `anew`: the
+    earlier run's outputs are removed first). Rank 0 says which."""
+    master = int(os.environ.get("RANK", 0)) == 0
+    done = finished_settings(cfg.out_dir)
+    if not anew and done is not None and result_settings(done) == result_settings({**dataclasses.asdict(cfg),
+                                                                                      "stage": stage}):
+        if master:
+            print(f"stage {stage}: kept {cfg.out_dir}: it finished earlier with these settings (--overwrite trains "
+                  f"it anew)")
+        return "keep"
+    if not anew and done is None and (cfg.resume or latest_training_state(os.path.join(cfg.out_dir, "checkpoints"))):
+        cfg.resume = cfg.resume or "auto"  # start_stage says from which state
+        return "resume"
+    barrier()  # every process has read the out-dir before rank 0 clears it
+    gone = remove_stage_outputs(cfg.out_dir) if master else []
+    barrier()
+    if gone and master:
+        print(f"stage {stage}: trained anew into {cfg.out_dir}: removed the earlier run's "
+              f"{', '.join(gone[:6])}{' ...' if len(gone) > 6 else ''}")
+    return "new"
+
+
 def run(overrides: dict) -> list[str]:
-    """Run one stage, or all three in a row (each initialised from the one before)."""
+    """Run one stage, or all three in a row (each initialised from the one before). The same command again
+    continues: a stage that finished with the same settings is kept, an interrupted one resumes from its
+    last saved state (--save-every) or starts again; a stage trained anew makes the ones after it anew too;
+    --overwrite trains every stage anew."""
     given = dict(overrides)
     check_ranges(given, RANGES)
     recipe, stage = overrides.pop("recipe", "demo"), overrides.pop("stage", "all")
@@ -585,6 +656,7 @@ def run(overrides: dict) -> list[str]:
     demo_data = (demo_inputs(overrides, out_root, overrides.get("demo_images", TrainConfig.demo_images))
                  if recipe == "demo" else {})
     outs, init = [], overrides.pop("init", "")
+    anew = bool(overrides.get("overwrite"))
     for s in stages:
         o = dict(overrides)
         if s in demo_data:
@@ -593,7 +665,13 @@ def run(overrides: dict) -> list[str]:
             o.pop("vision_model", None), o.pop("llm", None)
         cfg = stage_config(recipe, s, o, init)
         cfg.out_dir = os.path.join(out_root, f"stage{s}") if stage == "all" else out_root
-        init = train_stage(cfg, s)
+        action = continue_or_start(cfg, s, anew)
+        if action != "keep":
+            RUNNING.update(stage=s, out_dir=cfg.out_dir)
+            init = train_stage(cfg, s)
+            anew = True  # what comes after a stage trained now is trained now too
+        else:
+            init = cfg.out_dir
         outs.append(init)
     return outs
 
@@ -646,6 +724,10 @@ def main(argv=None):
         run(args)
     except (UsageError, FileNotFoundError, MissingDependency, StageStopped) as e:  # the user's to fix: one line
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        where = f" in stage {RUNNING['stage']} ({RUNNING['out_dir']})" if RUNNING else ""
+        sys.exit(f"interrupted{where}: the same command continues (finished stages are kept; the interrupted one "
+                 f"resumes from its last saved state with --save-every N, else it starts again)")
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"done in {time.time() - t:.0f}s")
     end_processes()
