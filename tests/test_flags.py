@@ -102,7 +102,7 @@ def test_epochs_replaces_the_recipes_step_count(capsys):
     assert cfg.warmup_ratio == 0.1 and cfg.warmup_steps == 0
     T.note_replaced_counts({"epochs": 0.05}, "demo", ["1", "1.5", "2"])
     out = capsys.readouterr().out
-    assert "note: --epochs 0.05 replaces the demo recipe's max_steps (stage 1: 200, stage 1.5: 200, stage 2: 1500)" \
+    assert "note: --epochs 0.05 replaces the demo recipe's max_steps (stage 1: 200, stage 1.5: 200, stage 2: 2000)" \
         in out, out
     with pytest.raises(FL.UsageError, match="--epochs has no effect with --max-steps"):
         T.check_knobs({"epochs": 1.0, "max_steps": 5}, "demo", ["2"])
