@@ -216,6 +216,7 @@ def run_arm(out: str, arm: str, seed: int, lengths: dict) -> dict:
     t0 = time.time()
     spec = ARMS[arm]
     run_dir = os.path.join(out, "runs", arm, f"seed-{seed}")
+    shutil.rmtree(run_dir, ignore_errors=True)  # a run is redone from scratch, never continued from an earlier one
     stage1 = os.path.join(out, "seeds", f"seed-{seed}", "stage1")
     shapes = os.path.join(out, "shapes")
     common = dict(seed=seed, image_folder=shapes, variant=spec["variant"],
@@ -547,20 +548,26 @@ def main(argv=None):
           f"stage 2 {lengths['stage2_steps']} steps -> {out}", flush=True)
     # a finished run is reused only when it was made with these settings; otherwise it is redone
     todo = {"stage1": [], "arm": []}
+    redo_seeds = set()  # seeds whose stage 1 is made anew: every arm of theirs is redone
     for s in seeds:
         why = stale(os.path.join(out, "seeds", f"seed-{s}", "stage1.json"), run_settings(None, lengths))
         if why is not None:
             todo["stage1"].append(dict(kind="stage1", seed=s, out=out, lengths=lengths))
+            redo_seeds.add(s)
             if why:
                 print(f"  redoing stage 1 of seed {s}: {why}")
     for a, ss in plan.items():
         for s in ss:
-            redo_stage1 = any(j["seed"] == s for j in todo["stage1"])
             why = stale(os.path.join(out, "runs", a, f"seed-{s}", "result.json"), run_settings(a, lengths))
-            if why is not None or redo_stage1:
+            if why is not None or s in redo_seeds:
                 todo["arm"].append(dict(kind="arm", arm=a, seed=s, out=out, lengths=lengths))
-                if why or (why is None and redo_stage1):  # a finished run that is not reused
+                if why or (why is None and s in redo_seeds):  # a finished run that is not reused
                     print(f"  redoing {a} seed {s}: {why or 'its stage 1 is redone'}")
+    # a grid restored from its records (docs/ablation-third-world: results and stage-1 records, no checkpoints):
+    # a seed's stage 1 is made again (deterministic, the same settings) where an arm still has to run from it
+    for s in sorted({j["seed"] for j in todo["arm"]} - redo_seeds):
+        if not os.path.isdir(os.path.join(out, "seeds", f"seed-{s}", "stage1")):
+            todo["stage1"].append(dict(kind="stage1", seed=s, out=out, lengths=lengths))
     # the arms that answer the question first, seed by seed: a grid cut short still has them paired
     todo["arm"].sort(key=lambda j: (j["arm"] not in CORE_ARMS, j["seed"], list(ARMS).index(j["arm"])))
     run_jobs(todo["stage1"], args.jobs, out)

@@ -1,6 +1,7 @@
 """tests/bench_ablation.py --quick runs every arm end to end and writes a valid report."""
 import json
 import os
+import shutil
 import sys
 
 import forked
@@ -61,3 +62,12 @@ def test_bench_ablation_quick_writes_a_valid_report(tmp_path):
     again = forked.run(["tests/bench_ablation.py", "--quick", "--out-dir", str(out)], timeout=600)
     assert again.returncode == 0 and "started" not in again.stdout, again.stdout[-2000:]
     assert json.loads((out / "ablation.json").read_text())["config"]["reused_runs"] == len(ARMS)
+    # a grid restored from its records (results and stage-1 records kept, checkpoints not): only the missing
+    # run is trained, from its seed's stage 1 made again; the others are reused
+    shutil.rmtree(out / "seeds" / "seed-0" / "stage1")
+    os.remove(out / "runs" / "croc" / "seed-0" / "result.json")
+    restored = forked.run(["tests/bench_ablation.py", "--quick", "--out-dir", str(out)], timeout=600)
+    assert restored.returncode == 0, restored.stdout[-2000:]
+    started = [line.split()[-1] for line in restored.stdout.splitlines() if line.strip().startswith("started")]
+    assert started == ["stage1-seed0", "arm-croc-seed0"] and "redoing" not in restored.stdout
+    assert json.loads((out / "ablation.json").read_text())["config"]["reused_runs"] == len(ARMS) - 1
