@@ -667,6 +667,12 @@ def run(overrides: dict) -> list[str]:
         cfg.out_dir = os.path.join(out_root, f"stage{s}") if stage == "all" else out_root
         action = continue_or_start(cfg, s, anew)
         if action != "keep":
+            if stage == "all" and int(os.environ.get("RANK", 0)) == 0:  # the later stages' earlier outputs are
+                for later in stages[stages.index(s) + 1:]:  # stale now: never left for eval.py to score
+                    gone = remove_stage_outputs(os.path.join(out_root, f"stage{later}"))
+                    if gone:
+                        print(f"stage {later}: removed the earlier run's {', '.join(gone[:6])}"
+                              f"{' ...' if len(gone) > 6 else ''} (stage {s} is trained anew)")
             RUNNING.update(stage=s, out_dir=cfg.out_dir)
             init = train_stage(cfg, s)
             anew = True  # what comes after a stage trained now is trained now too

@@ -163,9 +163,15 @@ def test_the_same_command_again_continues_and_overwrite_starts_anew(monkeypatch,
     T.run(dict(args))
     assert seen == ["1", "1.5", "2", "1.5", "2"]
     assert not (tmp_path / "stage2" / "eval.json").exists()
-    assert f"stage 2: trained anew into {tmp_path / 'stage2'}: removed the earlier run's config.json, eval.json" \
+    assert "stage 2: removed the earlier run's config.json, eval.json, metrics.jsonl (stage 1.5 is trained anew)" \
            in capsys.readouterr().out
-    T.run(dict(args, max_steps=7))  # other settings: trained anew
+    # other settings: trained anew; interrupted in stage 1, the later stages' earlier models are already gone
+    monkeypatch.setattr(T, "train_stage", lambda cfg, stage: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        T.run(dict(args, max_steps=7))
+    assert not (tmp_path / "stage2" / "config.json").exists() and not (tmp_path / "stage1.5" / "config.json").exists()
+    monkeypatch.setattr(T, "train_stage", fake_stage(seen))
+    T.run(dict(args, max_steps=7))
     assert seen[5:] == ["1", "1.5", "2"]
     T.run(dict(args, max_steps=7, overwrite=True))
     assert seen[8:] == ["1", "1.5", "2"]
