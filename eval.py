@@ -33,7 +33,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import data as D
-from benchmarks import (
+from engineering.benchmarks import (
     OPTION_LETTERS,
     InputError,
     circular_accuracy,
@@ -45,9 +45,9 @@ from benchmarks import (
     read_question_file,
     read_test_set,
 )
-from checkpoints import WEIGHT_FILES, export_llava_hf, read_config_json
-from flags import Range, out_of_range
-from pictures import draw_curves, read_curves, visualize_pool
+from engineering.checkpoints import WEIGHT_FILES, export_llava_hf, read_config_json
+from engineering.flags import Range, out_of_range
+from engineering.pictures import draw_curves, read_curves, visualize_pool
 from victor import default_device, load_checkpoint
 
 # -----------------------------------------------------------------------------

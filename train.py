@@ -30,10 +30,9 @@ import torch
 from tqdm import tqdm
 
 import data as D
-from batches import Batches, make_loader, report_unused_data, stop_if_out_of_data, validate_data
-from checkpoints import load_init_checkpoint
-from demo_base import demo_inputs
-from distributed import (
+from engineering.batches import Batches, make_loader, report_unused_data, stop_if_out_of_data, validate_data
+from engineering.checkpoints import load_init_checkpoint
+from engineering.distributed import (
     all_reduce_sum,
     barrier,
     build_model_once,
@@ -47,7 +46,7 @@ from distributed import (
     uses_fsdp,
     wrap_for_processes,
 )
-from flags import (
+from engineering.flags import (
     AT_LEAST_1,
     NON_NEGATIVE,
     POSITIVE,
@@ -62,8 +61,9 @@ from flags import (
     knob,
     parse_steps,
 )
-from memory_plan import check_memory_fits, format_plan, memory_plan
-from reporting import MetricsReporter, StageLog
+from engineering.memory_plan import check_memory_fits, format_plan, memory_plan
+from engineering.reporting import MetricsReporter, StageLog
+from shapes_world.demo_base import demo_inputs
 from victor import (
     IGNORE_INDEX,
     STAGE15_FIELDS,

@@ -428,7 +428,7 @@ class VictorModel(nn.Module):
         self.token_pool = nn.Parameter(torch.randn(cfg.pool_size, llm_dim))  # N(0, 1), as llava_arch.py's
         self.recon_head = nn.Linear(llm_dim, llm_dim)
         if cfg.projector_path:  # stage 1 from LLaVA's mm_projector.bin (a foreign format: checkpoints.py)
-            from checkpoints import load_llava_projector
+            from engineering.checkpoints import load_llava_projector
             load_llava_projector(self, cfg.projector_path)
 
     @property
@@ -631,7 +631,11 @@ def load_checkpoint(path: str, device="cpu", overrides: dict | None = None):
     transformers' LlavaForConditionalGeneration's (llava-hf). config.json says which (checkpoint_format);
     one reader per format turns the directory into victor's terms (SourceCheckpoint).
     overrides: VictorConfig fields to change (config_with_overrides says which may change)."""
-    from checkpoints import config_with_overrides, fill_model, read_checkpoint  # the formats: checkpoints.py
+    from engineering.checkpoints import (  # the formats: checkpoints.py
+        config_with_overrides,
+        fill_model,
+        read_checkpoint,
+    )
     src = read_checkpoint(path)
     cfg = config_with_overrides(src.cfg, overrides or {}, not src.pool_saved, path)
     if src.why_normalize:  # a foreign format: say what it was read as, and the one setting that changes the math

@@ -15,9 +15,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-import distributed as DI  # noqa: E402
 import victor as V  # noqa: E402
 from conftest import tiny_model  # noqa: E402
+from engineering import distributed as DI  # noqa: E402
 
 IMAGES = 2  # per batch: with the tiny model's 16 tokens each, as many tokens as the pool has rows
 CASES = (("victor", "1.5"), ("croc", "1.5"), ("victor", "2"))  # Hungarian, nearest + mixed mask; stage 2

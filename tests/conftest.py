@@ -150,8 +150,8 @@ def crash_while_saving_then_resume(cfg, tmp_path, monkeypatch):
     """Stage 1.5 from cfg(out_dir, **overrides) (saving every 2 steps) three times: uninterrupted into tmp_path/ref;
     into tmp_path/run, the process dying while it moves step-4's state into place (step-2 is then the newest
     complete state); and resumed from there (--resume auto). Returns (ref, run)."""
-    import distributed as DI
     import train as T
+    from engineering import distributed as DI
     ref, run = tmp_path / "ref", tmp_path / "run"
     T.train_stage(cfg(ref), "1.5")
     die_on_second_rename(monkeypatch)

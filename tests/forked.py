@@ -47,8 +47,9 @@ PRELOAD = [
     "transformers.models.llama.modeling_llama", "transformers.models.qwen2.modeling_qwen2",
     "transformers.models.clip.modeling_clip", "transformers.models.siglip.modeling_siglip",
     "transformers.models.clip.image_processing_clip", "transformers.models.siglip.image_processing_siglip",
-    "data", "victor", "checkpoints", "distributed", "batches", "memory_plan", "reporting", "flags", "demo_base",
-    "train", "eval", "benchmarks", "forked", "pytest",
+    "data", "victor", "engineering.checkpoints", "engineering.distributed", "engineering.batches",
+    "engineering.memory_plan", "engineering.reporting", "engineering.flags", "shapes_world.demo_base",
+    "train", "eval", "engineering.benchmarks", "forked", "pytest",
 ]
 
 # The environment the server imports under: what a test's `python` subprocess gets (one thread, no

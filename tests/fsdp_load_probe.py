@@ -17,9 +17,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-import distributed as DI  # noqa: E402
-import memory_plan as MP  # noqa: E402
 import train as T  # noqa: E402
+from engineering import distributed as DI  # noqa: E402
+from engineering import memory_plan as MP  # noqa: E402
 
 record = {}
 

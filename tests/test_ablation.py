@@ -1,4 +1,4 @@
-"""tests/bench_ablation.py --quick runs every arm end to end and writes a valid report."""
+"""scripts/bench_ablation.py --quick runs every arm end to end and writes a valid report."""
 import json
 import os
 import shutil
@@ -9,10 +9,10 @@ from conftest import MAIN
 
 
 def test_bench_ablation_quick_writes_a_valid_report(tmp_path):
-    sys.path.insert(0, os.path.join(MAIN, "tests"))
+    sys.path.insert(0, os.path.join(MAIN, "scripts"))
     from bench_ablation import ARMS
     out = tmp_path / "ablation"
-    proc = forked.run(["tests/bench_ablation.py", "--quick", "--out-dir", str(out)], timeout=600)
+    proc = forked.run(["scripts/bench_ablation.py", "--quick", "--out-dir", str(out)], timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     report = json.loads((out / "ablation.json").read_text())
     assert set(report["arms"]) == set(ARMS) and report["config"]["plan"] == {a: [0] for a in ARMS}
@@ -59,14 +59,14 @@ def test_bench_ablation_quick_writes_a_valid_report(tmp_path):
         assert r["accuracy"] == r["correct"].count("1") / 40 == report["arms"][a]["accuracy"]["mean"]
         assert r["curve"]["4"] == r["correct"][:20].count("1") / 20
     # run again with the same settings: every run is reused, nothing is trained
-    again = forked.run(["tests/bench_ablation.py", "--quick", "--out-dir", str(out)], timeout=600)
+    again = forked.run(["scripts/bench_ablation.py", "--quick", "--out-dir", str(out)], timeout=600)
     assert again.returncode == 0 and "started" not in again.stdout, again.stdout[-2000:]
     assert json.loads((out / "ablation.json").read_text())["config"]["reused_runs"] == len(ARMS)
     # a grid restored from its records (results and stage-1 records kept, checkpoints not): only the missing
     # run is trained, from its seed's stage 1 made again; the others are reused
     shutil.rmtree(out / "seeds" / "seed-0" / "stage1")
     os.remove(out / "runs" / "croc" / "seed-0" / "result.json")
-    restored = forked.run(["tests/bench_ablation.py", "--quick", "--out-dir", str(out)], timeout=600)
+    restored = forked.run(["scripts/bench_ablation.py", "--quick", "--out-dir", str(out)], timeout=600)
     assert restored.returncode == 0, restored.stdout[-2000:]
     started = [line.split()[-1] for line in restored.stdout.splitlines() if line.strip().startswith("started")]
     assert started == ["stage1-seed0", "arm-croc-seed0"] and "redoing" not in restored.stdout

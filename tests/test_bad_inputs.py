@@ -19,13 +19,13 @@ import pytest
 import torch
 from PIL import Image
 
-import batches as BA
 import data as D
-import distributed as DI
-import flags as FL
 import forked
 import train as T
 from conftest import read_metrics
+from engineering import batches as BA
+from engineering import distributed as DI
+from engineering import flags as FL
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,11 +1,11 @@
-"""tests/bench_gpu.py without a GPU: its refusal, and its whole code path on a tiny model on the CPU
+"""scripts/bench_gpu.py without a GPU: its refusal, and its whole code path on a tiny model on the CPU
 (--device cpu --tiny): the model built, both stages' training steps timed, MFU from --peak-tflops, the
 memory plan asked for the same model and batch, matching, generate, one table."""
 import forked
 
 
 def bench(*flags, env=None):
-    return forked.run(["tests/bench_gpu.py", *flags], env=env, timeout=600)
+    return forked.run(["scripts/bench_gpu.py", *flags], env=env, timeout=600)
 
 
 def test_refuses_without_cuda_in_one_line():

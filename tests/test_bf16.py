@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from bf16_probe import CASES, compare, make_batch
 from safetensors.torch import load_file
 
-import distributed as DI
 import eval as E
 import forked
 import train as T
 from conftest import cli_flags, read_metrics, tiny_model
+from engineering import distributed as DI
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 LOSS_RTOL = 0.01

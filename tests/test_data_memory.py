@@ -1,6 +1,6 @@
 """data.RecordStore and load_records' memory: records held as their JSON text, read exactly; bad records
 still listed in file order; workers that read every record copy no memory; each process of a
-distributed run reads the file itself. tests/bench_data_memory.py measures the same at scale."""
+distributed run reads the file itself. scripts/bench_data_memory.py measures the same at scale."""
 import dataclasses
 import json
 import multiprocessing
@@ -11,9 +11,9 @@ import random
 import pytest
 import torch
 
-import batches as BA
 import data as D
 import train as T
+from engineering import batches as BA
 
 RECORDS = [  # non-ASCII text, escapes, U+2028 (a line break to str.splitlines, not to JSONL), several images
     {"id": "é-1", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nQu'est-ce que c'est ?"},

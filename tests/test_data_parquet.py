@@ -25,11 +25,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import data as D
-import demo_base as DB
-import flags as FL
 import forked
 import train as T
 from conftest import cli_flags, crash_while_saving_then_resume, read_metrics
+from engineering import flags as FL
+from shapes_world import demo_base as DB
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -15,9 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-import benchmarks as B
 import eval as E
 from conftest import tiny_config
+from engineering import benchmarks as B
 from victor import VictorModel, save_checkpoint
 
 COLOURS = [(215, 40, 40), (40, 165, 60), (45, 85, 225), (235, 205, 35)]

@@ -7,8 +7,8 @@ from PIL import Image
 
 import data as D
 import eval as E
-import pictures as P
 from conftest import tiny_model
+from engineering import pictures as P
 from victor import save_checkpoint
 
 

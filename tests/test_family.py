@@ -9,11 +9,11 @@ import pytest
 import torch
 from test_victor import make_batch, reference_visual_tokens, sharpen, smooth_l1_by_hand, stage15
 
-import checkpoints as CK
 import train as T
 import victor
 import victor as V
 from conftest import save_base_models, tiny_config, tiny_model
+from engineering import checkpoints as CK
 from victor import (
     IGNORE_INDEX,
     IMAGE_TOKEN_ID,

@@ -7,10 +7,10 @@ import sys
 import pytest
 
 import eval as E
-import flags as FL
 import train as T
 import victor as V
 from conftest import MAIN, subprocess_env
+from engineering import flags as FL
 
 
 def numeric_fields():
@@ -125,7 +125,7 @@ def test_variant_llava_is_llava15_and_exports(tmp_path):
     assert cfg.model_overrides["normalize_visual_tokens"] is False  # LLaVA-1.5's math
     assert T.stages_to_run("all", "llava") == ["1", "2"]
     # with --init the preset still takes effect (a checkpoint's normalisation is a setting, not a weight)
-    from checkpoints import config_with_overrides
+    from engineering.checkpoints import config_with_overrides
     from victor import VictorConfig
     saved = VictorConfig(vision_model="v", llm="l")
     cfg = T.stage_config("demo", "2", {"variant": "llava"}, init="ckpt")
@@ -134,10 +134,10 @@ def test_variant_llava_is_llava15_and_exports(tmp_path):
 
 def test_every_ablation_arm_normalises_alike():
     """bench_ablation's arms differ only by stage 1.5: llava keeps normalize_visual_tokens=True explicitly."""
-    sys.path.insert(0, f"{MAIN}/tests")
+    sys.path.insert(0, f"{MAIN}/scripts")
     from bench_ablation import ARMS
 
-    from checkpoints import config_with_overrides
+    from engineering.checkpoints import config_with_overrides
     from victor import VictorConfig
     stage1 = VictorConfig(vision_model="v", llm="l")  # the shared stage-1 checkpoint's settings (no variant)
     for arm, spec in ARMS.items():

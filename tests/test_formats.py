@@ -20,13 +20,13 @@ from PIL import Image
 from safetensors.torch import save_file
 from test_victor import make_batch, sharpen
 
-import checkpoints as CK
 import data as D
 import eval as E
-import memory_plan as MP
 import train as T
 import victor
 from conftest import tiny_config, tiny_model
+from engineering import checkpoints as CK
+from engineering import memory_plan as MP
 from victor import IMAGE_TOKEN_ID, VictorModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 import forked
-import memory_plan as MP
 import train as T
 from conftest import cli_flags, tiny_config, together
+from engineering import memory_plan as MP
 from victor import VictorConfig, VictorModel, save_checkpoint
 
 PAPER_RECIPES = ("llava15-vicuna7b", "siglip-qwen25-7b")

@@ -13,9 +13,9 @@ import pytest
 import torch
 from transformers import SiglipImageProcessor
 
-import memory_plan as MP
 import train as T
 from conftest import read_metrics
+from engineering import memory_plan as MP
 from victor import VictorConfig, VictorModel, load_checkpoint, save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -11,10 +11,10 @@ import types
 
 import pytest
 
-import flags as FL
-import reporting as RP
 import train as T
 from conftest import MAIN, read_metrics, subprocess_env
+from engineering import flags as FL
+from engineering import reporting as RP
 
 
 def stage2_config(base, out_dir, **overrides):

@@ -19,13 +19,13 @@ import torch
 from safetensors.torch import load_file
 
 import data as D
-import demo_base as DB
-import distributed as DI
 import eval as E
-import flags as FL
 import forked
 import train as T
 from conftest import MAIN, cli_flags, crash_while_saving_then_resume, read_metrics, subprocess_env
+from engineering import distributed as DI
+from engineering import flags as FL
+from shapes_world import demo_base as DB
 from victor import VictorModel, load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -555,7 +555,7 @@ def test_a_reduced_rebuild_makes_a_base_whose_files_are_checked(tmp_path, monkey
     os.remove(weights)
     with pytest.raises(FL.UsageError, match=rf"^the demo's base file {re.escape(weights)} is missing: "):
         DB.demo_base(out)
-    proc = forked.run(["demo_base.py", "--base", out], timeout=60)
+    proc = forked.run(["shapes_world/demo_base.py", "--base", out], timeout=60)
     [line] = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and line.startswith(f"error: the demo's base file {weights} is missing: restore it")
     assert line.endswith(f"or rebuild the base: {DB.REBUILD}")

@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
-import batches as BA
-import checkpoints as CK
 import victor
 from conftest import save_base_models, tiny_config, tiny_model
+from engineering import batches as BA
+from engineering import checkpoints as CK
 from victor import (
     IGNORE_INDEX,
     IMAGE_TOKEN_ID,

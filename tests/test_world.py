@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import data as D
-import demo_base as B
 from conftest import MAIN
+from shapes_world import demo_base as B
 
-sys.path.insert(0, os.path.join(MAIN, "tests"))
+sys.path.insert(0, os.path.join(MAIN, "scripts"))
 import bench_ablation as A  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,10 +1,10 @@
 """
 Benchmark: host memory of the record loader (data.load_records) and of DataLoader workers.
 
-    python tests/bench_data_memory.py --records 200000                  # JSON list, this data.py
-    python tests/bench_data_memory.py --records 200000 --format jsonl
-    python tests/bench_data_memory.py --records 200000 --format parquet  # shards, the image bytes in the rows
-    python tests/bench_data_memory.py --module /tmp/data_orig.py        # another version of data.py
+    python scripts/bench_data_memory.py --records 200000                  # JSON list, this data.py
+    python scripts/bench_data_memory.py --records 200000 --format jsonl
+    python scripts/bench_data_memory.py --records 200000 --format parquet  # shards, the image bytes in the rows
+    python scripts/bench_data_memory.py --module /tmp/data_orig.py        # another version of data.py
 
 It writes an LLaVA-ReCap-like stage-1.5 file (id, image, the detail prompt, a ~110-word caption)
 into a temporary folder. Every record points at the same tiny image, so the loader's image check

@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from flags import UsageError, _import_optional
+from engineering.flags import UsageError, _import_optional
 
 if TYPE_CHECKING:
-    from batches import Batches
+    from engineering.batches import Batches
     from train import StageRun
 
 

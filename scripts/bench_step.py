@@ -2,8 +2,8 @@
 Benchmark: the method's overhead, stage-1.5 training-step time / stage-2 training-step time,
 on the same mid-size model and batch (576 visual tokens, pool 2048, LLM width 1024).
 
-    python tests/bench_step.py                 # CPU, ~2 minutes
-    python tests/bench_step.py --layers 2 --repeats 2
+    python scripts/bench_step.py                 # CPU, ~2 minutes
+    python scripts/bench_step.py --layers 2 --repeats 2
 
 Stage 1.5 adds token selection, Hungarian matching, the replacement and the reconstruction
 head and loss to an otherwise identical step (forward, backward, AdamW). Steps alternate

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 import data as D
-from checkpoints import read_config_json
+from engineering.checkpoints import read_config_json
 from victor import default_device, match_tokens_to_pool
 
 # -----------------------------------------------------------------------------

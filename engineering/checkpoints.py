@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from flags import UsageError, first_line
+from engineering.flags import UsageError, first_line
 from victor import VictorConfig, VictorModel, load_checkpoint
 
 # -----------------------------------------------------------------------------

@@ -2,9 +2,9 @@
 Pilots behind the demo base's text pretraining (docs/world.md, "The base, pretrained once and committed"):
 what makes the demo's tiny Llama answer text-only questions about a described scene, and why it stops.
 
-    python tests/pilot_text_pretraining.py text '{"steps": 1000, "lr": 1e-3}'          # one variant
-    python tests/pilot_text_pretraining.py text '{"llm": {"rope_theta": 10000}, "caption_weight": 1.0}'
-    python tests/pilot_text_pretraining.py recall '{"dense": true}'                      # the bare look-up
+    python scripts/pilot_text_pretraining.py text '{"steps": 1000, "lr": 1e-3}'          # one variant
+    python scripts/pilot_text_pretraining.py text '{"llm": {"rope_theta": 10000}, "caption_weight": 1.0}'
+    python scripts/pilot_text_pretraining.py recall '{"dense": true}'                      # the bare look-up
 
 `text` trains DEMO_LLM (with the "llm" overrides) on the shapes world's text and prints text QA per type
 on 500 fresh scenes at each step in "evals". Knobs: steps, lr, warmup, batch, questions (a scene),
@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data as D  # noqa: E402
-import demo_base as B  # noqa: E402
+from shapes_world import demo_base as B  # noqa: E402
 
 
 def text_pilot(args: dict):

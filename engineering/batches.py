@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 
 import data as D
-from distributed import ResumableSampler, all_reduce_sum
-from flags import StageStopped, UsageError
+from engineering.distributed import ResumableSampler, all_reduce_sum
+from engineering.flags import StageStopped, UsageError
 
 if TYPE_CHECKING:
     from train import StageRun, TrainConfig

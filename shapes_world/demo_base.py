@@ -6,8 +6,8 @@ Like a model download, the base is pretrained once and committed as files (shape
 weights, configs, tokenizer, and demo_base.json with the recipe, the measurements and each file's
 sha256). The demo loads it and checks every file against its sha256:
 
-    python demo_base.py                         # check the committed base and print its measurements
-    python demo_base.py --rebuild out/base      # pretrain it again from scratch (README gives the time)
+    python shapes_world/demo_base.py                         # check the committed base and print its measurements
+    python shapes_world/demo_base.py --rebuild out/base      # pretrain it again from scratch (README gives the time)
 
 The LLM is pretrained on the shapes world's language alone (no images): a scene told as its detailed
 caption, then questions about it, next-token loss on the answers. It then answers text-only questions
@@ -31,13 +31,16 @@ import time
 import numpy as np
 import torch
 
-import data as D
-from distributed import barrier, setup_distributed
-from flags import UsageError
+if __name__ == "__main__":  # run as a script: the repository's modules by their names
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import data as D  # noqa: E402
+from engineering.distributed import barrier, setup_distributed  # noqa: E402
+from engineering.flags import UsageError  # noqa: E402
 
 # the committed base, and the command that makes it again
-BASE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shapes_world", "base")
-REBUILD = "python demo_base.py --rebuild shapes_world/base"
+BASE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "base")
+REBUILD = "python shapes_world/demo_base.py --rebuild shapes_world/base"
 
 # The tower: patch 16 on 96-px images = 36 visual tokens, 2 x 2 per grid cell, so a replaced token's
 # neighbours carry part of its object (the premise of reconstructing it, as with natural images' patches).

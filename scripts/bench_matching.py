@@ -1,8 +1,8 @@
 """
 Benchmark: Hungarian matching per image at the paper's scale, the public code's loop vs victor's matcher.
 
-    python tests/bench_matching.py            # CPU (or CUDA when available)
-    python tests/bench_matching.py --images 4 # quicker
+    python scripts/bench_matching.py            # CPU (or CUDA when available)
+    python scripts/bench_matching.py --images 4 # quicker
 
 The public ViCToR code matches each image on its own inside the forward pass: a distance matrix,
 a copy to the CPU, scipy.optimize.linear_sum_assignment, a copy back. victor.hungarian_match

@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-import checkpoints as C
-from demo_base import demo_base_configs
-from flags import UsageError
+from engineering import checkpoints as C
+from engineering.flags import UsageError
+from shapes_world.demo_base import demo_base_configs
 from victor import VictorConfig, VictorModel
 
 if TYPE_CHECKING:

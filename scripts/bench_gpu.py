@@ -1,9 +1,9 @@
 """
 On a GPU machine, run this first: the GPU path measured in one run (under 8 minutes on one GPU), one table.
 
-    python tests/bench_gpu.py             # SDPA, and flash-attention 2 if it imports
-    python tests/bench_gpu.py --quick     # ~2 minutes: SDPA only, fewer steps, smaller matching and generate runs
-    python tests/bench_gpu.py --peak-tflops 989   # the GPU's peak dense bf16 TFLOP/s, where PEAK_TFLOPS lacks it
+    python scripts/bench_gpu.py             # SDPA, and flash-attention 2 if it imports
+    python scripts/bench_gpu.py --quick     # ~2 minutes: SDPA only, fewer steps, smaller matching and generate runs
+    python scripts/bench_gpu.py --peak-tflops 989   # the GPU's peak dense bf16 TFLOP/s, where PEAK_TFLOPS lacks it
 
 A random-init model with the paper's shapes: a CLIP-L/336-style tower (24 layers, width 1024, 576 visual
 tokens) and a Llama-style LLM of about 1.1B parameters (TinyLlama's shape: 22 layers, width 2048, GQA 32/4),
@@ -28,9 +28,9 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import distributed as DI  # noqa: E402
-import memory_plan as MP  # noqa: E402
 import train as T  # noqa: E402
+from engineering import distributed as DI  # noqa: E402
+from engineering import memory_plan as MP  # noqa: E402
 from victor import IGNORE_INDEX, IMAGE_TOKEN_ID, VictorConfig, VictorModel, hungarian_match, num_replaced  # noqa: E402
 
 # peak dense bf16 tensor TFLOP/s by device name (the vendors' data sheets); the first key the name contains wins

@@ -1,9 +1,9 @@
 """
 The ablation: what does stage 1.5 buy? Arms x seeds on the built-in shapes world, one command.
 
-    python tests/bench_ablation.py                      # the pre-registered grid below (~4 h on 2 cores)
-    python tests/bench_ablation.py --arms llava captions victor --seeds 0 1 2
-    python tests/bench_ablation.py --quick              # every arm, a few steps, seed 0 (~2 min): a smoke run
+    python scripts/bench_ablation.py                      # the pre-registered grid below (~4 h on 2 cores)
+    python scripts/bench_ablation.py --arms llava captions victor --seeds 0 1 2
+    python scripts/bench_ablation.py --quick              # every arm, a few steps, seed 0 (~2 min): a smoke run
 
 PRE-REGISTERED PLAN, THIRD WORLD (committed before the first grid run on the committed base; the world and
 recipes were chosen from the base models' own measurements and the llava arm alone, on a development copy
@@ -109,8 +109,8 @@ def world(lengths: dict) -> dict:
     """What every run of a grid shares and a finished run must have been made with: the shapes data, the
     committed base models (their files' sha256) and the demo recipe's stage settings."""
     import data as D
-    import demo_base as B
     import train as T
+    from shapes_world import demo_base as B
     spec = D.ShapesSpec(num_train_images=lengths["train_images"], num_test_images=lengths["test_images"])
     return {"shapes": spec.__dict__, "base_sha256": B.load_base_record()["sha256"], "recipe": T.RECIPES["demo"]}
 
@@ -141,7 +141,7 @@ def train(**overrides):
 def run_stage1(out: str, seed: int, lengths: dict) -> dict:
     """The seed's stage-1 checkpoint from the grid's one pretrained base, shared by every arm of the seed."""
     seed_dir = os.path.join(out, "seeds", f"seed-{seed}")
-    import demo_base as B
+    from shapes_world import demo_base as B
     vision_dir, llm_dir = B.demo_base()
     shapes = os.path.join(out, "shapes")
     shutil.rmtree(os.path.join(seed_dir, "stage1"), ignore_errors=True)
@@ -182,7 +182,7 @@ def probe(checkpoint: str, lengths: dict) -> dict:
     """The probe of the model leaving stage 1.5 (for llava: leaving stage 1), per layer: each image
     position's hidden state -> the object of the grid cell its patch lies in."""
     import data as D
-    from demo_base import linear_probe, probe_images, token_cells
+    from shapes_world.demo_base import linear_probe, probe_images, token_cells
     from victor import load_checkpoint
     model, tokenizer, image_processor = load_checkpoint(checkpoint)
     fit_images, y_fit = probe_images(lengths["probe_fit"], 0)
@@ -254,7 +254,7 @@ def run_arm(out: str, arm: str, seed: int, lengths: dict) -> dict:
 
 
 # what every job imports, imported once by the process the jobs are forked from (~5 s a job otherwise)
-JOB_IMPORTS = ["__main__", "torch", "transformers", "data", "victor", "train", "eval", "demo_base",
+JOB_IMPORTS = ["__main__", "torch", "transformers", "data", "victor", "train", "eval", "shapes_world.demo_base",
                "transformers.models.llama.modeling_llama", "transformers.models.clip.modeling_clip"]
 
 
@@ -539,7 +539,7 @@ def main(argv=None):
     out = os.path.abspath(args.out_dir or ("out/ablation-quick" if args.quick else "out/ablation"))
     t0 = time.time()
     import data as D
-    import demo_base as B
+    from shapes_world import demo_base as B
     D.shapes_files(os.path.join(out, "shapes"), D.ShapesSpec(num_train_images=lengths["train_images"],
                                                              num_test_images=lengths["test_images"]))
     B.load_base_record()  # one base for every run: the committed one, every file as recorded
