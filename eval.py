@@ -33,6 +33,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import data as D
+from engineering import records as RC
 from engineering.benchmarks import (
     OPTION_LETTERS,
     InputError,
@@ -64,7 +65,7 @@ class EvalDataset(D.LlavaDataset):
                 with Image.open(io.BytesIO(base64.b64decode(rec["image_b64"]))) as im:
                     return [D.to_rgb(im)]
             except (OSError, ValueError, Image.DecompressionBombError) as e:
-                raise D.SampleError(f"the base64 image cannot be decoded: {e}") from None
+                raise RC.SampleError(f"the base64 image cannot be decoded: {e}") from None
         if rec.get("image_path"):
             return [D.load_image(rec["image_path"])]
         return super().load_images(rec)
@@ -545,7 +546,7 @@ def main(argv=None):
         if mode != "curves" and not os.path.isdir(args.checkpoint):
             raise InputError(f"{args.checkpoint}: no such checkpoint directory (run `python train.py` first)")
         return MODES[mode][1](args)
-    except (InputError, D.SampleError, FileNotFoundError) as e:  # the user's to fix (SampleError: an image)
+    except (InputError, RC.SampleError, FileNotFoundError) as e:  # the user's to fix (SampleError: an image)
         raise SystemExit(f"error: {e}") from None
 
 

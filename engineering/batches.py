@@ -12,18 +12,42 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from collections import Counter
 from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 import data as D
+from engineering import records as RC
 from engineering.distributed import ResumableSampler, all_reduce_sum
 from engineering.flags import StageStopped, UsageError
 
 if TYPE_CHECKING:
     from train import StageRun, TrainConfig
     from victor import VictorModel
+
+
+def skip_kind(why: str) -> str:
+    """A skip reason without its particulars (the path after ': ', the numbers), so that like reasons count
+    together: 'image not found: /x/1.png' -> 'image not found'."""
+    return re.sub(r"\d+", "N", why.split(": ")[0])
+
+
+def skip_kinds(skipped: list[tuple[str, str]]) -> Counter:
+    """How many skipped records per kind of reason."""
+    return Counter(skip_kind(why) for _, why in skipped)
+
+
+def skip_report(skipped: list[tuple[str, str]]) -> str:
+    """A short human-readable summary of skipped records: count per reason, and some ids."""
+    if not skipped:
+        return "skipped records: none"
+    lines = [f"skipped records: {len(skipped)}"]
+    lines += [f"  {n:6d} x {why}" for why, n in skip_kinds(skipped).most_common()]
+    lines += [f"  e.g. {rid}: {why}" for rid, why in skipped[:5]]
+    return "\n".join(lines)
 
 
 def selection_seeds(image_keys, seed: int, epoch: int) -> list[int]:
@@ -45,14 +69,14 @@ def make_loader(cfg: TrainConfig, stage: str, records, model: VictorModel, token
     return loader, sampler
 
 
-def validate_data(cfg: TrainConfig, master: bool) -> tuple[D.RecordStore | D.ParquetRecordStore,
+def validate_data(cfg: TrainConfig, master: bool) -> tuple[RC.RecordStore | RC.ParquetRecordStore,
                                                            list[tuple[str, str]]]:
     """The validation pass, before any training: every structurally bad record (and every record
     whose image file is missing) is reported with its position and reason, and written to
     out_dir/bad_records.json; --strict fails on any. Every process reads and checks the file itself
     (sending rank 0's records would pickle the whole dataset once per process); rank 0 reports."""
     try:
-        records, bad = D.load_data(cfg.data, strict=cfg.strict, image_folder=cfg.image_folder)
+        records, bad = RC.load_data(cfg.data, strict=cfg.strict, image_folder=cfg.image_folder)
     except ValueError as e:  # not JSON at all, or --strict and bad records: the first five named, on one line
         first, *listed = str(e).splitlines()
         named = "; ".join(line.strip() for line in listed[:5]) + (" ..." if len(listed) > 5 else "")
@@ -179,7 +203,7 @@ class Batches:
 
 def skip_rate_summary(tried: int, tried_skipped: int, skipped: list, where: str) -> str:
     """'21 % of the samples tried were skipped (5 of 24, ...): the top reasons' (the report's words)."""
-    reasons = ", ".join(f"{n} x {kind}" for kind, n in D.skip_kinds(skipped).most_common(3))
+    reasons = ", ".join(f"{n} x {kind}" for kind, n in skip_kinds(skipped).most_common(3))
     return (f"{100 * tried_skipped / max(tried, 1):.0f} % of the samples tried were skipped ({tried_skipped} of "
             f"{tried}, {where}): {reasons}")
 
@@ -212,7 +236,7 @@ def stop_if_out_of_data(r: StageRun):
     if r.master:
         write_skipped(r, counts["skipped"])
     why = counts["out_of_data"][0].split(": ", 1)[1] if r.world == 1 else "; ".join(counts["out_of_data"])
-    reasons = ", ".join(f"{n} x {kind}" for kind, n in D.skip_kinds(counts["skipped"]).most_common(3))
+    reasons = ", ".join(f"{n} x {kind}" for kind, n in skip_kinds(counts["skipped"]).most_common(3))
     raise StageStopped(f"stage {r.stage}: stopped, {why}: {counts['tried']} samples tried, {counts['tried_skipped']} "
                        f"skipped ({len(counts['skipped'])} records: {reasons}); every skipped record is listed in "
                        f"{os.path.join(r.cfg.out_dir, 'skipped.json')}")
@@ -226,7 +250,7 @@ def report_unused_data(r: StageRun) -> tuple[list, list]:
     if not r.master:
         return skipped, truncated
     all_skipped = write_skipped(r, skipped)
-    print(D.skip_report(all_skipped))
+    print(skip_report(all_skipped))
     if counts["skip_repeats"]:
         print(f"  (each record counted once; {counts['skip_repeats']} more skips of records already listed, "
               f"after the data wrapped around)")

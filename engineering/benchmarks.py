@@ -19,7 +19,7 @@ import os
 import sys
 from collections import defaultdict
 
-import data as D
+from engineering import records as RC
 
 
 class InputError(ValueError):
@@ -33,6 +33,7 @@ class InputError(ValueError):
 # fields reported with each prediction (type or category, index, l2-category, question_id...).
 
 OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # benchmarks may have more options than the shapes set's A-D
+MC_SUFFIX = "Answer with the option's letter from the given choices directly."  # LLaVA-1.5's MMBench prompt
 YES_NO_SUFFIX = "Answer the question using a single word or phrase."
 
 
@@ -44,13 +45,13 @@ def _is_none(value) -> bool:
 
 def question_turns(text: str, has_image: bool) -> list[dict]:
     """The user's turn asking text, the image's placeholder before it when the turn carries the image."""
-    return [{"from": "human", "value": (f"{D.IMAGE_PLACEHOLDER}\n" if has_image else "") + text}]
+    return [{"from": "human", "value": (f"{RC.IMAGE_PLACEHOLDER}\n" if has_image else "") + text}]
 
 
 def read_rows(path: str) -> list:
     """data.read_jsonl; a line that is not JSON is the user's to fix."""
     try:
-        return D.read_jsonl(path)
+        return RC.read_jsonl(path)
     except ValueError as e:
         raise InputError(str(e)) from None
 
@@ -59,17 +60,17 @@ def read_test_set(test_file: str, image_folder: str) -> list[dict]:
     """LLaVA records (the shapes test set) whose last turn is the answer: a "type", and "options"
     for a multiple-choice question (the answer is an option's text) or none for yes/no."""
     try:
-        records, _ = D.load_records(test_file, strict=True, image_folder=image_folder)  # images too, before the model
+        records, _ = RC.load_records(test_file, strict=True, image_folder=image_folder)  # images too, before the model
     except ValueError as e:
         raise InputError(str(e)) from None
     items = []
     for i, r in enumerate(records):
         answer, options = r["conversations"][-1]["value"].strip(), r.get("options") or []
         if not options and answer.lower() not in ("yes", "no"):
-            raise InputError(f"{test_file}: record {D.record_id(r, i)}: no options, and the answer {answer!r} "
+            raise InputError(f"{test_file}: record {RC.record_id(r, i)}: no options, and the answer {answer!r} "
                              f"is not yes/no")
-        items.append({**r, "id": D.record_id(r, i), "conversations": r["conversations"][:-1],
-                      "image": [os.path.join(image_folder, p) for p in D.record_images(r)],
+        items.append({**r, "id": RC.record_id(r, i), "conversations": r["conversations"][:-1],
+                      "image": [os.path.join(image_folder, p) for p in RC.record_images(r)],
                       "kind": "multiple_choice" if options else "yes_no", "options": options, "answer": answer,
                       "type": r.get("type", "all")})
     if len({it["id"] for it in items}) < len(items):
@@ -122,7 +123,7 @@ def _bench_item(row: dict, n: int, where: str, folder: str, b64_by_index: dict) 
         if not _is_none(row.get("hint")):
             question = str(row["hint"]).strip() + "\n" + question
         question += "".join(f"\n{letter}. {opt}" for letter, opt in zip(OPTION_LETTERS, options))
-        question += "\n" + D.MC_SUFFIX
+        question += "\n" + MC_SUFFIX
     elif answer.lower() in ("yes", "no"):
         answer, question = answer.lower(), question + "\n" + YES_NO_SUFFIX
     else:

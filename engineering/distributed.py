@@ -22,7 +22,7 @@ import torch.distributed as dist
 from victor import VictorModel, VictorOutput, project_visual_tokens
 
 if TYPE_CHECKING:
-    from train import TrainConfig
+    from engineering.config import TrainConfig
 
 # -----------------------------------------------------------------------------
 # Processes: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK

@@ -8,17 +8,18 @@ CUDA run whose plan cannot fit its GPU before anything is loaded. A reader of th
 """
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 import torch
 
 from engineering import checkpoints as C
-from engineering.flags import UsageError
-from shapes_world.demo_base import demo_base_configs
+from engineering.config import DEMO_BASE_DIR, RANGES, stage_config, stages_to_run
+from engineering.flags import UsageError, check_ranges
 from victor import VictorConfig, VictorModel
 
 if TYPE_CHECKING:
-    from train import TrainConfig
+    from engineering.config import TrainConfig
 
 # The paper recipes' base models, by name: their architecture as in each model's published config.json
 # on the Hugging Face hub (for CLIP and SigLIP its vision_config), so that --plan works offline.
@@ -97,8 +98,9 @@ def planned_model_settings(cfg: TrainConfig, offline: bool) -> VictorConfig:
             continue
         if name:
             conf = base_model_config(name, name_key == "vision_model", offline)
-        elif cfg.recipe == "demo":  # run() builds the demo's tiny base models
-            conf = demo_base_configs()[name_key == "llm"].to_dict()
+        elif cfg.recipe == "demo":  # the committed base models (train.py loads them from there)
+            part = "vision" if name_key == "vision_model" else "llm"
+            conf = base_model_config(os.path.join(DEMO_BASE_DIR, part), name_key == "vision_model", offline)
         else:
             raise UsageError(f"--{name_key.replace('_', '-')} is not set (recipe {cfg.recipe!r})")
         setattr(vcfg, config_key, conf)
@@ -260,3 +262,18 @@ def check_memory_fits(cfg: TrainConfig, stage: str, world: int, device: torch.de
                           torch.cuda.get_device_properties(device).total_memory)
     if problem:
         raise UsageError(problem)
+
+
+def print_plans(args: dict, world: int):
+    """--plan: the memory plan of each stage this command line would run; nothing is built or loaded."""
+    if world < 1:
+        raise UsageError(f"--world-size must be at least 1, got {world}")
+    check_ranges(args, RANGES)
+    recipe, stage, init = args.get("recipe", "demo"), args.get("stage", "all"), args.get("init", "")
+    overrides = {k: v for k, v in args.items() if k not in ("recipe", "stage", "init", "out_dir")}
+    if init and not os.path.exists(init):  # planned before the previous stage has run: its models are the recipe's
+        print(f"note: --init {init} does not exist yet: planning from the {recipe} recipe's models "
+              f"(and --model-overrides / --variant), as the previous stage will build them")
+        init = ""
+    for s in stages_to_run(stage, overrides.get("variant", "")):
+        print(format_plan(memory_plan(stage_config(recipe, s, overrides, init), s, world)))

@@ -19,7 +19,9 @@ import torch
 from PIL import Image
 
 import data as D
+from engineering import records as RC
 from engineering.checkpoints import read_config_json
+from shapes_world import shapes as SH
 from victor import default_device, match_tokens_to_pool
 
 # -----------------------------------------------------------------------------
@@ -171,7 +173,7 @@ def visualize_pool(checkpoint_or_model, image_path: str, out_png: str | None = N
     template = D.resolve_template(template, tokenizer, stage="1.5" if stage == "1" else stage)
     image = D.load_image(image_path)
     pixel_values = D.preprocess_images([image], image_processor).to(device)
-    messages = [{"role": "user", "content": f"{D.IMAGE_PLACEHOLDER}\n{D.DETAIL_PROMPT}"}]
+    messages = [{"role": "user", "content": f"{D.IMAGE_PLACEHOLDER}\n{SH.DETAIL_PROMPT}"}]
     ids, _ = D.tokenize_conversation(messages, tokenizer, template, model.num_image_tokens,
                                      image_token_id=model.cfg.image_token_id)
     rows, errors, replaced, assignment = pool_rows_and_errors(model, torch.tensor([ids], device=device), pixel_values,
@@ -198,7 +200,7 @@ def read_curves(paths: list[str]) -> dict[str, list[dict]]:
     ValueError naming the file when one is not JSON or has no such rows."""
     series: dict[str, list[dict]] = {}
     for path in paths:
-        rows = [r for r in D.read_jsonl(path) if isinstance(r, dict) and "step" in r]  # not e.g. {"done": true}
+        rows = [r for r in RC.read_jsonl(path) if isinstance(r, dict) and "step" in r]  # not e.g. {"done": true}
         if not rows:
             raise ValueError(f"{path}: no rows with a 'step' key (expected a metrics.jsonl written by train.py)")
         for row in rows:

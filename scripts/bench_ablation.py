@@ -108,11 +108,11 @@ QUICK = dict(train_images=160, test_images=40, curve_questions=20, stage1_steps=
 def world(lengths: dict) -> dict:
     """What every run of a grid shares and a finished run must have been made with: the shapes data, the
     committed base models (their files' sha256) and the demo recipe's stage settings."""
-    import data as D
-    import train as T
+    from engineering import config as CF
     from shapes_world import demo_base as B
-    spec = D.ShapesSpec(num_train_images=lengths["train_images"], num_test_images=lengths["test_images"])
-    return {"shapes": spec.__dict__, "base_sha256": B.load_base_record()["sha256"], "recipe": T.RECIPES["demo"]}
+    from shapes_world import shapes as SH
+    spec = SH.ShapesSpec(num_train_images=lengths["train_images"], num_test_images=lengths["test_images"])
+    return {"shapes": spec.__dict__, "base_sha256": B.load_base_record()["sha256"], "recipe": CF.RECIPES["demo"]}
 
 
 def run_settings(arm: str | None, lengths: dict) -> dict:
@@ -158,8 +158,9 @@ def hidden_at_images(model, tokenizer, image_processor, images, batch: int = 100
     import torch
 
     import data as D
+    from shapes_world import shapes as SH
     template = D.resolve_template("auto", tokenizer, "1.5")
-    messages = [{"role": "user", "content": f"{D.IMAGE_PLACEHOLDER}\n{D.DETAIL_PROMPT}"}]
+    messages = [{"role": "user", "content": f"{D.IMAGE_PLACEHOLDER}\n{SH.DETAIL_PROMPT}"}]
     ids, _ = D.tokenize_conversation(messages, tokenizer, template, model.num_image_tokens,
                                      image_token_id=model.cfg.image_token_id)
     layers = {}
@@ -181,13 +182,13 @@ def hidden_at_images(model, tokenizer, image_processor, images, batch: int = 100
 def probe(checkpoint: str, lengths: dict) -> dict:
     """The probe of the model leaving stage 1.5 (for llava: leaving stage 1), per layer: each image
     position's hidden state -> the object of the grid cell its patch lies in."""
-    import data as D
+    from shapes_world import shapes as SH
     from shapes_world.demo_base import linear_probe, probe_images, token_cells
     from victor import load_checkpoint
     model, tokenizer, image_processor = load_checkpoint(checkpoint)
     fit_images, y_fit = probe_images(lengths["probe_fit"], 0)
     test_images, y_test = probe_images(lengths["probe_test"], 1)
-    cells = token_cells(model.num_image_tokens, D.ShapesSpec().grid)
+    cells = token_cells(model.num_image_tokens, SH.ShapesSpec().grid)
     y_fit, y_test = y_fit[:, cells], y_test[:, cells]  # [images, N]: each token's cell's label
     h_fit = hidden_at_images(model, tokenizer, image_processor, fit_images)
     h_test = hidden_at_images(model, tokenizer, image_processor, test_images)
@@ -538,9 +539,9 @@ def main(argv=None):
     lengths = QUICK if args.quick else FULL
     out = os.path.abspath(args.out_dir or ("out/ablation-quick" if args.quick else "out/ablation"))
     t0 = time.time()
-    import data as D
     from shapes_world import demo_base as B
-    D.shapes_files(os.path.join(out, "shapes"), D.ShapesSpec(num_train_images=lengths["train_images"],
+    from shapes_world import shapes as SH
+    SH.shapes_files(os.path.join(out, "shapes"), SH.ShapesSpec(num_train_images=lengths["train_images"],
                                                              num_test_images=lengths["test_images"]))
     B.load_base_record()  # one base for every run: the committed one, every file as recorded
     seeds = sorted({s for ss in plan.values() for s in ss})

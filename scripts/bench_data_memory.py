@@ -1,10 +1,10 @@
 """
-Benchmark: host memory of the record loader (data.load_records) and of DataLoader workers.
+Benchmark: host memory of the record loader (engineering/records.py: load_records) and of DataLoader workers.
 
-    python scripts/bench_data_memory.py --records 200000                  # JSON list, this data.py
+    python scripts/bench_data_memory.py --records 200000                  # JSON list, this records.py
     python scripts/bench_data_memory.py --records 200000 --format jsonl
     python scripts/bench_data_memory.py --records 200000 --format parquet  # shards, the image bytes in the rows
-    python scripts/bench_data_memory.py --module /tmp/data_orig.py        # another version of data.py
+    python scripts/bench_data_memory.py --module /tmp/records_orig.py     # another version of records.py
 
 It writes an LLaVA-ReCap-like stage-1.5 file (id, image, the detail prompt, a ~110-word caption)
 into a temporary folder. Every record points at the same tiny image, so the loader's image check
@@ -17,7 +17,7 @@ that the shards are not mostly text): load_data reads them and checks every imag
     the image folder (parquet: load_data), then reads its peak RSS (VmHWM). The figure is (peak - RSS
     before loading) / the data's size on disk: the loader's own memory, without the ~0.3 GiB that
     importing torch (and pyarrow) costs any process.
-(b) worker_growth_gib_per_1M: the records go into data.LlavaDataset and a DataLoader with 2 forked,
+(b) worker_growth_gib_per_1M: the records go into a Dataset and a DataLoader with 2 forked,
     persistent workers and a shuffled order. Its __getitem__ reads the record through the store and the
     fields LlavaDataset.__getitem__ reads (record_id, to_messages, record_images; for parquet the row's
     image bytes, which the store reads with their row group), but skips tokenising and image decoding:
@@ -50,11 +50,11 @@ DETAIL_PROMPT = "Please generate detailed descriptions of the given image."
 
 
 def load_module(path: str):
-    """The data module at path, importable as `data` (it imports victor from the repository)."""
+    """The records module at path, importable as `engineering.records`."""
     sys.path.insert(0, MAIN)
-    spec = importlib.util.spec_from_file_location("data", path)
+    spec = importlib.util.spec_from_file_location("engineering.records", path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules["data"] = module
+    sys.modules["engineering.records"] = module
     spec.loader.exec_module(module)
     return module
 
@@ -105,40 +105,46 @@ def private_kib(pid) -> int:
     return proc_kib(pid, "Private_Clean", "smaps_rollup") + proc_kib(pid, "Private_Dirty", "smaps_rollup")
 
 
-def load(D, data: str, image_folder: str):
-    """The records: load_records for JSON (any data.py), load_data for parquet shards (a directory)."""
+def load(RC, data: str, image_folder: str):
+    """The records: load_records for JSON (any records.py), load_data for parquet shards (a directory)."""
     if os.path.isdir(data):
-        return D.load_data(data)
-    return D.load_records(data, image_folder=image_folder)
+        return RC.load_data(data)
+    return RC.load_records(data, image_folder=image_folder)
 
 
 def measure_load(module_path: str, data: str, image_folder: str):
     """In a fresh process: RSS before and peak RSS after loading, in kB, as JSON on stdout."""
-    D = load_module(module_path)
+    RC = load_module(module_path)
     if os.path.isdir(data):
         import pyarrow.parquet  # noqa: F401  (its import, like torch's, is any process's, not the loader's)
     before = proc_kib("self", "VmRSS")
     t = time.perf_counter()
-    records, bad = load(D, data, image_folder)
+    records, bad = load(RC, data, image_folder)
     seconds = time.perf_counter() - t
     assert len(records) > 0 and not bad, bad[:3]
     print(json.dumps({"before": before, "peak": proc_kib("self", "VmHWM"), "records": len(records),
                       "seconds": seconds}))
 
 
-def measure_workers(D, data: str, image_folder: str, batch_size: int = 256):
+def measure_workers(RC, data: str, image_folder: str, batch_size: int = 256):
     """Private memory of each of 2 DataLoader workers after its first batch and after the epoch, in kB."""
     import torch
 
-    class RecordAccess(D.LlavaDataset):
-        def __getitem__(self, i):  # LlavaDataset.__getitem__'s reads of the record, nothing else
-            rec = self.records[i]
-            messages = D.to_messages(rec["conversations"])
-            images = len(D.record_images(rec)) + sum(len(b) for b in rec.get("image_bytes", []))
-            return D.record_id(rec, i), sum(len(m["content"]) for m in messages), images
+    class RecordAccess(torch.utils.data.Dataset):
+        def __init__(self, records):
+            self.records = records
 
-    records, _ = load(D, data, image_folder)
-    dataset = RecordAccess(records, image_folder, None, None, "", 1)
+        def __len__(self):
+            return len(self.records)
+
+        def __getitem__(self, i):  # data.LlavaDataset.__getitem__'s reads of the record, nothing else
+            rec = self.records[i]
+            text = sum(len(turn["value"]) for turn in rec["conversations"])
+            images = len(RC.record_images(rec)) + sum(len(b) for b in rec.get("image_bytes", []))
+            return RC.record_id(rec, i), text, images
+
+    records, _ = load(RC, data, image_folder)
+    dataset = RecordAccess(records)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=2,
                                          persistent_workers=True, collate_fn=list,
                                          multiprocessing_context="fork")
@@ -158,7 +164,8 @@ def main():
     ap.add_argument("--records", type=int, default=200_000)
     ap.add_argument("--format", choices=("json", "jsonl", "parquet"), default="json")
     ap.add_argument("--image-kib", type=int, default=0, help="parquet: random KiB after each row's tiny PNG")
-    ap.add_argument("--module", default=os.path.join(MAIN, "data.py"), help="the data.py to measure")
+    ap.add_argument("--module", default=os.path.join(MAIN, "engineering", "records.py"),
+                    help="the records.py to measure")
     ap.add_argument("--measure-load", nargs=2, metavar=("DATA", "IMAGE_FOLDER"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.measure_load:

@@ -23,8 +23,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data as D  # noqa: E402
 from shapes_world import demo_base as B  # noqa: E402
+from shapes_world import shapes as SH  # noqa: E402
 
 
 def text_pilot(args: dict):
@@ -32,26 +32,26 @@ def text_pilot(args: dict):
     steps, lr, warm = args.get("steps", 1000), args.get("lr", 3e-3), args.get("warmup", 50)
     bs, nq, caption_weight = args.get("batch", 32), args.get("questions", 5), args.get("caption_weight", 0.0)
     evals = set(args.get("evals", [250, 500, 1000])) | {steps}
-    tok = D.build_shapes_tokenizer()
+    tok = SH.build_shapes_tokenizer()
     torch.manual_seed(0)
     llm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), **{**B.DEMO_LLM, **args.get("llm", {})},
                                        tie_word_embeddings=False, bos_token_id=None, eos_token_id=tok.eos_token_id,
                                        pad_token_id=tok.pad_token_id))
-    rng, spec = random.Random(1), D.ShapesSpec()
+    rng, spec = random.Random(1), SH.ShapesSpec()
 
     def scene():
         while True:
-            objects = D.random_objects(rng, spec)
+            objects = SH.random_objects(rng, spec)
             if len(objects) in args.get("n_objects", [1, 2, 3]):
                 return objects
 
     def conversation():
-        objects, kinds = scene(), args.get("kinds", D.QUESTION_KINDS)
+        objects, kinds = scene(), args.get("kinds", SH.QUESTION_KINDS)
         kinds = [rng.choice(kinds) for _ in range(nq)] if args.get("repeat_kinds") else rng.sample(kinds, nq)
         messages = []
         for t, kind in enumerate(kinds):
-            q, a, _ = D.make_question(rng, objects, kind, multiple_choice=rng.random() < 0.5)
-            messages += [{"role": "user", "content": f"{D.detailed_caption(objects)}\n{q}" if t == 0 else q},
+            q, a, _ = SH.make_question(rng, objects, kind, multiple_choice=rng.random() < 0.5)
+            messages += [{"role": "user", "content": f"{SH.detailed_caption(objects)}\n{q}" if t == 0 else q},
                          {"role": "assistant", "content": a}]
         return messages
 

@@ -35,8 +35,10 @@ if __name__ == "__main__":  # run as a script: the repository's modules by their
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data as D  # noqa: E402
+from engineering import records as RC  # noqa: E402
 from engineering.distributed import barrier, setup_distributed  # noqa: E402
 from engineering.flags import UsageError  # noqa: E402
+from shapes_world import shapes as SH  # noqa: E402
 
 # the committed base, and the command that makes it again
 BASE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "base")
@@ -66,8 +68,8 @@ PROBE_SEED = 12345  # the probe's images: fresh ones, none of them in any traini
 def demo_base_configs():
     """The demo's tiny CLIP tower and Llama, as transformers configs (for build_demo_base and --plan)."""
     from transformers import CLIPVisionConfig, LlamaConfig
-    tok = D.build_shapes_tokenizer()
-    return (CLIPVisionConfig(**DEMO_VISION, image_size=D.ShapesSpec().image_size),
+    tok = SH.build_shapes_tokenizer()
+    return (CLIPVisionConfig(**DEMO_VISION, image_size=SH.ShapesSpec().image_size),
             LlamaConfig(vocab_size=len(tok), **DEMO_LLM, tie_word_embeddings=False, bos_token_id=None,
                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
 
@@ -97,7 +99,7 @@ def pretrain_on_text(llm, tokenizer, steps: int, batch_size: int, lr: float, war
     and the rest (the scene's caption, the questions) `caption_weight`: the caption is a random draw whose
     own entropy swamps an unweighted loss (docs/world.md), yet the LLM must learn to speak it (stage 1's
     captions are read against it). AdamW, warm-up then cosine. Returns the last 20 steps' mean answer loss."""
-    rng, spec = random.Random(data_seed), D.ShapesSpec()
+    rng, spec = random.Random(data_seed), SH.ShapesSpec()
     opt = torch.optim.AdamW(llm.parameters(), lr=lr, betas=(0.9, adam_beta2), weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup_steps) * 0.5 * (
         1 + math.cos(math.pi * min(1.0, max(0, s - warmup_steps) / max(1, steps - warmup_steps)))))
@@ -105,7 +107,7 @@ def pretrain_on_text(llm, tokenizer, steps: int, batch_size: int, lr: float, war
     llm.train()
     losses = []
     for _ in range(steps):
-        texts = [render(tokenizer, D.text_conversation(rng, spec, questions)[0]) for _ in range(batch_size)]
+        texts = [render(tokenizer, SH.text_conversation(rng, spec, questions)[0]) for _ in range(batch_size)]
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         answers = (answer_labels(enc.input_ids, tokenizer) != -100).float()[:, 1:]
         weight = answers + caption_weight * (1 - answers) * enc.attention_mask[:, 1:]
@@ -126,10 +128,10 @@ def pretrain_on_text(llm, tokenizer, steps: int, batch_size: int, lr: float, war
 
 def cell_objects(objects) -> list[int]:
     """The 9 cells of an image as classes: 0 empty, else 1 + colour * 3 + shape."""
-    cells = [0] * len(D.CELLS)
+    cells = [0] * len(SH.CELLS)
     for o in objects:
-        cells[D.CELLS.index(o["cell"])] = 1 + sorted(D.COLOURS).index(o["colour"]) * len(D.SHAPES) + \
-            D.SHAPES.index(o["shape"])
+        cells[SH.CELLS.index(o["cell"])] = 1 + sorted(SH.COLOURS).index(o["colour"]) * len(SH.SHAPES) + \
+            SH.SHAPES.index(o["shape"])
     return cells
 
 
@@ -150,15 +152,15 @@ def pixels(images, processor) -> torch.Tensor:
 def pretrain_tower(vision, processor, steps: int, batch_size: int, lr: float, data_seed: int) -> float:
     """Each patch token's grid cell's object (13 classes) from the token at the second-to-last layer (CLS
     dropped, as victor reads them), on fresh shapes images. Returns the last 20 steps' loss."""
-    spec = D.ShapesSpec()
+    spec = SH.ShapesSpec()
     rng = random.Random(data_seed)
     token_cell = torch.tensor(token_cells((spec.image_size // vision.config.patch_size) ** 2, spec.grid))
-    head = torch.nn.Linear(vision.config.hidden_size, 1 + len(D.COLOURS) * len(D.SHAPES))
+    head = torch.nn.Linear(vision.config.hidden_size, 1 + len(SH.COLOURS) * len(SH.SHAPES))
     opt = torch.optim.AdamW([*vision.parameters(), *head.parameters()], lr=lr, weight_decay=0.0)
     vision.train()
     losses = []
     for _ in range(steps):
-        drawn = [D.draw_shapes_image(rng, spec) for _ in range(batch_size)]
+        drawn = [SH.draw_shapes_image(rng, spec) for _ in range(batch_size)]
         labels = torch.tensor([cell_objects(objects) for _, objects in drawn])[:, token_cell]
         h = vision(pixel_values=pixels([im for im, _ in drawn], processor),
                    output_hidden_states=True).hidden_states[-2][:, 1:]
@@ -173,10 +175,10 @@ def pretrain_tower(vision, processor, steps: int, batch_size: int, lr: float, da
 
 def probe_images(n: int, offset: int):
     """n fresh shapes images (PIL) and their 9 cell labels (cell_objects)."""
-    rng, spec = random.Random(PROBE_SEED + offset), D.ShapesSpec()
+    rng, spec = random.Random(PROBE_SEED + offset), SH.ShapesSpec()
     images, labels = [], []
     for _ in range(n):
-        im, objects = D.draw_shapes_image(rng, spec)
+        im, objects = SH.draw_shapes_image(rng, spec)
         images.append(im)
         labels.append(cell_objects(objects))
     return images, np.array(labels)
@@ -202,7 +204,7 @@ def linear_probe(x_fit, y_fit, x_test, y_test, classes: int, steps: int = 150) -
     with torch.no_grad():
         pred = lin(xt).argmax(1).numpy()
     occ = y_test > 0
-    shapes = len(D.SHAPES)
+    shapes = len(SH.SHAPES)
     return {"object": float((pred[occ] == y_test[occ]).mean()),
             "colour": float(((pred[occ] - 1) // shapes == (y_test[occ] - 1) // shapes).mean() if occ.any() else 0),
             "shape": float(((pred[occ] - 1) % shapes == (y_test[occ] - 1) % shapes).mean() if occ.any() else 0),
@@ -215,9 +217,9 @@ def tower_probe(vision, processor, fit: int, test: int) -> dict:
     def features(n, offset):
         images, labels = probe_images(n, offset)
         h = vision(pixel_values=pixels(images, processor), output_hidden_states=True).hidden_states[-2][:, 1:]
-        cells = token_cells(h.shape[1], D.ShapesSpec().grid)
+        cells = token_cells(h.shape[1], SH.ShapesSpec().grid)
         return h.flatten(0, 1).numpy(), labels[:, cells].reshape(-1)
-    probe = linear_probe(*features(fit, 0), *features(test, 1), 1 + len(D.COLOURS) * len(D.SHAPES))
+    probe = linear_probe(*features(fit, 0), *features(test, 1), 1 + len(SH.COLOURS) * len(SH.SHAPES))
     return {k: round(v, 4) for k, v in probe.items()}
 
 
@@ -226,10 +228,10 @@ def text_qa_accuracy(llm, tokenizer, n: int, seed: int, batch: int = 100) -> dic
     """Text-only questions about a described scene (caption + one question, fresh scenes), greedy answers:
     accuracy overall and per kind, beside chance (1 / options for multiple choice; open questions
     have no chance level and are scored exactly)."""
-    rng, spec = random.Random(seed), D.ShapesSpec()
+    rng, spec = random.Random(seed), SH.ShapesSpec()
     items = []
     for _ in range(n):
-        messages, kinds = D.text_conversation(rng, spec, questions=1)
+        messages, kinds = SH.text_conversation(rng, spec, questions=1)
         items.append((messages, kinds[0]))
     tokenizer.padding_side = "left"
     right: dict[str, list[bool]] = {}
@@ -272,7 +274,7 @@ def build_demo_base(out_dir: str, seed: int = 0, text: dict | None = None, visio
     t0 = time.time()
     vision_config, llm_config = demo_base_configs()
     torch.manual_seed(seed)
-    size = D.ShapesSpec().image_size
+    size = SH.ShapesSpec().image_size
     tower = CLIPVisionModel(vision_config)
     with torch.no_grad():
         tower.embeddings.position_embedding.weight.mul_(DEMO_POSITION_SCALE)
@@ -284,7 +286,7 @@ def build_demo_base(out_dir: str, seed: int = 0, text: dict | None = None, visio
           f"probe {measured['tower_probe']}", flush=True)
     tower.save_pretrained(vision_dir)
     processor.save_pretrained(vision_dir)
-    tok = D.build_shapes_tokenizer()
+    tok = SH.build_shapes_tokenizer()
     llm = LlamaForCausalLM(llm_config)
     print(f"demo base: pretraining the LLM on the shapes world's text ({text_recipe['steps']} steps)", flush=True)
     t1 = time.time()
@@ -340,7 +342,7 @@ def demo_inputs(overrides: dict, out_root: str, num_images: int) -> dict:
     """The demo recipe's shapes data (generated on first use) and the committed base models, unless given;
     their paths go into overrides. Returns the data file of each stage ({} when the data was given)."""
     given = {k for k, v in overrides.items() if v}
-    need_data = not ({"data", "image_folder"} <= given or ("data" in given and D.is_parquet(overrides["data"])))
+    need_data = not ({"data", "image_folder"} <= given or ("data" in given and RC.is_parquet(overrides["data"])))
     need_base = not ("init" in given or {"vision_model", "llm"} <= given)
     if need_base:
         vision_dir, llm_dir = demo_base()
@@ -349,11 +351,11 @@ def demo_inputs(overrides: dict, out_root: str, num_images: int) -> dict:
     if not need_data:
         return {}
     rank, _, _ = setup_distributed()
-    spec = D.ShapesSpec(num_train_images=num_images)
+    spec = SH.ShapesSpec(num_train_images=num_images)
     if rank == 0:
-        D.shapes_files(os.path.join(out_root, "shapes"), spec)
+        SH.shapes_files(os.path.join(out_root, "shapes"), spec)
     barrier()
-    files = D.shapes_files(os.path.join(out_root, "shapes"), spec)
+    files = SH.shapes_files(os.path.join(out_root, "shapes"), spec)
     overrides.setdefault("image_folder", os.path.join(out_root, "shapes"))
     return {"1": files["stage1"], "1.5": files["stage1.5"], "2": files["stage2"]}
 

@@ -10,7 +10,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 torch.set_num_threads(2)
 
-import data as D  # noqa: E402
+from shapes_world import shapes as SH  # noqa: E402
 from victor import VictorConfig, VictorModel, save_checkpoint  # noqa: E402
 
 MAIN = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,7 +23,7 @@ def tiny_config(vision="clip", **overrides) -> VictorConfig:
     vcls = CLIPVisionConfig if vision == "clip" else SiglipVisionConfig
     vconf = vcls(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                  image_size=32, patch_size=8)
-    tok = D.build_shapes_tokenizer()
+    tok = SH.build_shapes_tokenizer()
     lconf = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
                         tie_word_embeddings=False, bos_token_id=None, eos_token_id=tok.eos_token_id,
@@ -65,7 +65,7 @@ def model():
 
 @pytest.fixture(scope="session")
 def shapes_tokenizer():
-    return D.build_shapes_tokenizer()
+    return SH.build_shapes_tokenizer()
 
 
 @pytest.fixture(scope="session")
@@ -78,7 +78,7 @@ def tiny_image_processor():
 def shapes_dir(tmp_path_factory):
     """A small shapes dataset (32 px images to match the tiny model); one stage-2 record per image."""
     root = str(tmp_path_factory.mktemp("shapes"))
-    D.make_shapes_dataset(root, D.ShapesSpec(image_size=32, num_train_images=64, num_test_images=20,
+    SH.make_shapes_dataset(root, SH.ShapesSpec(image_size=32, num_train_images=64, num_test_images=20,
                                              questions_per_image=1))
     return root
 

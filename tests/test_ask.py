@@ -16,6 +16,7 @@ import data as D
 import eval as E
 import train as T
 from conftest import tiny_model
+from engineering import records as RC
 from victor import save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -55,7 +56,7 @@ def test_ask_gives_the_shapes_evaluations_answer(which, request, base, tmp_path,
     capsys.readouterr()
     with open(out) as f:
         predictions = {p["id"]: p["output"] for p in json.load(f)["predictions"]}
-    records = {r["id"]: r for r in D.read_jsonl(os.path.join(base.shapes, "test.jsonl"))}
+    records = {r["id"]: r for r in RC.read_jsonl(os.path.join(base.shapes, "test.jsonl"))}
     if which == "untrained":
         assert len(set(predictions.values())) >= 10, "answers alike: equal answers would prove little"
     for rid, output in list(predictions.items())[:5]:  # one question of each type (a model load each)

@@ -10,6 +10,9 @@ import torch
 from PIL import Image
 
 import data as D
+from engineering import batches as BA
+from engineering import records as RC
+from shapes_world import shapes as SH
 from victor import IGNORE_INDEX, IMAGE_TOKEN_ID
 
 IMG, IGN = IMAGE_TOKEN_ID, IGNORE_INDEX
@@ -219,7 +222,7 @@ SHAPES_CONV = [
     {"role": "system", "content": "There are 2 objects ."},
     {"role": "user", "content": "<image>\nWhat colour is the object at the top left ?"},
     {"role": "assistant", "content": "red"},
-    {"role": "user", "content": "Where is the blue circle ?\nA . top\nB . center\n" + D.MC_SUFFIX},
+    {"role": "user", "content": "Where is the blue circle ?\nA . top\nB . center\n" + SH.MC_SUFFIX},
     {"role": "assistant", "content": "B"},
     {"role": "user", "content": "Please generate detailed descriptions of the given image."},
     {"role": "assistant", "content": "There are 2 objects . A small red square at the top left ."},
@@ -237,7 +240,7 @@ def test_labels_shapes_chatml(shapes_tokenizer):
 
 
 def test_labels_vicuna_v1_with_bos_tokenizer():
-    tok = D.build_shapes_tokenizer()  # a fresh one: the session fixture must not change
+    tok = SH.build_shapes_tokenizer()  # a fresh one: the session fixture must not change
     tok.add_special_tokens({"bos_token": "<s>", "eos_token": "</s>"})
     bos, eos = tok.bos_token_id, tok.eos_token_id
     from tokenizers import processors  # and, like Llama's tokenizer, one that adds bos when asked to
@@ -374,12 +377,12 @@ def test_truncation_keeps_prefix_and_labels(qwen):
 def test_truncation_errors(qwen):
     full_ids, full_labels = D.tokenize_conversation(QWEN_CONV, qwen, qwen.chat_template, 4)
     last_img = max(i for i, t in enumerate(full_ids) if t == IMG)
-    with pytest.raises(D.SampleError, match=f"tokens with images do not fit max_length={last_img}"):
+    with pytest.raises(RC.SampleError, match=f"tokens with images do not fit max_length={last_img}"):
         D.tokenize_conversation(QWEN_CONV, qwen, qwen.chat_template, 4, max_length=last_img)
-    with pytest.raises(D.SampleError, match="no answer tokens"):  # the images fit, the answers do not
+    with pytest.raises(RC.SampleError, match="no answer tokens"):  # the images fit, the answers do not
         D.tokenize_conversation(QWEN_CONV, qwen, qwen.chat_template, 4, max_length=last_img + 1)
     first_label = next(i for i, lab in enumerate(full_labels) if lab != IGN)
-    with pytest.raises(D.SampleError, match="no answer tokens"):  # nothing left to learn from
+    with pytest.raises(RC.SampleError, match="no answer tokens"):  # nothing left to learn from
         D.tokenize_conversation(QWEN_CONV, qwen, qwen.chat_template, 4, max_length=first_label)
 
 
@@ -400,10 +403,10 @@ def test_load_records_json_and_jsonl_agree(tmp_path):
     p_json, p_jsonl = tmp_path / "r.json", tmp_path / "r.jsonl"
     p_json.write_text(json.dumps(GOOD, indent=2))
     p_jsonl.write_text("\n".join(json.dumps(r) for r in GOOD) + "\n\n")
-    a, bad_a = D.load_records(str(p_json))
-    b, bad_b = D.load_records(str(p_jsonl))
+    a, bad_a = RC.load_records(str(p_json))
+    b, bad_b = RC.load_records(str(p_jsonl))
     assert a == b == GOOD and bad_a == bad_b == []
-    assert [D.record_images(r) for r in a] == [["x.png"], [], ["1.png", "2.png"]]
+    assert [RC.record_images(r) for r in a] == [["x.png"], [], ["1.png", "2.png"]]
 
 
 def _conv(*turns):
@@ -432,7 +435,7 @@ def test_load_records_reports_bad_records_jsonl(tmp_path):
     lines = [json.dumps(GOOD[0]), "{not json", *(json.dumps(r) for r, _, _ in BAD), json.dumps(GOOD[1])]
     path = tmp_path / "r.jsonl"
     path.write_text("\n".join(lines) + "\n")
-    records, bad = D.load_records(str(path))
+    records, bad = RC.load_records(str(path))
     assert records == [GOOD[0], GOOD[1]]
     assert len(bad) == len(BAD) + 1
     assert bad[0][0] == "line 2" and "invalid JSON" in bad[0][1]
@@ -445,25 +448,25 @@ def test_load_records_reports_bad_records_jsonl(tmp_path):
 def test_load_records_reports_bad_records_json_list(tmp_path):
     path = tmp_path / "r.json"
     path.write_text(json.dumps([GOOD[0]] + [r for r, _, _ in BAD]))
-    records, bad = D.load_records(str(path))
+    records, bad = RC.load_records(str(path))
     assert records == [GOOD[0]]
     assert [where for where, _ in bad] == [f"{w} ([{i}])" if w is not None else f"[{i}]"
                                            for i, (_, w, _) in enumerate(BAD, 1)]
     assert all(want in why for (_, why), (_, _, want) in zip(bad, BAD))
     with pytest.raises(ValueError, match=r"10 bad records \(strict\):\n  no-conv \(\[1\]\): missing or empty "
                                          r"'conversations'\n  role \(\[2\]\): turn 1 has unknown role 'bot'"):
-        D.load_records(str(path), strict=True)  # strict lists every bad record, then fails
+        RC.load_records(str(path), strict=True)  # strict lists every bad record, then fails
     path.write_text(json.dumps(GOOD) + "\n" + "]")
     with pytest.raises(ValueError, match="invalid JSON"):
-        D.load_records(str(path))
+        RC.load_records(str(path))
 
 
 def test_load_records_strict_names_the_jsonl_line(tmp_path):
     path = tmp_path / "r.jsonl"
     path.write_text(json.dumps(GOOD[0]) + "\n{oops\n")
     with pytest.raises(ValueError, match="line 2: invalid JSON"):
-        D.load_records(str(path), strict=True)
-    assert D.load_records(str(path))[0] == [GOOD[0]]
+        RC.load_records(str(path), strict=True)
+    assert RC.load_records(str(path))[0] == [GOOD[0]]
 
 
 def test_load_records_with_image_folder_reports_missing_images(tmp_path):
@@ -471,16 +474,16 @@ def test_load_records_with_image_folder_reports_missing_images(tmp_path):
     (tmp_path / "1.png").write_bytes(b"")
     path = tmp_path / "r.json"
     path.write_text(json.dumps(GOOD))  # a: x.png (exists), b: text-only, 7: 1.png (exists) + 2.png (missing)
-    records, bad = D.load_records(str(path), image_folder=str(tmp_path))
+    records, bad = RC.load_records(str(path), image_folder=str(tmp_path))
     assert records == GOOD[:2]
     assert bad == [("7 ([2])", f"image not found: {tmp_path / '2.png'}")]
-    assert D.load_records(str(path)) == (GOOD, [])  # without an image folder, images are not looked at
+    assert RC.load_records(str(path)) == (GOOD, [])  # without an image folder, images are not looked at
 
 
 def test_resolve_template(qwen, shapes_tokenizer):
     assert D.resolve_template("auto", qwen, stage="1") == D.PLAIN_TEMPLATE
     assert D.resolve_template("auto", qwen, stage="1.5") == QWEN25_CHAT_TEMPLATE
-    no_template = D.build_shapes_tokenizer()
+    no_template = SH.build_shapes_tokenizer()
     no_template.chat_template = None
     assert D.resolve_template("auto", no_template) == D.VICUNA_V1_TEMPLATE
     with pytest.raises(ValueError, match="no chat_template"):
@@ -607,11 +610,11 @@ def test_collator_pads_and_concatenates(image_folder, shapes_tokenizer, tiny_ima
 
 
 def test_skip_report_counts():
-    assert D.skip_report([]) == "skipped records: none"
+    assert BA.skip_report([]) == "skipped records: none"
     skipped = [("a", "image not found: /x/1.png"), ("b", "image not found: /x/2.png"),
                ("c", "image unreadable: /x/3.png: cannot identify image file"),
                ("d", "3000 tokens with images do not fit max_length=2048")]
-    lines = D.skip_report(skipped).splitlines()
+    lines = BA.skip_report(skipped).splitlines()
     assert lines[0] == "skipped records: 4"
     assert re.fullmatch(r"\s*2 x image not found", lines[1])  # the kind alone, no stray mark
     assert any(ln.strip() == "1 x N tokens with images do not fit max_length=N" for ln in lines)
@@ -629,7 +632,7 @@ SMALL = dict(image_size=32, num_train_images=30, num_test_images=100)
 def shapes_runs(tmp_path_factory):
     """The same small spec generated twice with seed 0, and once with seed 1."""
     roots = [str(tmp_path_factory.mktemp(name)) for name in ("s0a", "s0b", "s1")]
-    files = [D.make_shapes_dataset(r, D.ShapesSpec(seed=seed, **SMALL)) for r, seed in zip(roots, (0, 0, 1))]
+    files = [SH.make_shapes_dataset(r, SH.ShapesSpec(seed=seed, **SMALL)) for r, seed in zip(roots, (0, 0, 1))]
     return roots, files
 
 
@@ -657,15 +660,15 @@ def test_shapes_same_seed_same_image_bytes(shapes_runs):
 def test_shapes_records_are_valid(shapes_runs, shapes_dir):
     (a, _, _), files = shapes_runs
     n_train, n_test = SMALL["num_train_images"], SMALL["num_test_images"]
-    per_image = D.ShapesSpec().questions_per_image
+    per_image = SH.ShapesSpec().questions_per_image
     for key, count in (("stage1", n_train), ("stage1.5", n_train), ("stage2", n_train * per_image),
                        ("test", n_test)):
-        records, bad = D.load_records(files[0][key], strict=True)
+        records, bad = RC.load_records(files[0][key], strict=True)
         assert bad == [] and len(records) == count
-        assert all(D.check_record(r) is None for r in records)
-        assert all(os.path.isfile(os.path.join(a, p)) for r in records for p in D.record_images(r))
+        assert all(RC.check_record(r) is None for r in records)
+        assert all(os.path.isfile(os.path.join(a, p)) for r in records for p in RC.record_images(r))
     # stage 2: one question per record, right after its image; an image's questions are of distinct kinds
-    stage2, _ = D.load_records(files[0]["stage2"])
+    stage2, _ = RC.load_records(files[0]["stage2"])
     assert all(len(r["conversations"]) == 2 and r["conversations"][0]["value"].startswith(D.IMAGE_PLACEHOLDER + "\n")
                for r in stage2)
     by_image = {}
@@ -677,7 +680,7 @@ def test_shapes_records_are_valid(shapes_runs, shapes_dir):
 
 def test_shapes_questions_per_image_is_checked(tmp_path):
     with pytest.raises(ValueError, match="questions_per_image must be 1..5"):
-        D.make_shapes_dataset(str(tmp_path), D.ShapesSpec(questions_per_image=6, num_train_images=1, num_test_images=1))
+        SH.make_shapes_dataset(str(tmp_path), SH.ShapesSpec(questions_per_image=6, num_train_images=1, num_test_images=1))
 
 
 def _objects_from_caption(caption):
@@ -712,10 +715,10 @@ def _true_answer(question, objects):
 
 def test_shapes_answers_agree_with_captions(shapes_runs):
     _, files = shapes_runs
-    s1, s15, s2 = (D.load_records(files[0][k])[0] for k in ("stage1", "stage1.5", "stage2"))
+    s1, s15, s2 = (RC.load_records(files[0][k])[0] for k in ("stage1", "stage1.5", "stage2"))
     objects = {r["image"]: _objects_from_caption(r["conversations"][1]["value"]) for r in s15}
     for r in s1:
-        assert r["conversations"][1]["value"] == D.short_caption(objects[r["image"]])
+        assert r["conversations"][1]["value"] == SH.short_caption(objects[r["image"]])
     n_mc = 0
     for r in s2:
         conv = r["conversations"]
@@ -733,11 +736,11 @@ def test_shapes_answers_agree_with_captions(shapes_runs):
 
 def test_shapes_test_set_kinds_and_options(shapes_runs):
     _, files = shapes_runs
-    test, _ = D.load_records(files[0]["test"])
+    test, _ = RC.load_records(files[0]["test"])
     kinds = [r["type"] for r in test]
-    assert set(kinds) == set(D.QUESTION_KINDS) and all(kinds.count(k) == 20 for k in D.QUESTION_KINDS)
-    pools = {"colour": (set(D.COLOURS), 4), "shape": (set(D.SHAPES), 3), "position": (set(D.CELLS), 4),
-             "count": (set(D.NUMBERS), 3)}
+    assert set(kinds) == set(SH.QUESTION_KINDS) and all(kinds.count(k) == 20 for k in SH.QUESTION_KINDS)
+    pools = {"colour": (set(SH.COLOURS), 4), "shape": (set(SH.SHAPES), 3), "position": (set(SH.CELLS), 4),
+             "count": (set(SH.NUMBERS), 3)}
     answers = []
     for r in test:
         q, a = r["conversations"][0]["value"], r["conversations"][1]["value"]
@@ -762,7 +765,7 @@ def test_shapes_tokenizer_has_no_unk_on_the_dataset(shapes_runs, shapes_dir, sha
                                        ("stage1.json", "stage1_5.json", "stage2.json", "test.jsonl")]
     n = 0
     for path in paths:
-        for r in D.load_records(path)[0]:
+        for r in RC.load_records(path)[0]:
             msgs = D.to_messages(r["conversations"])
             for tpl in (D.CHATML_TEMPLATE, D.PLAIN_TEMPLATE):
                 ids, labels = D.tokenize_conversation(msgs, tok, tpl, 2)
@@ -771,5 +774,5 @@ def test_shapes_tokenizer_has_no_unk_on_the_dataset(shapes_runs, shapes_dir, sha
             ids, _ = D.tokenize_conversation(msgs[:1], tok, D.CHATML_TEMPLATE, 2)  # the eval prompt
             assert unk not in ids
             n += 1
-    per_image = D.ShapesSpec().questions_per_image  # stage 2 of the first dataset; the second has 1
+    per_image = SH.ShapesSpec().questions_per_image  # stage 2 of the first dataset; the second has 1
     assert n == (2 + per_image) * 30 + 100 + 3 * 64 + 20  # stage1/1.5/2 + test, both datasets

@@ -14,6 +14,8 @@ import torch
 import data as D
 import train as T
 from engineering import batches as BA
+from engineering import records as RC
+from shapes_world import shapes as SH
 
 RECORDS = [  # non-ASCII text, escapes, U+2028 (a line break to str.splitlines, not to JSONL), several images
     {"id": "é-1", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nQu'est-ce que c'est ?"},
@@ -39,12 +41,12 @@ def write(path, records, fmt):
 
 @pytest.mark.parametrize("fmt", ["json", "json-indent", "jsonl", "jsonl-crlf"])
 def test_store_reads_records_exactly(tmp_path, fmt):
-    records, bad = D.load_records(write(tmp_path / "r", RECORDS, fmt))
-    assert isinstance(records, D.RecordStore) and bad == [] and len(records) == len(RECORDS)
+    records, bad = RC.load_records(write(tmp_path / "r", RECORDS, fmt))
+    assert isinstance(records, RC.RecordStore) and bad == [] and len(records) == len(RECORDS)
     assert [records[i] for i in range(len(records))] == list(records) == RECORDS
     assert records == RECORDS and records != RECORDS[:2] and records[-1] == RECORDS[-1]
-    assert isinstance(records[1:], D.RecordStore) and records[1:] == RECORDS[1:] and records[:0] == []
-    assert [D.record_images(r) for r in records] == [["a.png"], [], ["1.png", "2.png"]]
+    assert isinstance(records[1:], RC.RecordStore) and records[1:] == RECORDS[1:] and records[:0] == []
+    assert [RC.record_images(r) for r in records] == [["a.png"], [], ["1.png", "2.png"]]
     with pytest.raises(IndexError):
         records[len(RECORDS)]
     records[0]["id"] = "changed"  # each read is a fresh record, as parsed from the file
@@ -57,7 +59,7 @@ def test_json_list_elements_cut_by_any_window(tmp_path):
     elements = RECORDS + [123456789, -0.25e-3, "long ‖ string " * 5, [], {}, None, [[1, [2]], {"a": "]"}]]
     buf = json.dumps(elements, ensure_ascii=False, indent=2).encode()
     for window in range(1, 60):
-        items = list(D._json_list_items(buf, "f.json", window=window))
+        items = list(RC._json_list_items(buf, "f.json", window=window))
         assert [v for *_, v in items] == elements, window
         assert [where for where, *_ in items] == [f"[{i}]" for i in range(len(elements))]
         assert [json.loads(buf[start:end]) for _, start, end, _ in items] == elements  # the spans the store keeps
@@ -67,8 +69,8 @@ def test_json_list_elements_cut_by_any_window(tmp_path):
         line = broken.count(b"\n", 0, at) + 1
         for window in (3, 1 << 20):
             with pytest.raises(ValueError, match=rf"f\.json: invalid JSON: .*: line {line} column \d+ \(byte {at}\)"):
-                list(D._json_list_items(broken, "f.json", window=window))
-    assert list(D._json_list_items(b" [ ] ", "f")) == []
+                list(RC._json_list_items(broken, "f.json", window=window))
+    assert list(RC._json_list_items(b" [ ] ", "f")) == []
 
 
 @pytest.mark.parametrize("fmt", ["json", "jsonl"])
@@ -87,7 +89,7 @@ def test_bad_records_listed_in_file_order_across_batches(tmp_path, fmt):
         lines[2000] = b'{"id": "\xff"}'
         with open(path, "wb") as f:
             f.write(b"\n".join(lines))
-    store, bad = D.load_records(path, image_folder=str(tmp_path))
+    store, bad = RC.load_records(path, image_folder=str(tmp_path))
     pos = (lambda i: f"line {i + 1}") if fmt == "jsonl" else (lambda i: f"[{i}]")
     want = [(f"00003 ({pos(3)})", "no 'gpt' turn"),
             (f"01023 ({pos(1023)})", f"image not found: {tmp_path / 'missing.png'}"),
@@ -101,7 +103,7 @@ def test_bad_records_listed_in_file_order_across_batches(tmp_path, fmt):
 
 
 def test_store_works_in_a_dataloader_with_2_workers(shapes_dir, shapes_tokenizer, tiny_image_processor):
-    records, _ = D.load_records(os.path.join(shapes_dir, "stage2.json"), strict=True, image_folder=shapes_dir)
+    records, _ = RC.load_records(os.path.join(shapes_dir, "stage2.json"), strict=True, image_folder=shapes_dir)
     dataset = D.LlavaDataset(records, shapes_dir, shapes_tokenizer, tiny_image_processor, D.CHATML_TEMPLATE, 4)
     loader = torch.utils.data.DataLoader(dataset, batch_size=8, num_workers=2, shuffle=True,
                                          collate_fn=D.Collator(shapes_tokenizer.pad_token_id))
@@ -119,7 +121,7 @@ def recap_like(n, seed=0):
     rng = random.Random(seed)
     words = "a the small large red blue cat dog on in near table street light window shows with".split()
     return [{"id": f"{i:07d}", "image": "tiny.png", "conversations": [
-        {"from": "human", "value": f"<image>\n{D.DETAIL_PROMPT}"},
+        {"from": "human", "value": f"<image>\n{SH.DETAIL_PROMPT}"},
         {"from": "gpt", "value": " ".join(rng.choices(words, k=rng.randint(90, 130)))}]} for i in range(n)]
 
 
@@ -128,7 +130,7 @@ def test_store_pickles_to_about_the_file_size(tmp_path):
     (a list of these dicts pickles smaller than Python holds them, but the store is about the text)."""
     path = write(tmp_path / "r.jsonl", recap_like(2000), "jsonl")
     size = os.path.getsize(path)
-    store, _ = D.load_records(path)
+    store, _ = RC.load_records(path)
     pickled = pickle.dumps(store)
     assert size <= len(pickled) < 1.03 * size  # the bytes, plus 16 bytes a record of ~800
     assert pickle.loads(pickled) == store
@@ -145,7 +147,7 @@ def _read_all(records, conn):
     before = _private_kib()
     for i in range(len(records)):
         rec = records[i]
-        D.record_id(rec, i), D.to_messages(rec["conversations"]), D.record_images(rec)
+        RC.record_id(rec, i), D.to_messages(rec["conversations"]), RC.record_images(rec)
     conn.send(_private_kib() - before)
 
 
@@ -163,7 +165,7 @@ def test_a_forked_reader_of_every_record_copies_no_memory(tmp_path):
     """The goal: a worker's private memory grows < 0.1 GiB per million records it reads. A list of the
     same records, read the same way, copies them into the worker (the measure can tell)."""
     n = 20_000
-    store, _ = D.load_records(write(tmp_path / "r.jsonl", recap_like(n), "jsonl"))
+    store, _ = RC.load_records(write(tmp_path / "r.jsonl", recap_like(n), "jsonl"))
     limit_kib = 0.1 * 2**20 * n / 1e6  # 2 MiB for 20k records
     as_list = list(store)
     assert growth_in_a_forked_reader(as_list) > 2 * limit_kib
@@ -196,8 +198,8 @@ def test_every_process_reads_the_data_itself(tmp_path, monkeypatch, capsys):
     data = tmp_path / "d.jsonl"
     data.write_text("\n".join(lines) + "\n")
     calls = []
-    real_load = D.load_records
-    monkeypatch.setattr(T.D, "load_records", lambda *a, **k: calls.append(a) or real_load(*a, **k))
+    real_load = RC.load_records
+    monkeypatch.setattr(RC, "load_records", lambda *a, **k: calls.append(a) or real_load(*a, **k))
     fake = FakeDist()
     monkeypatch.setattr(BA, "dist", fake)
     for name in ("a.png", "1.png", "2.png"):

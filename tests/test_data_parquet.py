@@ -28,7 +28,9 @@ import data as D
 import forked
 import train as T
 from conftest import cli_flags, crash_while_saving_then_resume, read_metrics
+from engineering import batches as BA
 from engineering import flags as FL
+from engineering import records as RC
 from shapes_world import demo_base as DB
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -103,30 +105,30 @@ def shards(shapes_dir, tmp_path_factory):
 
 def test_file_directory_and_glob_name_the_shards(shards, tmp_path):
     folder, paths, _ = shards
-    assert D.parquet_files(folder) == paths == D.parquet_files(os.path.join(folder, "part-*.parquet"))
-    assert D.parquet_files(paths[1]) == [paths[1]]
-    assert all(D.is_parquet(p) for p in (folder, paths[0], os.path.join(folder, "*.parquet")))
+    assert RC.parquet_files(folder) == paths == RC.parquet_files(os.path.join(folder, "part-*.parquet"))
+    assert RC.parquet_files(paths[1]) == [paths[1]]
+    assert all(RC.is_parquet(p) for p in (folder, paths[0], os.path.join(folder, "*.parquet")))
     (tmp_path / "data[1].txt").write_text("[]")  # an existing file with glob characters in its name is that file
-    assert not any(D.is_parquet(str(tmp_path / name)) for name in ("data.json", "data[1].txt", "data[2].jsonl"))
+    assert not any(RC.is_parquet(str(tmp_path / name)) for name in ("data.json", "data[1].txt", "data[2].jsonl"))
     for missing in (str(tmp_path), str(tmp_path / "*.parquet"), str(tmp_path / "none.parquet")):
         with pytest.raises(FileNotFoundError, match="no parquet shards there"):
-            D.load_data(missing)
+            RC.load_data(missing)
 
 
 def test_validation_lists_bad_rows_by_shard_and_row(shards):
     folder, paths, expected_bad = shards
-    records, bad = D.load_data(folder)
-    assert isinstance(records, D.ParquetRecordStore) and bad == expected_bad
+    records, bad = RC.load_data(folder)
+    assert isinstance(records, RC.ParquetRecordStore) and bad == expected_bad
     assert len(records) == 64 and [r["id"] for r in records] == [f"shapes-{i:06d}" for i in range(64)]
     assert records[0]["source"] == f"{paths[0]} row 0" and records[3]["source"] == f"{paths[0]} row 4"
     with pytest.raises(ValueError, match=r"5 bad records \(strict\):\n  corrupt \(.*part-00000.parquet row 3\): "
                                          r"image unreadable"):
-        D.load_data(folder, strict=True)
+        RC.load_data(folder, strict=True)
 
 
 def test_good_rows_load_jpeg_and_png(shards, shapes_dir, shapes_tokenizer, tiny_image_processor):
     folder, _, _ = shards
-    records, _ = D.load_data(folder)
+    records, _ = RC.load_data(folder)
     formats = [Image.open(io.BytesIO(records[i]["image_bytes"][0])).format for i in range(4)]
     assert formats == ["JPEG", "PNG", "JPEG", "PNG"]
     dataset = D.LlavaDataset(records, "", shapes_tokenizer, tiny_image_processor, D.CHATML_TEMPLATE, 4)
@@ -152,13 +154,13 @@ def test_image_cell_forms(tmp_path, shapes_dir):
     text_only = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]
     plain = tmp_path / "plain.parquet"
     pq.write_table(pa.table({"image": [png, None], "conversations": [CONV, text_only]}), plain)
-    records, bad = D.load_data(str(plain))
+    records, bad = RC.load_data(str(plain))
     assert bad == [] and [r["image_bytes"] for r in records] == [[png], []]
     assert records[0]["id"] == f"{plain} row 0"  # no id column: the row's place is its name
     several = tmp_path / "several.parquet"
     pq.write_table(pa.table({"id": ["a", "b"], "images": [[png, jpeg], [png]],
                              "conversations": [json.dumps(two), json.dumps(two)]}), several)
-    records, bad = D.load_data(str(several))
+    records, bad = RC.load_data(str(several))
     assert [r["image_bytes"] for r in records] == [[png, jpeg]] and records[0]["conversations"] == two
     assert bad == [(f"b ({several} row 1)", "2 <image> placeholders for 1 images")]
     images = D.LlavaDataset(records, "", None, None, "", 1).load_images(records[0])
@@ -166,17 +168,17 @@ def test_image_cell_forms(tmp_path, shapes_dir):
     paths = tmp_path / "paths.parquet"
     pq.write_table(pa.table({"image": ["a.png"], "conversations": [CONV]}), paths)
     with pytest.raises(ValueError, match=rf"{re.escape(str(paths))}: column 'image' is string, not image bytes"):
-        D.load_data(str(paths))
+        RC.load_data(str(paths))
     no_conversations = tmp_path / "other.parquet"
     pq.write_table(pa.table({"id": ["a"], "text": ["hi"]}), no_conversations)
     with pytest.raises(ValueError, match=rf"{re.escape(str(no_conversations))}: no 'conversations' column "
                                          r"\(its columns: id, text\)"):
-        D.load_data(str(no_conversations))
+        RC.load_data(str(no_conversations))
     (tmp_path / "json").mkdir()
     not_parquet = tmp_path / "json" / "x.parquet"
     not_parquet.write_text("[]")
     with pytest.raises(ValueError, match=rf"{re.escape(str(not_parquet))}: not a readable parquet file"):
-        D.load_data(str(tmp_path / "j*" / "*.parquet"))
+        RC.load_data(str(tmp_path / "j*" / "*.parquet"))
 
 
 def test_an_image_corrupt_past_its_header_is_skipped_at_load_time(tmp_path, shapes_tokenizer, tiny_image_processor):
@@ -186,12 +188,12 @@ def test_an_image_corrupt_past_its_header_is_skipped_at_load_time(tmp_path, shap
     path = tmp_path / "t.parquet"
     pq.write_table(pa.Table.from_pylist([{"id": "cut", "image": {"bytes": whole[:len(whole) // 2], "path": None},
                                           "conversations": CONV}], schema=IMAGE_ROW), path)
-    records, bad = D.load_data(str(path))
+    records, bad = RC.load_data(str(path))
     assert bad == [] and len(records) == 1
     dataset = D.LlavaDataset(records, "", shapes_tokenizer, tiny_image_processor, D.CHATML_TEMPLATE, 4)
     rid, why = dataset[0]["skipped"]
     assert rid == "cut" and why.startswith(f"image unreadable: {path} row 0 image 0: image file is truncated")
-    assert D.skip_kind(why) == "image unreadable"
+    assert BA.skip_kind(why) == "image unreadable"
 
 
 def noise_rows(n: int, side: int = 220) -> list[dict]:
@@ -217,7 +219,7 @@ def test_store_reads_a_row_group_at_a_time_and_pickles_without_rows(noise_shards
     real_read = pq.ParquetFile.read_row_group
     monkeypatch.setattr(pq.ParquetFile, "read_row_group",
                         lambda self, g, **kw: reads.append(kw.get("columns")) or real_read(self, g, **kw))
-    records, _ = D.load_data(folder)
+    records, _ = RC.load_data(folder)
     assert len(reads) == 24 and len(records) == 240  # the validation pass: each row group once
     reads.clear()
     assert [len(records[i]["image_bytes"][0]) for i in range(240)]  # in order: each row group once
@@ -229,7 +231,7 @@ def test_store_reads_a_row_group_at_a_time_and_pickles_without_rows(noise_shards
     assert len(pickled) < 2000 + 12 * len(records)  # the arrays and shard names: no rows, no open files
     copy = pickle.loads(pickled)
     assert copy[5] == records[5] and copy[-3:] == records[-3:]
-    assert isinstance(records[10:20], D.ParquetRecordStore) and records[10:20] == [records[i] for i in range(10, 20)]
+    assert isinstance(records[10:20], RC.ParquetRecordStore) and records[10:20] == [records[i] for i in range(10, 20)]
 
 
 def _private_kib():
@@ -250,7 +252,7 @@ def _read_every_image(records, conn):
 def test_a_forked_reader_of_every_image_holds_one_row_group(noise_shards):
     """A worker that reads all ~35 MB of images (24 row groups of ~1.5 MB) twice grows by far less than they are."""
     folder, image_bytes = noise_shards
-    records, _ = D.load_data(folder)
+    records, _ = RC.load_data(folder)
     ctx = multiprocessing.get_context("fork")  # as DataLoader workers start on Linux
     parent, child = ctx.Pipe()
     p = ctx.Process(target=_read_every_image, args=(records, child))

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import data as D
 import eval as E
 from conftest import tiny_model
 from engineering import pictures as P
+from shapes_world import shapes as SH
 from victor import save_checkpoint
 
 
@@ -37,7 +37,7 @@ def test_draw_pool_picture_size_and_tints():
 def test_visualize_pool_on_tiny_checkpoint(tmp_path, tiny_image_processor):
     model = tiny_model()
     ckpt = str(tmp_path / "ckpt")
-    save_checkpoint(model, ckpt, tokenizer=D.build_shapes_tokenizer(), image_processor=tiny_image_processor,
+    save_checkpoint(model, ckpt, tokenizer=SH.build_shapes_tokenizer(), image_processor=tiny_image_processor,
                     extra={"train_config": {"template": "chatml"}})
     img = tmp_path / "img.png"
     Image.new("RGB", (40, 32), (200, 30, 30)).save(img)
@@ -48,7 +48,7 @@ def test_visualize_pool_on_tiny_checkpoint(tmp_path, tiny_image_processor):
         assert pic.format == "PNG"
         assert pic.size == P.pool_picture_layout(model.grid)["size"]
     # the nearest-row variant and the model form of the call
-    pic = P.visualize_pool(model, str(img), None, tokenizer=D.build_shapes_tokenizer(),
+    pic = P.visualize_pool(model, str(img), None, tokenizer=SH.build_shapes_tokenizer(),
                            image_processor=tiny_image_processor, template="chatml", assignment="nearest")
     assert pic.size == P.pool_picture_layout(model.grid)["size"]
 

@@ -14,6 +14,7 @@ import victor
 import victor as V
 from conftest import save_base_models, tiny_config, tiny_model
 from engineering import checkpoints as CK
+from engineering import config as CF
 from victor import (
     IGNORE_INDEX,
     IMAGE_TOKEN_ID,
@@ -451,14 +452,14 @@ def test_config_with_overrides_leaves_the_input_config_alone():
 def test_croc_preset_on_the_demo_keeps_the_demo_lr():
     cfg = T.stage_config("demo", "1.5", {"variant": "croc"})
     assert cfg.model_overrides["matcher"] == "nearest" and cfg.model_overrides["stage15_attention"] == "mixed"
-    assert cfg.model_overrides["pool_size"] == T.RECIPES["demo"]["model"]["model_overrides"]["pool_size"]
-    assert cfg.lr == T.RECIPES["demo"]["stages"]["1.5"]["lr"] != T.CROC_LR
+    assert cfg.model_overrides["pool_size"] == CF.RECIPES["demo"]["model"]["model_overrides"]["pool_size"]
+    assert cfg.lr == CF.RECIPES["demo"]["stages"]["1.5"]["lr"] != CF.CROC_LR
     assert cfg.variant == "croc"
 
 
 def test_croc_preset_on_a_paper_recipe_uses_crocs_lr():
-    assert T.stage_config("llava15-vicuna7b", "2", {"variant": "croc"}).lr == T.CROC_LR
-    assert T.stage_config("llava15-vicuna7b", "1.5", {"variant": "croc"}).lr == T.CROC_LR
+    assert T.stage_config("llava15-vicuna7b", "2", {"variant": "croc"}).lr == CF.CROC_LR
+    assert T.stage_config("llava15-vicuna7b", "1.5", {"variant": "croc"}).lr == CF.CROC_LR
     assert T.stage_config("llava15-vicuna7b", "1", {"variant": "croc"}).lr == 1e-3  # stage 1 keeps its own
     assert T.stage_config("llava15-vicuna7b", "2", {"variant": "victor"}).lr == 1e-5
     assert T.stage_config("llava15-vicuna7b", "2", {"variant": "croc", "lr": 3e-5}).lr == 3e-5  # a flag wins

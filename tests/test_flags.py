@@ -10,6 +10,7 @@ import eval as E
 import train as T
 import victor as V
 from conftest import MAIN, subprocess_env
+from engineering import config as CF
 from engineering import flags as FL
 
 
@@ -35,7 +36,7 @@ def test_every_numeric_field_declares_a_range_and_a_help():
         if f.type in ("int", "float"):
             assert f.metadata["range"] is not None, f"{f.name}: no declared range"
             assert f.default in f.metadata["range"], f.name  # the default itself is valid
-    for recipe in T.RECIPES.values():  # and so are the recipes' values
+    for recipe in CF.RECIPES.values():  # and so are the recipes' values
         for values in recipe["stages"].values():
             assert FL.out_of_range(values, T.RANGES) == ""
 
@@ -96,7 +97,7 @@ def test_an_eval_flag_just_outside_its_range_is_one_line(dest, flag, value, monk
 def test_epochs_replaces_the_recipes_step_count(capsys):
     cfg = T.stage_config("demo", "2", {"epochs": 0.05})
     assert cfg.epochs == 0.05 and cfg.max_steps == 0  # the recipe's 1500 steps no longer win
-    assert T.stage_config("demo", "2", {}).max_steps == T.RECIPES["demo"]["stages"]["2"]["max_steps"]
+    assert T.stage_config("demo", "2", {}).max_steps == CF.RECIPES["demo"]["stages"]["2"]["max_steps"]
     assert T.stage_config("demo", "2", {"epochs": 2.0, "max_steps": 7}).max_steps == 7  # the flag still wins
     cfg = T.stage_config("demo", "1", {"warmup_ratio": 0.1})
     assert cfg.warmup_ratio == 0.1 and cfg.warmup_steps == 0

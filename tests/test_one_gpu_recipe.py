@@ -15,6 +15,7 @@ from transformers import SiglipImageProcessor
 
 import train as T
 from conftest import read_metrics
+from engineering import config as CF
 from engineering import memory_plan as MP
 from victor import VictorConfig, VictorModel, load_checkpoint, save_checkpoint
 
@@ -26,7 +27,7 @@ QWEN25_05B = 494_032_768  # published parameter count of Qwen2.5-0.5B (embedding
 
 
 def test_the_recipe_names_the_recorded_models():
-    assert T.RECIPES[RECIPE]["model"]["vision_model"] == VISION and T.RECIPES[RECIPE]["model"]["llm"] == LLM
+    assert CF.RECIPES[RECIPE]["model"]["vision_model"] == VISION and CF.RECIPES[RECIPE]["model"]["llm"] == LLM
     for stage in ("1", "1.5", "2"):
         cfg = T.stage_config(RECIPE, stage, {})
         assert not cfg.fsdp and cfg.global_batch_size % cfg.batch_size == 0  # one GPU: accumulation only
@@ -58,7 +59,7 @@ def reduced_architecture(tokenizer) -> VictorConfig:
     vision = {**MP.PAPER_MODELS[VISION], "num_hidden_layers": 2}
     llm = {**MP.PAPER_MODELS[LLM], "num_hidden_layers": 2, "vocab_size": len(tokenizer),
            "bos_token_id": None, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
-    return VictorConfig(vision_config=vision, llm_config=llm, **T.RECIPES[RECIPE]["model"]["model_overrides"])
+    return VictorConfig(vision_config=vision, llm_config=llm, **CF.RECIPES[RECIPE]["model"]["model_overrides"])
 
 
 def test_one_stage15_step_of_the_recipe_on_its_architecture(base, shapes_tokenizer, tmp_path):
@@ -83,7 +84,7 @@ def test_one_stage15_step_of_the_recipe_on_its_architecture(base, shapes_tokeniz
                num_workers=0, save_every=0, resume="", log_every=1, out_dir=out))
     rows, _ = read_metrics(out)
     assert [r["step"] for r in rows] == [1] and math.isfinite(rows[0]["loss"]) and rows[0]["recon_loss"] > 0
-    assert rows[0]["lr"] == pytest.approx(T.RECIPES[RECIPE]["stages"]["1.5"]["lr"])
+    assert rows[0]["lr"] == pytest.approx(CF.RECIPES[RECIPE]["stages"]["1.5"]["lr"])
     trained, _, _ = load_checkpoint(out)
     before = model.state_dict()
     for part in ("llm.", "vision_tower.", "token_pool", "recon_head.", "projector."):  # all that stage 1.5 trains

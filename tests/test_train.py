@@ -23,9 +23,11 @@ import eval as E
 import forked
 import train as T
 from conftest import MAIN, cli_flags, crash_while_saving_then_resume, read_metrics, subprocess_env
+from engineering import config as CF
 from engineering import distributed as DI
 from engineering import flags as FL
 from shapes_world import demo_base as DB
+from shapes_world import shapes as SH
 from victor import VictorModel, load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -224,7 +226,7 @@ def test_ddp_two_processes_match_one(base, stage2_reference, tmp_path):
 def all_stages(base, tmp_path_factory):
     root = str(tmp_path_factory.mktemp("all"))
     with pytest.MonkeyPatch.context() as mp:  # the demo's shapes data, but at the tiny models' 32 px
-        mp.setattr(D, "ShapesSpec", functools.partial(D.ShapesSpec, image_size=32, num_test_images=20))
+        mp.setattr(D, "ShapesSpec", functools.partial(SH.ShapesSpec, image_size=32, num_test_images=20))
         outs = T.run(dict(recipe="demo", stage="all", out_dir=root, demo_images=24, vision_model=base.vision,
                           llm=base.llm, model_overrides={"pool_size": 32}, max_steps=2, warmup_steps=1,
                           batch_size=4, global_batch_size=4, num_workers=0, log_every=1, max_length=256,
@@ -314,14 +316,14 @@ def test_eval_end_to_end(all_stages, tmp_path):
         options = by_id[p["id"]]["options"]
         if options is None:
             return p["prediction"].lower() == p["answer"].lower()
-        letters = list(D.LETTERS[:len(options)])
+        letters = list(SH.LETTERS[:len(options)])
         return p["prediction"] in letters and options[letters.index(p["prediction"])] == p["answer"]
     assert res["accuracy"] == pytest.approx(sum(map(right, res["predictions"])) / 20)
     # chance: 1/len(options) for multiple choice, 0.5 for yes/no; per type and overall
     chance = {}
     for r in records:
         chance.setdefault(r["type"], []).append(1 / len(r["options"]) if r["options"] else 0.5)
-    assert set(res["per_type"]) == set(chance) == set(D.QUESTION_KINDS)
+    assert set(res["per_type"]) == set(chance) == set(SH.QUESTION_KINDS)
     for kind, t in res["per_type"].items():
         assert set(t) == {"accuracy", "chance", "n"}
         assert t["n"] == len(chance[kind])
@@ -434,7 +436,7 @@ def test_parse_args_maps_flags_to_fields():
     cfg = T.stage_config("demo", stage, args)
     assert (cfg.lr, cfg.max_steps, cfg.bf16, cfg.gradient_checkpointing) == (0.5, 7, False, True)
     assert cfg.model_overrides == {"pool_size": 64} and cfg.stage == "1.5" and cfg.recipe == "demo"
-    for key, value in T.RECIPES["demo"]["stages"]["1.5"].items():
+    for key, value in CF.RECIPES["demo"]["stages"]["1.5"].items():
         if key not in args:
             assert getattr(cfg, key) == value, key
     with pytest.raises(SystemExit):

@@ -7,6 +7,7 @@ import pytest
 
 import eval as E
 import train as T
+from engineering import reruns as RR
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -181,7 +182,9 @@ def test_an_interrupted_stage_with_a_saved_state_resumes(monkeypatch, tmp_path):
     seen = []
     monkeypatch.setattr(T, "train_stage", lambda cfg, stage: seen.append((stage, cfg.resume)) or cfg.out_dir)
     (tmp_path / "checkpoints" / "step-5").mkdir(parents=True)
-    monkeypatch.setattr(T, "latest_training_state", lambda d: os.path.join(d, "step-5") if os.path.isdir(d) else "")
+    saved_state = lambda d: os.path.join(d, "step-5") if os.path.isdir(d) else ""  # noqa: E731
+    monkeypatch.setattr(T, "latest_training_state", saved_state)
+    monkeypatch.setattr(RR, "latest_training_state", saved_state)
     T.run({"stage": "2", "out_dir": str(tmp_path), "data": str(tmp_path / "d.json"), "image_folder": str(tmp_path),
            "vision_model": "v", "llm": "l"})
     assert seen == [("2", "auto")]

@@ -11,6 +11,7 @@ import torch
 import data as D
 from conftest import MAIN
 from shapes_world import demo_base as B
+from shapes_world import shapes as SH
 
 sys.path.insert(0, os.path.join(MAIN, "scripts"))
 import bench_ablation as A  # noqa: E402
@@ -19,11 +20,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_text_conversation_tells_a_scene_then_asks_about_it():
-    messages, kinds = D.text_conversation(random.Random(0), D.ShapesSpec(), questions=4)
+    messages, kinds = SH.text_conversation(random.Random(0), SH.ShapesSpec(), questions=4)
     assert [m["role"] for m in messages] == ["user", "assistant"] * 4 and len(set(kinds)) == 4
     assert messages[0]["content"].startswith("There ") and "\n" in messages[0]["content"]
     assert all("There " not in m["content"] for m in messages[2::2])  # the scene is told once
-    again, _ = D.text_conversation(random.Random(0), D.ShapesSpec(), questions=4)
+    again, _ = SH.text_conversation(random.Random(0), SH.ShapesSpec(), questions=4)
     assert again == messages  # deterministic from the generator
 
 
@@ -31,7 +32,7 @@ def test_pretrained_llm_answers_text_only_questions_far_above_chance():
     """A short text pretraining (a thirtieth of the base's; lr 3e-3 to make its 50 steps count) already answers
     questions about a described scene: counting is learned first; the random LLM answers nothing."""
     from transformers import LlamaForCausalLM
-    tok = D.build_shapes_tokenizer()
+    tok = SH.build_shapes_tokenizer()
     torch.manual_seed(0)
     llm = LlamaForCausalLM(B.demo_base_configs()[1])
     before = B.text_qa_accuracy(llm, tok, n=100, seed=5)
@@ -58,12 +59,12 @@ def test_several_visual_tokens_per_object_and_neighbours_carry_a_replaced_token(
     vision = CLIPVisionModel(B.demo_base_configs()[0]).eval()
     with torch.no_grad():
         vision.embeddings.position_embedding.weight.mul_(B.DEMO_POSITION_SCALE)
-    size = D.ShapesSpec().image_size
+    size = SH.ShapesSpec().image_size
     processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     h_fit, y_fit = probe_features(vision, processor, 300, 0)
     h_test, y_test = probe_features(vision, processor, 150, 1)
     n = h_fit.shape[1]
-    cells = B.token_cells(n, D.ShapesSpec().grid)
+    cells = B.token_cells(n, SH.ShapesSpec().grid)
     assert n == 36 and np.bincount(cells).tolist() == [4] * 9
     side = 6
     right = np.arange(n) + np.where(np.arange(n) % 2 == 0, 1, -1)  # the other token of its cell in its row
@@ -131,11 +132,11 @@ def test_the_committed_base_is_the_recorded_one_and_answers_as_recorded():
     assert record["bytes"] <= 10 * 2 ** 20
     vision_dir, llm_dir = B.demo_base()
     llm = LlamaForCausalLM.from_pretrained(llm_dir).eval()
-    tok = D.build_shapes_tokenizer()
+    tok = SH.build_shapes_tokenizer()
     checks, recorded = record["recipe"]["checks"], record["measured"]["text_qa"]["per_kind"]
     same = B.text_qa_accuracy(llm, tok, n=checks["text_questions"], seed=checks["text_seed"])
     fresh = B.text_qa_accuracy(llm, tok, n=300, seed=checks["text_seed"] + 100)
-    assert set(same["per_kind"]) == set(fresh["per_kind"]) == set(recorded) == set(D.QUESTION_KINDS)
+    assert set(same["per_kind"]) == set(fresh["per_kind"]) == set(recorded) == set(SH.QUESTION_KINDS)
     for kind, value in recorded.items():
         assert same["per_kind"][kind] >= value - 0.03, (kind, same["per_kind"][kind], value)
         n_recorded, n_fresh = checks["text_questions"] / len(recorded), 300 / len(recorded)

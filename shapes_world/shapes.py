@@ -1,0 +1,231 @@
+"""
+The synthetic "shapes" world (README, "The world") and its offline tokenizer: what the demo, the tests
+and the ablation train on. Images of 1-3 coloured shapes on a 3 x 3 grid over clutter; for each, a short
+caption (stage 1), a detailed caption (stage 1.5) and questions of five types (stage 2 and the test set).
+
+Make the shapes data by hand (train.py does it on first use):
+    python shapes_world/shapes.py --out data/shapes
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+if __name__ == "__main__":  # run as a script: the repository's modules by their names
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from data import CHATML_TEMPLATE, IMAGE_PLACEHOLDER  # noqa: E402
+from engineering.benchmarks import MC_SUFFIX  # noqa: E402  (LLaVA's multiple-choice prompt, which the world's questions use)
+
+COLOURS = {"red": (215, 40, 40), "green": (40, 165, 60), "blue": (45, 85, 225), "yellow": (235, 205, 35)}
+SHAPES = ("circle", "square", "triangle")
+SIZES = ("small", "large")
+CELLS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
+NUMBERS = ("1", "2", "3")
+DETAIL_PROMPT = "Please generate detailed descriptions of the given image."
+LETTERS = "ABCD"
+
+
+@dataclass
+class ShapesSpec:
+    image_size: int = 96
+    grid: int = 3
+    max_objects: int = 3
+    num_train_images: int = 8000
+    num_test_images: int = 1000
+    questions_per_image: int = 4  # stage 2: one record per question, of distinct kinds
+    seed: int = 0
+
+
+def draw_shapes_image(rng: random.Random, spec: ShapesSpec):
+    """One image: 1..max_objects shapes of distinct colours in distinct grid cells over clutter."""
+    s, g = spec.image_size, spec.grid
+    cell = s // g
+    # cluttered background: noisy grey, a few faint lines and dots in muted colours
+    noise = np.random.default_rng(rng.getrandbits(63)).normal(128, 14, (s, s, 1))
+    im = Image.fromarray(np.repeat(noise.clip(0, 255).astype(np.uint8), 3, axis=2))
+    d = ImageDraw.Draw(im)
+    for _ in range(rng.randint(2, 5)):
+        grey = tuple(rng.randint(90, 170) for _ in range(3))
+        d.line([(rng.randrange(s), rng.randrange(s)), (rng.randrange(s), rng.randrange(s))], fill=grey, width=1)
+    objects = random_objects(rng, spec)
+    for o in objects:
+        c = CELLS.index(o["cell"])
+        half = (cell * (0.42 if o["size"] == "large" else 0.27))
+        cx = (c % g) * cell + cell / 2 + rng.uniform(-1.5, 1.5)
+        cy = (c // g) * cell + cell / 2 + rng.uniform(-1.5, 1.5)
+        box = [cx - half, cy - half, cx + half, cy + half]
+        fill = COLOURS[o["colour"]]
+        if o["shape"] == "circle":
+            d.ellipse(box, fill=fill)
+        elif o["shape"] == "square":
+            d.rectangle(box, fill=fill)
+        else:
+            d.polygon([(cx, cy - half), (cx - half, cy + half), (cx + half, cy + half)], fill=fill)
+    return im, objects
+
+
+def random_objects(rng: random.Random, spec: ShapesSpec) -> list[dict]:
+    """1..max_objects objects of distinct colours in distinct cells, in reading order (what an image shows)."""
+    n = rng.randint(1, spec.max_objects)
+    cells = rng.sample(range(spec.grid ** 2), n)
+    colours = rng.sample(sorted(COLOURS), n)
+    objects = [{"colour": colour, "shape": rng.choice(SHAPES), "size": rng.choice(SIZES), "cell": CELLS[c]}
+               for c, colour in zip(cells, colours)]
+    return sorted(objects, key=lambda o: CELLS.index(o["cell"]))
+
+
+def short_caption(objects) -> str:
+    return " , ".join(f"{o['colour']} {o['shape']}" for o in objects) + " ."
+
+
+def detailed_caption(objects) -> str:
+    n = len(objects)
+    head = f"There {'is' if n == 1 else 'are'} {n} object{'s' if n > 1 else ''} ."
+    return " ".join([head] + [f"A {o['size']} {o['colour']} {o['shape']} at the {o['cell']} ." for o in objects])
+
+
+def make_question(rng: random.Random, objects, kind: str, multiple_choice: bool):
+    """One question about the image: (question text, answer text, options or None).
+
+    Multiple-choice questions list 3-4 options (all of them for shape and count) after the question.
+    """
+    o = rng.choice(objects)
+    if kind == "colour":
+        q, a, pool = f"What colour is the object at the {o['cell']} ?", o["colour"], sorted(COLOURS)
+    elif kind == "shape":
+        q, a, pool = f"What shape is the {o['colour']} object ?", o["shape"], list(SHAPES)
+    elif kind == "position":
+        q, a, pool = f"Where is the {o['colour']} {o['shape']} ?", o["cell"], list(CELLS)
+    elif kind == "count":
+        q, a, pool = "How many objects are there ?", str(len(objects)), list(NUMBERS)
+    elif kind == "exists":  # POPE-style: half present, half absent (absent ones share colour or shape)
+        present = {(x["colour"], x["shape"]) for x in objects}
+        if rng.random() < 0.5:
+            colour, shape = o["colour"], o["shape"]
+        else:
+            absent = [(c, sh) for c in COLOURS for sh in SHAPES if (c, sh) not in present]
+            colour, shape = rng.choice(absent)
+        q = f"Is there a {colour} {shape} in the image ? Answer yes or no ."
+        return q, ("yes" if (colour, shape) in present else "no"), None
+    else:
+        raise ValueError(kind)
+    if not multiple_choice:
+        return q, a, None
+    options = [a] + rng.sample([p for p in pool if p != a], min(len(pool), 4) - 1)
+    rng.shuffle(options)
+    # the options are listed, and the answer is the option's text: chance is 1 / len(options)
+    return q + "\nOptions : " + " , ".join(options) + " .", a, options
+
+
+QUESTION_KINDS = ("colour", "shape", "position", "count", "exists")
+
+
+def text_conversation(rng: random.Random, spec: ShapesSpec, questions: int = 4) -> tuple[list[dict], list[str]]:
+    """The world's language without images, for pretraining the demo's LLM: a scene told as its detailed
+    caption, then `questions` questions about it (distinct kinds, open or multiple-choice) and their answers.
+    Returns (chat messages, the question kinds)."""
+    objects = random_objects(rng, spec)
+    messages, kinds = [], rng.sample(QUESTION_KINDS, questions)
+    for t, kind in enumerate(kinds):
+        q, a, _ = make_question(rng, objects, kind, multiple_choice=rng.random() < 0.5)
+        prompt = f"{detailed_caption(objects)}\n{q}" if t == 0 else q
+        messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": a}]
+    return messages, kinds
+
+
+def make_shapes_dataset(root: str, spec: ShapesSpec | None = None) -> dict:
+    """Generate the shapes dataset into root (deterministic from spec.seed). Returns the file paths."""
+    spec = spec or ShapesSpec()
+    if not 1 <= spec.questions_per_image <= len(QUESTION_KINDS):
+        raise ValueError(f"questions_per_image must be 1..{len(QUESTION_KINDS)} (one per kind), "
+                         f"got {spec.questions_per_image}")
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    rng = random.Random(spec.seed)
+    stage1, stage15, stage2, test = [], [], [], []
+    for i in range(spec.num_train_images + spec.num_test_images):
+        name = f"images/{i:06d}.png"
+        im, objects = draw_shapes_image(rng, spec)
+        im.save(os.path.join(root, name))
+        rid = f"shapes-{i:06d}"
+        if i >= spec.num_train_images:  # held-out test images: one question each
+            kind = QUESTION_KINDS[i % len(QUESTION_KINDS)]
+            q, a, options = make_question(rng, objects, kind, multiple_choice=kind != "exists")
+            test.append({"id": rid, "image": name, "type": kind, "options": options,
+                         "conversations": [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{q}"},
+                                           {"from": "gpt", "value": a}]})
+            continue
+        stage1.append({"id": rid, "image": name, "conversations": [
+            {"from": "human", "value": IMAGE_PLACEHOLDER}, {"from": "gpt", "value": short_caption(objects)}]})
+        stage15.append({"id": rid, "image": name, "conversations": [
+            {"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{DETAIL_PROMPT}"},
+            {"from": "gpt", "value": detailed_caption(objects)}]})
+        # questions_per_image questions of distinct kinds per image, one per record: each question
+        # then sits right after its image, as in the test set (as 4-turn conversations the demo
+        # learned less in the same minutes: docs/demo_log.md)
+        for t, kind in enumerate(rng.sample(QUESTION_KINDS, spec.questions_per_image)):
+            q, a, _ = make_question(rng, objects, kind, multiple_choice=rng.random() < 0.5)
+            stage2.append({"id": f"{rid}-q{t}", "image": name, "conversations": [
+                {"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{q}"}, {"from": "gpt", "value": a}]})
+    files = {"stage1": "stage1.json", "stage1.5": "stage1_5.json", "stage2": "stage2.json", "test": "test.jsonl"}
+    for key, recs in (("stage1", stage1), ("stage1.5", stage15), ("stage2", stage2)):
+        with open(os.path.join(root, files[key]), "w") as f:
+            json.dump(recs, f)
+    with open(os.path.join(root, files["test"]), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in test)
+    with open(os.path.join(root, "spec.json"), "w") as f:
+        json.dump(spec.__dict__, f)
+    return {k: os.path.join(root, v) for k, v in files.items()}
+
+
+def shapes_files(root: str, spec: ShapesSpec | None = None) -> dict:
+    """The shapes dataset's files, generated on first use (or when the spec changed)."""
+    spec = spec or ShapesSpec()
+    spec_file = os.path.join(root, "spec.json")
+    if os.path.isfile(spec_file):
+        with open(spec_file) as f:
+            if json.load(f) == spec.__dict__:
+                return {k: os.path.join(root, v) for k, v in
+                        (("stage1", "stage1.json"), ("stage1.5", "stage1_5.json"),
+                         ("stage2", "stage2.json"), ("test", "test.jsonl"))}
+    return make_shapes_dataset(root, spec)
+
+
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def build_shapes_tokenizer():
+    """A word-level tokenizer for the shapes vocabulary, built offline, with a ChatML chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    words = set(("user assistant system " + DETAIL_PROMPT + " " + MC_SUFFIX +
+                 " yes no There is are object objects Options "
+                 "A at the What colour shape Where How many Is there a in image ? Answer or . , : of").split())
+    words |= set(COLOURS) | set(SHAPES) | set(SIZES) | set(NUMBERS) | set(LETTERS)
+    words |= {w for c in CELLS for w in c.split()}
+    pre = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    words = {piece for w in words for piece, _ in pre.pre_tokenize_str(w)}
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + sorted(words))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                                   eos_token="<|im_end|>", additional_special_tokens=SPECIAL_TOKENS[2:],
+                                   chat_template=CHATML_TEMPLATE)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 allow_abbrev=False)
+    ap.add_argument("--out", default="data/shapes")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    paths = make_shapes_dataset(args.out, ShapesSpec(seed=args.seed))
+    print("\n".join(f"{k}: {v}" for k, v in paths.items()))
