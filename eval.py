@@ -33,6 +33,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import data as D
+from engineering import pictures as P
 from engineering import records as RC
 from engineering.benchmarks import (
     OPTION_LETTERS,
@@ -46,10 +47,10 @@ from engineering.benchmarks import (
     read_question_file,
     read_test_set,
 )
-from engineering.checkpoints import WEIGHT_FILES, export_llava_hf, read_config_json
+from engineering.checkpoints import WEIGHT_FILES, default_device, export_llava_hf, load_checkpoint, read_config_json
 from engineering.flags import Range, out_of_range
-from engineering.pictures import draw_curves, read_curves, visualize_pool
-from victor import default_device, load_checkpoint
+from engineering.pictures import draw_curves, read_curves
+from shapes_world.shapes import DETAIL_PROMPT  # stage 1.5's prompt (LLaVA-ReCap's), for --visualize
 
 # -----------------------------------------------------------------------------
 # Generating: one greedy, batched loop for every kind of item
@@ -306,7 +307,6 @@ def format_table(results: dict) -> str:
     return "\n".join(rows)
 
 
-format_bench_table = format_table  # the name for benchmark results: one table for every results dict
 
 
 # -----------------------------------------------------------------------------
@@ -390,6 +390,49 @@ def export_main(args) -> str:
         raise InputError(f"{args.checkpoint}: {e}") from None
     print(f"wrote a LlavaForConditionalGeneration directory to {out} (transformers, vLLM and lmms-eval load it)")
     return out
+
+
+def visualize_pool(checkpoint_or_model, image_path: str, out_png: str | None = None, tokenizer=None,
+                   image_processor=None, template: str | None = None, seed: int = 0, device: str | None = None,
+                   panel: int = 384, assignment: str = "hungarian", dtype: torch.dtype | None = None):
+    """Draw, for one image, the pool row step 3's matching gives each visual token (all N at once)
+    and the per-patch reconstruction error of a stage-1.5 forward (replacement drawn with a fixed
+    torch.Generator seeded with `seed`, as in training). Writes out_png if given; returns the PIL image.
+
+    checkpoint_or_model: a checkpoint directory, or a VictorModel (then give tokenizer and
+    image_processor; template defaults to "auto" for stage 1.5). assignment: "hungarian" (one-to-one,
+    as in training: every patch of the image gets a distinct row) or "nearest" (each token's nearest
+    row, so similar regions can share a row and a colour). dtype: as eval.answer_items' (a checkpoint only).
+    """
+    if assignment not in ("hungarian", "nearest"):
+        raise ValueError(f"assignment must be 'hungarian' or 'nearest', got {assignment!r}")
+    if isinstance(checkpoint_or_model, str):
+        model, tok, proc = load_model(checkpoint_or_model, default_device(device), dtype)
+        tokenizer, image_processor = tokenizer or tok, image_processor or proc
+        trained = read_config_json(checkpoint_or_model).get("train_config", {})
+        template, stage = template or trained.get("template", "auto"), trained.get("stage", "1.5")
+        name = os.path.basename(os.path.normpath(checkpoint_or_model))
+    else:
+        if tokenizer is None or image_processor is None:
+            raise ValueError("visualize_pool(model, ...) needs tokenizer= and image_processor=")
+        model, template, stage, name = checkpoint_or_model, template or "auto", "1.5", "model"
+    device = next(model.parameters()).device
+    template = D.resolve_template(template, tokenizer, stage="1.5" if stage == "1" else stage)
+    image = D.load_image(image_path)
+    pixel_values = D.preprocess_images([image], image_processor).to(device)
+    messages = [{"role": "user", "content": f"{D.IMAGE_PLACEHOLDER}\n{DETAIL_PROMPT}"}]
+    ids, _ = D.tokenize_conversation(messages, tokenizer, template, model.num_image_tokens,
+                                     image_token_id=model.cfg.image_token_id)
+    rows, errors, replaced, assignment = P.pool_rows_and_errors(model, torch.tensor([ids], device=device), pixel_values,
+                                                              seed, assignment)
+    fill = tuple(int(255 * m) for m in image_processor.image_mean)
+    title = (f"checkpoint {name} (stage {stage}): {os.path.basename(image_path)}, "
+             f"pool {model.token_pool.shape[0]} rows, {assignment} match, replacement seed {seed}")
+    picture = P.draw_pool_picture(D.expand_to_square(image, fill), rows, errors, replaced, panel=panel, title=title)
+    if out_png:
+        os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
+        picture.save(out_png)
+    return picture
 
 
 def pictures_main(args) -> str:

@@ -29,18 +29,11 @@ from tqdm import tqdm
 
 import data as D
 from engineering import records as RC
-from engineering.batches import Batches, make_loader, report_unused_data, stop_if_out_of_data, validate_data
-from engineering.checkpoints import load_init_checkpoint
-from engineering.config import (
-    RANGES,
-    TrainConfig,
-    check_knobs,
-    note_replaced_counts,
-    stage_config,
-    stages_to_run,
-    variant_preset,
-)
+from engineering.batches import Batches, validate_data
+from engineering.checkpoints import build_model, save_checkpoint
+from engineering.config import TrainConfig, check_command_line, stage_config
 from engineering.distributed import (
+    ResumableSampler,
     all_reduce_sum,
     barrier,
     build_model_once,
@@ -59,21 +52,13 @@ from engineering.flags import (
     StageStopped,
     UsageError,
     add_config_flags,
-    check_ranges,
-    first_line,
     parse_steps,
 )
 from engineering.memory_plan import check_memory_fits, print_plans
 from engineering.reporting import MetricsReporter, StageLog
-from engineering.reruns import continue_or_start, remove_stage_outputs
+from engineering.reruns import continue_or_start, remove_later_stages
 from shapes_world.demo_base import demo_inputs
-from victor import (
-    IGNORE_INDEX,
-    STAGES,
-    VictorConfig,
-    VictorModel,
-    save_checkpoint,
-)
+from victor import IGNORE_INDEX, STAGES, VictorModel, check_stage
 
 # -----------------------------------------------------------------------------
 # One stage: set up (processes, data, model, loader, optimizer), the loop, the report and the checkpoint
@@ -94,43 +79,6 @@ def lr_lambda(warmup: int, total: int):
     return f
 
 
-def build_model(cfg: TrainConfig, stage: str, settings: dict | None = None):
-    """The run's model, tokenizer and image processor: loaded from --init, or built from the base models.
-    settings: rank 0's model settings (FSDP, the other ranks: build_model_once), from which the same
-    model is built on the meta device, without weights."""
-    from transformers import AutoImageProcessor, AutoTokenizer
-    if settings is not None:
-        with torch.device("meta"):  # a LLaVA projector (projector_path) arrives with rank 0's weights
-            model = VictorModel(VictorConfig.from_dict({**settings, "projector_path": ""}), load_weights=False)
-        tokenizer = AutoTokenizer.from_pretrained(cfg.init or cfg.llm)
-        image_processor = AutoImageProcessor.from_pretrained(cfg.init or cfg.vision_model, backend="pil")
-    elif cfg.init:
-        given = {"vision_model": cfg.vision_model, "llm": cfg.llm}
-        model, tokenizer, image_processor = load_init_checkpoint(cfg.init, cfg.model_overrides, given)
-    else:
-        if stage != "1":
-            print(f"note: stage {stage} without --init starts from the base models (no stage-1 projector)")
-        vcfg = VictorConfig.from_dict({"vision_model": cfg.vision_model, "llm": cfg.llm, **cfg.model_overrides})
-        for key in ("vision_model", "llm"):  # local dirs by absolute path, so checkpoints can refer to them
-            if os.path.isdir(getattr(vcfg, key)):
-                setattr(vcfg, key, os.path.abspath(getattr(vcfg, key)))
-        vcfg.validate()
-        try:
-            model = VictorModel(vcfg)
-            tokenizer = AutoTokenizer.from_pretrained(cfg.llm)
-            image_processor = AutoImageProcessor.from_pretrained(cfg.vision_model, backend="pil")
-        except OSError as e:  # transformers' way of saying a base model is not there
-            raise UsageError(f"cannot load the base models (--vision-model {cfg.vision_model!r}, --llm "
-                             f"{cfg.llm!r}): {first_line(e)}") from None
-    attn = model.llm.config._attn_implementation
-    if stage == "1.5" and model.cfg.stage15_attention == "mixed" and attn not in ("sdpa", "eager"):
-        # Croc's mask is 4-D, which flash-attention cannot take: this stage runs on SDPA
-        print(f"note: stage15_attention='mixed' needs a 4-D attention mask, which {attn} cannot take: "
-              f"stage 1.5 runs with sdpa")
-        model.llm.set_attn_implementation("sdpa")
-    return model, D.ensure_pad_token(tokenizer), image_processor
-
-
 def prepare_model(cfg: TrainConfig, stage: str, rank: int, world: int, device: torch.device):
     """This stage's model on its device, wrapped for the processes: (model, train_model, tokenizer,
     image_processor). The loop calls train_model (DDP's wrapper, or the model itself) and reads and saves
@@ -140,13 +88,27 @@ def prepare_model(cfg: TrainConfig, stage: str, rank: int, world: int, device: t
         print("note: --fsdp with one process: nothing to shard over, training unsharded")
     build = functools.partial(build_model, cfg, stage)  # build(settings=...): the same model on the meta device
     model, tokenizer, image_processor = build_model_once(build, rank) if fsdp else build()
-    trainable_param_groups(model, stage, cfg)  # what this stage trains (requires_grad), before any wrapping
+    D.ensure_pad_token(tokenizer)
+    model.set_trainable(stage, train_vision=cfg.vision_lr > 0)  # what this stage trains, before any wrapping
     if cfg.gradient_checkpointing:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.vision_lr > 0 and stage != "1":
             model.vision_tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model, train_model = wrap_for_processes(model, fsdp, computes_in_bf16(cfg, device), world, device)
     return model, train_model, tokenizer, image_processor
+
+
+def make_loader(cfg: TrainConfig, stage: str, records, model: VictorModel, tokenizer, image_processor,
+                rank: int, world: int):
+    """(loader, sampler): one sampler for 1 or many processes, the same global order either way."""
+    template = D.resolve_template(cfg.template, tokenizer, stage)
+    dataset = D.LlavaDataset(records, cfg.image_folder, tokenizer, image_processor, template,
+                             model.num_image_tokens, cfg.max_length, model.cfg.image_token_id)
+    sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+                                         collate_fn=D.Collator(tokenizer.pad_token_id),
+                                         num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
+    return loader, sampler
 
 
 def make_optimizer(cfg: TrainConfig, model: VictorModel, stage: str, device: torch.device, total_steps: int):
@@ -177,7 +139,6 @@ class StageRun:
     total_steps: int
     grad_accum: int
     snapshots: set
-    bad_records: list  # the validation pass's
 
     @property
     def master(self) -> bool:
@@ -229,9 +190,9 @@ def start_stage(cfg: TrainConfig, stage: str) -> StageRun:
         progress = load_training_state(resume_from, model, optimizer, scheduler, rank)
         if rank == 0:
             print(f"stage {stage}: resuming from {resume_from} at step {progress['step']}")
+    batches = Batches(loader, sampler, progress, cfg, rank, world, device, bad_records)
     return StageRun(cfg, stage, rank, world, device, model, train_model, tokenizer, image_processor, optimizer,
-                    scheduler, Batches(loader, sampler, progress, cfg), progress["step"], total_steps, grad_accum,
-                    snapshots, bad_records)
+                    scheduler, batches, progress["step"], total_steps, grad_accum, snapshots)
 
 
 def global_target_counts(r: StageRun, micro: list[dict]) -> tuple[float, float]:
@@ -285,7 +246,7 @@ def train_loop(r: StageRun, log: StageLog):
     r.model.train()
     for step in log.bar:
         micro = [next(r.batches) for _ in range(r.grad_accum)]
-        stop_if_out_of_data(r)
+        r.batches.stop_if_out_of_data(r.stage)
         if r.master and (warning := r.batches.high_skip_rate()):
             tqdm.write(f"{warning} (every one listed at the end and in skipped.json)")
         n_label, n_recon = global_target_counts(r, micro)
@@ -316,7 +277,7 @@ def train_loop(r: StageRun, log: StageLog):
 
 def finish_stage(r: StageRun, log: StageLog):
     """The end-of-run report (every skipped and truncated record, from every process) and the checkpoint."""
-    all_skipped, truncated = report_unused_data(r)  # a collective; rank 0 says it and writes the lists
+    all_skipped, truncated = r.batches.report_unused()  # a collective; rank 0 says it and writes the lists
     if r.master:
         log.close({"done": True, "skipped": len(all_skipped), "truncated": len(truncated),
                    "skipped_ids": [rid for rid, _ in all_skipped]})
@@ -326,19 +287,19 @@ def finish_stage(r: StageRun, log: StageLog):
     barrier()
 
 
-def train_stage(cfg: TrainConfig, stage: str) -> str:
+def train_stage(cfg: TrainConfig, stage: str, reporter: MetricsReporter | None = None) -> str:
     """Train one stage and save its checkpoint to cfg.out_dir; returns cfg.out_dir."""
-    assert stage in STAGES
-    reporter = MetricsReporter(cfg.report_to)  # every process: a missing package fails here, not mid-run
+    check_stage(stage)
+    reporter = reporter or MetricsReporter(cfg.report_to)
     r = start_stage(cfg, stage)
-    log = StageLog(r, reporter)
+    log = StageLog(cfg, stage, r.first_step, r.total_steps, r.master, reporter, len(r.batches.skipped))
     train_loop(r, log)
     finish_stage(r, log)
     return cfg.out_dir
 
 
 def save_model(r: StageRun, path: str):
-    """Write the model as a checkpoint directory (victor.save_checkpoint): stage 1 its projector, later
+    """Write the model as a checkpoint directory (engineering.checkpoints.save_checkpoint): stage 1 its projector, later
     stages everything. Under FSDP every process takes part in gathering the full weights."""
     full_state = gathered_state_dict(r.model, r.fsdp)  # FSDP: every process takes part
     if r.master:
@@ -353,36 +314,15 @@ def save_model(r: StageRun, path: str):
 RUNNING = {}  # the stage being trained, for the one line Ctrl-C prints
 
 
-
 def run(overrides: dict) -> list[str]:
     """Run one stage, or all three in a row (each initialised from the one before). The same command again
     continues: a stage that finished with the same settings is kept, an interrupted one resumes from its
     last saved state (--save-every) or starts again; a stage trained anew makes the ones after it anew too;
     --overwrite trains every stage anew."""
-    given = dict(overrides)
-    check_ranges(given, RANGES)
+    stages = check_command_line(overrides)  # every check that needs no data and no model, first
     recipe, stage = overrides.pop("recipe", "demo"), overrides.pop("stage", "all")
     out_root = overrides.pop("out_dir", "out/demo" if recipe == "demo" else f"out/{recipe}")
-    variant = overrides.get("variant", "")
-    # the model settings are checked now, before data and models are built (placeholders for the models)
-    try:
-        VictorConfig.from_dict({"vision_model": "-", "llm": "-", **variant_preset(variant),
-                                **overrides.get("model_overrides", {})}).validate()
-    except ValueError as e:
-        raise UsageError(f"--model-overrides / --variant: {e}") from None
-    stages = stages_to_run(stage, variant)
-    check_knobs(given, recipe, stages)
-    note_replaced_counts(given, recipe, stages)
-    MetricsReporter(overrides.get("report_to", ""))  # a missing optional package fails before data or models
-    if len(stages) > 1 and overrides.get("data"):
-        raise UsageError(f"--data with --stage {stage} would train every stage on one file; give each stage its "
-                         "data, one stage at a time: --stage 1 --data CAPTIONS --out-dir OUT/stage1, then --stage "
-                         "1.5 --init OUT/stage1 --data DETAILED_CAPTIONS ..., then --stage 2 --init ... --data QA")
-    if overrides.get("data") and not overrides.get("image_folder") and not RC.is_parquet(overrides["data"]):
-        overrides["image_folder"] = os.path.dirname(os.path.abspath(overrides["data"]))
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"note: no --image-folder: the records' image paths are read relative to the data file's "
-                  f"folder, {overrides['image_folder']}")
+    reporter = MetricsReporter(overrides.get("report_to", ""))  # a missing optional package fails before data or models
     demo_data = (demo_inputs(overrides, out_root, overrides.get("demo_images", TrainConfig.demo_images))
                  if recipe == "demo" else {})
     outs, init = [], overrides.pop("init", "")
@@ -397,22 +337,15 @@ def run(overrides: dict) -> list[str]:
         cfg.out_dir = os.path.join(out_root, f"stage{s}") if stage == "all" else out_root
         action = continue_or_start(cfg, s, anew)
         if action != "keep":
-            if stage == "all" and int(os.environ.get("RANK", 0)) == 0:  # the later stages' earlier outputs are
-                for later in stages[stages.index(s) + 1:]:  # stale now: never left for eval.py to score
-                    gone = remove_stage_outputs(os.path.join(out_root, f"stage{later}"))
-                    if gone:
-                        print(f"stage {later}: removed the earlier run's {', '.join(gone[:6])}"
-                              f"{' ...' if len(gone) > 6 else ''} (stage {s} is trained anew)")
+            if stage == "all":  # the later stages' earlier outputs are stale now: never left for eval.py to score
+                remove_later_stages(out_root, s, stages[stages.index(s) + 1:])
             RUNNING.update(stage=s, out_dir=cfg.out_dir)
-            init = train_stage(cfg, s)
+            init = train_stage(cfg, s, reporter)
             anew = True  # what comes after a stage trained now is trained now too
         else:
             init = cfg.out_dir
         outs.append(init)
     return outs
-
-
-
 
 
 def parse_args(argv=None) -> dict:

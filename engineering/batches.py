@@ -19,14 +19,12 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-import data as D
 from engineering import records as RC
 from engineering.distributed import ResumableSampler, all_reduce_sum
 from engineering.flags import StageStopped, UsageError
 
 if TYPE_CHECKING:
-    from train import StageRun, TrainConfig
-    from victor import VictorModel
+    from engineering.config import TrainConfig
 
 
 def skip_kind(why: str) -> str:
@@ -38,6 +36,11 @@ def skip_kind(why: str) -> str:
 def skip_kinds(skipped: list[tuple[str, str]]) -> Counter:
     """How many skipped records per kind of reason."""
     return Counter(skip_kind(why) for _, why in skipped)
+
+
+def top_reasons(skipped: list[tuple[str, str]], k: int = 3) -> str:
+    """'5 x image not found, 2 x image unreadable': the k commonest kinds of reason."""
+    return ", ".join(f"{n} x {kind}" for kind, n in skip_kinds(skipped).most_common(k))
 
 
 def skip_report(skipped: list[tuple[str, str]]) -> str:
@@ -54,19 +57,6 @@ def selection_seeds(image_keys, seed: int, epoch: int) -> list[int]:
     """Stage 1.5's random choice of tokens (step 2) per image, from (seed, epoch, record, k) alone:
     1 or N processes, any batch size, and a resumed run all replace the same tokens."""
     return [((seed * 1_000_003 + epoch) * 1_000_000_007 + index) * 1009 + k for index, k in image_keys]
-
-
-def make_loader(cfg: TrainConfig, stage: str, records, model: VictorModel, tokenizer, image_processor,
-                rank: int, world: int):
-    """(loader, sampler): one sampler for 1 or many processes, the same global order either way."""
-    template = D.resolve_template(cfg.template, tokenizer, stage)
-    dataset = D.LlavaDataset(records, cfg.image_folder, tokenizer, image_processor, template,
-                             model.num_image_tokens, cfg.max_length, model.cfg.image_token_id)
-    sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-                                         collate_fn=D.Collator(tokenizer.pad_token_id),
-                                         num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
-    return loader, sampler
 
 
 def validate_data(cfg: TrainConfig, master: bool) -> tuple[RC.RecordStore | RC.ParquetRecordStore,
@@ -127,8 +117,11 @@ class Batches:
     sample (a full pass, or its first STOP_AFTER_SKIPS samples, all skipped) it returns None and says why in
     out_of_data: the loop then stops every process (stop_if_out_of_data)."""
 
-    def __init__(self, loader, sampler: ResumableSampler, progress: dict, cfg: TrainConfig):
+    def __init__(self, loader, sampler: ResumableSampler, progress: dict, cfg: TrainConfig, rank: int = 0,
+                 world: int = 1, device: torch.device | None = None, bad_records: list | None = None):
         self.loader, self.sampler, self.progress, self.cfg = loader, sampler, progress, cfg
+        self.rank, self.world, self.device = rank, world, device or torch.device("cpu")
+        self.bad_records = bad_records or []  # the validation pass's, listed with the skipped ones at the end
         self.skipped = [tuple(x) for x in progress["skipped"]]  # (id, reason), each record once
         self.truncated = [tuple(x) for x in progress.get("truncated", [])]  # (id, tokens cut), each record once
         self.seen_skips, self.seen_cuts = set(self.skipped), {rid for rid, _ in self.truncated}
@@ -200,64 +193,63 @@ class Batches:
         return {**self.progress, "step": step, "skipped": self.skipped, "truncated": self.truncated,
                 "tried": self.tried, "tried_skipped": self.tried_skipped, "skip_repeats": self.skip_repeats}
 
+    def gathered_counts(self) -> dict:
+        """Every process's skipped and truncated records and sample counts, together (a collective)."""
+        mine = dict(skipped=self.skipped, truncated=self.truncated, tried=self.tried, tried_skipped=self.tried_skipped,
+                    skip_repeats=self.skip_repeats,
+                    out_of_data=[f"process {self.rank}: {self.out_of_data}"] * bool(self.out_of_data))
+        if self.world == 1:
+            return mine
+        parts = [None] * self.world
+        dist.all_gather_object(parts, mine)
+        return {key: sum((p[key] for p in parts), type(mine[key])()) for key in mine}
+
+    def write_skipped(self, skipped: list) -> list:
+        """skipped.json: the validation pass's bad records and the samples skipped at load time (master only)."""
+        all_skipped = [(rid, why) for rid, why in self.bad_records] + skipped
+        write_json(os.path.join(self.cfg.out_dir, "skipped.json"),
+                   [{"id": rid, "reason": why} for rid, why in all_skipped])
+        return all_skipped
+
+    def stop_if_out_of_data(self, stage: str):
+        """Stop every process together, with the counts and the top reasons, when one has no usable sample
+        left (out_of_data): a process that stopped alone would leave the others waiting in a collective."""
+        if all_reduce_sum(1.0 if self.out_of_data else 0.0, self.device) == 0:
+            return
+        counts = self.gathered_counts()
+        if self.rank == 0:
+            self.write_skipped(counts["skipped"])
+        why = counts["out_of_data"][0].split(": ", 1)[1] if self.world == 1 else "; ".join(counts["out_of_data"])
+        raise StageStopped(f"stage {stage}: stopped, {why}: {counts['tried']} samples tried, "
+                           f"{counts['tried_skipped']} skipped ({len(counts['skipped'])} records: "
+                           f"{top_reasons(counts['skipped'])}); every skipped record is listed in "
+                           f"{os.path.join(self.cfg.out_dir, 'skipped.json')}")
+
+    def report_unused(self) -> tuple[list, list]:
+        """The end of a stage: every process's skipped and truncated records together (a collective); rank 0
+        prints the report and writes skipped.json and truncated.json. Returns (every skipped, every truncated)."""
+        counts = self.gathered_counts()
+        skipped, truncated = counts["skipped"], counts["truncated"]
+        if self.rank != 0:
+            return skipped, truncated
+        all_skipped = self.write_skipped(skipped)
+        print(skip_report(all_skipped))
+        if counts["skip_repeats"]:
+            print(f"  (each record counted once; {counts['skip_repeats']} more skips of records already listed, "
+                  f"after the data wrapped around)")
+        if counts["tried_skipped"] > WARN_SKIP_RATE * counts["tried"]:
+            print("warning: " + skip_rate_summary(counts["tried"], counts["tried_skipped"], skipped, "every process"))
+        if truncated:  # kept, but cut to max_length (never through image tokens): said, not silent
+            print(f"truncated to max_length={self.cfg.max_length}: {len(truncated)} samples, "
+                  f"{sum(n for _, n in truncated)} tokens cut (listed in truncated.json)")
+        write_json(os.path.join(self.cfg.out_dir, "truncated.json"),
+                   [{"id": rid, "tokens_cut": n} for rid, n in truncated])
+        return all_skipped, truncated
+
 
 def skip_rate_summary(tried: int, tried_skipped: int, skipped: list, where: str) -> str:
     """'21 % of the samples tried were skipped (5 of 24, ...): the top reasons' (the report's words)."""
-    reasons = ", ".join(f"{n} x {kind}" for kind, n in skip_kinds(skipped).most_common(3))
     return (f"{100 * tried_skipped / max(tried, 1):.0f} % of the samples tried were skipped ({tried_skipped} of "
-            f"{tried}, {where}): {reasons}")
+            f"{tried}, {where}): {top_reasons(skipped)}")
 
 
-def gathered_counts(r: StageRun) -> dict:
-    """Every process's skipped and truncated records and sample counts, together (a collective)."""
-    b = r.batches
-    mine = dict(skipped=b.skipped, truncated=b.truncated, tried=b.tried, tried_skipped=b.tried_skipped,
-                skip_repeats=b.skip_repeats, out_of_data=[f"process {r.rank}: {b.out_of_data}"] * bool(b.out_of_data))
-    if r.world == 1:
-        return mine
-    parts = [None] * r.world
-    dist.all_gather_object(parts, mine)
-    return {key: sum((p[key] for p in parts), type(mine[key])()) for key in mine}
-
-
-def write_skipped(r: StageRun, skipped: list) -> list:
-    """skipped.json: the validation pass's bad records and the samples skipped at load time (master only)."""
-    all_skipped = [(rid, why) for rid, why in r.bad_records] + skipped
-    write_json(os.path.join(r.cfg.out_dir, "skipped.json"), [{"id": rid, "reason": why} for rid, why in all_skipped])
-    return all_skipped
-
-
-def stop_if_out_of_data(r: StageRun):
-    """Stop every process together, with the counts and the top reasons, when one has no usable sample left
-    (Batches.out_of_data): a process that stopped alone would leave the others waiting in a collective."""
-    if all_reduce_sum(1.0 if r.batches.out_of_data else 0.0, r.device) == 0:
-        return
-    counts = gathered_counts(r)
-    if r.master:
-        write_skipped(r, counts["skipped"])
-    why = counts["out_of_data"][0].split(": ", 1)[1] if r.world == 1 else "; ".join(counts["out_of_data"])
-    reasons = ", ".join(f"{n} x {kind}" for kind, n in skip_kinds(counts["skipped"]).most_common(3))
-    raise StageStopped(f"stage {r.stage}: stopped, {why}: {counts['tried']} samples tried, {counts['tried_skipped']} "
-                       f"skipped ({len(counts['skipped'])} records: {reasons}); every skipped record is listed in "
-                       f"{os.path.join(r.cfg.out_dir, 'skipped.json')}")
-
-
-def report_unused_data(r: StageRun) -> tuple[list, list]:
-    """The end of a stage: every process's skipped and truncated records together (a collective); rank 0
-    prints the report and writes skipped.json and truncated.json. Returns (every skipped, every truncated)."""
-    counts = gathered_counts(r)
-    skipped, truncated = counts["skipped"], counts["truncated"]
-    if not r.master:
-        return skipped, truncated
-    all_skipped = write_skipped(r, skipped)
-    print(skip_report(all_skipped))
-    if counts["skip_repeats"]:
-        print(f"  (each record counted once; {counts['skip_repeats']} more skips of records already listed, "
-              f"after the data wrapped around)")
-    if counts["tried_skipped"] > WARN_SKIP_RATE * counts["tried"]:
-        print("warning: " + skip_rate_summary(counts["tried"], counts["tried_skipped"], skipped, "every process"))
-    if truncated:  # kept, but cut to max_length (never through image tokens): said, not silent
-        print(f"truncated to max_length={r.cfg.max_length}: {len(truncated)} samples, "
-              f"{sum(n for _, n in truncated)} tokens cut (listed in truncated.json)")
-    write_json(os.path.join(r.cfg.out_dir, "truncated.json"), [{"id": rid, "tokens_cut": n} for rid, n in truncated])
-    return all_skipped, truncated

@@ -1,9 +1,8 @@
 """
-Checkpoint formats users already have, read into victor, and llava-hf written out. A reader of the
-method may skip this file: victor.py's load_checkpoint hands a directory here and gets back a
-VictorConfig and the weights under victor's names.
+Checkpoints: victor's own (save_checkpoint), and every format users already have read into victor
+(load_checkpoint), llava-hf written out. A reader of the method may skip this file.
 
-In: victor's own directories (victor.save_checkpoint), the original LLaVA code's (LLaVA-1.5, Croc,
+In: victor's own directories (save_checkpoint), the original LLaVA code's (LLaVA-1.5, Croc,
 ViCToR's release: mm_projector.bin, or a whole LlavaLlamaForCausalLM / LlavaQwenForCausalLM directory)
 and transformers' LlavaForConditionalGeneration (llava-hf). Out: llava-hf, for transformers, vLLM and
 lmms-eval.
@@ -14,15 +13,94 @@ lmms-eval.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING
 
 import torch
 
 from engineering.flags import UsageError, first_line
-from victor import VictorConfig, VictorModel, load_checkpoint
+from victor import MASKABLE_ATTENTION, VictorConfig, VictorModel
+
+if TYPE_CHECKING:
+    from engineering.config import TrainConfig
+
+# -----------------------------------------------------------------------------
+# victor's own checkpoints (a directory with config.json, model.safetensors, tokenizer and image-processor
+# files), and load_checkpoint: any format in
+
+
+def save_checkpoint(model: VictorModel, path: str, tokenizer=None, image_processor=None,
+                    parts: str = "all", extra: dict | None = None, state_dict: dict | None = None):
+    """Write a checkpoint directory. parts="projector" (stage 1) saves only the projector and
+    refers to the base models by name/path; parts="all" saves the whole model.
+    state_dict: the model's full state when the model itself holds only a shard (FSDP, gathered)."""
+    from safetensors.torch import save_file
+    if parts not in ("all", "projector"):
+        raise ValueError(f"parts must be 'all' or 'projector', got {parts!r}")
+    os.makedirs(path, exist_ok=True)
+    meta = {"victor": model.cfg.to_dict(), "saved_parts": parts, **(extra or {})}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+    if state_dict is None:
+        state_dict = model.state_dict()
+    if parts == "projector":
+        state_dict = {k: v for k, v in state_dict.items() if k.startswith("projector.")}
+    # tied weights (e.g. embeddings = lm_head) are stored once, under their first name
+    names = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    tied = {n for group in names.values() for n in group[1:]}
+    save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items() if k not in tied},
+              os.path.join(path, "model.safetensors"))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    if image_processor is not None:
+        image_processor.save_pretrained(path)
+
+
+def load_checkpoint(path: str, device="cpu", overrides: dict | None = None):
+    """Load (model, tokenizer, image_processor) from a checkpoint directory in any format victor reads:
+    its own (save_checkpoint), the original LLaVA code's (LLaVA-1.5, Croc, ViCToR's release) or
+    transformers' LlavaForConditionalGeneration's (llava-hf). config.json says which (checkpoint_format);
+    one reader per format turns the directory into victor's terms (SourceCheckpoint).
+    overrides: VictorConfig fields to change (config_with_overrides says which may change)."""
+    from engineering.checkpoints import (  # the formats: checkpoints.py
+        config_with_overrides,
+        fill_model,
+        read_checkpoint,
+    )
+    src = read_checkpoint(path)
+    cfg = config_with_overrides(src.cfg, overrides or {}, not src.pool_saved, path)
+    if src.why_normalize:  # a foreign format: say what it was read as, and the one setting that changes the math
+        said = cfg.normalize_visual_tokens
+        why = (src.why_normalize if said == src.cfg.normalize_visual_tokens else
+               f"an override says so (the source's own rule gives {not said}: {src.why_normalize})")
+        print(f"loaded {path} as {src.label}: normalize_visual_tokens={said} because {why}")
+    for note in src.notes:
+        print(f"note: {path}: {note}")
+    model = VictorModel(cfg, load_weights=src.base_from_names)
+    fill_model(model, src.weights, src.keeps, path)
+    return model.to(device), src.tokenizer, src.image_processor
+
+
+def default_device(name: str | None = None) -> torch.device:
+    """The device asked for, else CUDA when there is one, else the CPU."""
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def new_model(cfg: VictorConfig) -> VictorModel:
+    """A model built from its base models (VictorModel), starting from LLaVA's mm_projector.bin where
+    cfg.projector_path names one; the path is kept in the model's config (saved with its checkpoints)."""
+    model = VictorModel(dataclasses.replace(cfg, projector_path=""))
+    if cfg.projector_path:
+        load_llava_projector(model, cfg.projector_path)
+        model.cfg.projector_path = cfg.projector_path
+    return model
+
 
 # -----------------------------------------------------------------------------
 # Reading: each reader turns a directory into a SourceCheckpoint: a VictorConfig, the weights under
@@ -608,4 +686,41 @@ def load_init_checkpoint(init: str, overrides: dict, given: dict):
         if given[key] and (os.path.abspath(given[key]) if os.path.isdir(given[key]) else given[key]) != held:
             raise UsageError(f"--{key.replace('_', '-')} {given[key]!r}: with --init the base models come from "
                              f"{init} ({key} {held!r}); drop the flag")
+    return model, tokenizer, image_processor
+
+
+def build_model(cfg: TrainConfig, stage: str, settings: dict | None = None):
+    """train.py's model, tokenizer and image processor: loaded from --init, or built from the base models.
+    settings: rank 0's model settings (FSDP, the other ranks: build_model_once), from which the same
+    model is built on the meta device, without weights."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+    if settings is not None:
+        with torch.device("meta"):  # a LLaVA projector (projector_path) arrives with rank 0's weights
+            model = VictorModel(VictorConfig.from_dict({**settings, "projector_path": ""}), load_weights=False)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.init or cfg.llm)
+        image_processor = AutoImageProcessor.from_pretrained(cfg.init or cfg.vision_model, backend="pil")
+    elif cfg.init:
+        given = {"vision_model": cfg.vision_model, "llm": cfg.llm}
+        model, tokenizer, image_processor = load_init_checkpoint(cfg.init, cfg.model_overrides, given)
+    else:
+        if stage != "1":
+            print(f"note: stage {stage} without --init starts from the base models (no stage-1 projector)")
+        vcfg = VictorConfig.from_dict({"vision_model": cfg.vision_model, "llm": cfg.llm, **cfg.model_overrides})
+        for key in ("vision_model", "llm"):  # local dirs by absolute path, so checkpoints can refer to them
+            if os.path.isdir(getattr(vcfg, key)):
+                setattr(vcfg, key, os.path.abspath(getattr(vcfg, key)))
+        vcfg.validate()
+        try:
+            model = new_model(vcfg)  # (and LLaVA's mm_projector.bin, where projector_path names one)
+            tokenizer = AutoTokenizer.from_pretrained(cfg.llm)
+            image_processor = AutoImageProcessor.from_pretrained(cfg.vision_model, backend="pil")
+        except OSError as e:  # transformers' way of saying a base model is not there
+            raise UsageError(f"cannot load the base models (--vision-model {cfg.vision_model!r}, --llm "
+                             f"{cfg.llm!r}): {first_line(e)}") from None
+    attn = model.llm.config._attn_implementation
+    if stage == "1.5" and model.cfg.stage15_attention == "mixed" and attn not in MASKABLE_ATTENTION:
+        # Croc's mask is 4-D, which flash-attention cannot take: this stage runs on SDPA
+        print(f"note: stage15_attention='mixed' needs a 4-D attention mask, which {attn} cannot take: "
+              f"stage 1.5 runs with sdpa")
+        model.llm.set_attn_implementation("sdpa")
     return model, tokenizer, image_processor

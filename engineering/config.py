@@ -11,9 +11,22 @@ from dataclasses import dataclass
 
 import torch
 
-from engineering.flags import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Range, UsageError, declared_ranges, knob
-from victor import STAGE15_FIELDS, STAGES, VARIANTS
+from engineering.flags import (
+    AT_LEAST_1,
+    NON_NEGATIVE,
+    POSITIVE,
+    Range,
+    UsageError,
+    check_ranges,
+    declared_ranges,
+    knob,
+)
+from engineering.records import is_parquet
+from victor import STAGES, VARIANTS, VictorConfig
 
+# VictorConfig fields that only stage 1.5 reads: set for a run without stage 1.5, they get a note
+STAGE15_FIELDS = ("pool_size", "replace_ratio", "matcher", "recon_weight", "recon_beta", "recon_target_offset",
+                  "recon_image_ratio", "stage15_attention")
 # the demo's base models, pretrained once and committed (shapes_world/demo_base.py builds and checks them)
 DEMO_BASE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "shapes_world", "base")
 
@@ -227,3 +240,30 @@ def note_replaced_counts(given: dict, recipe: str, stages: list[str]):
             recipe_counts = ", ".join(f"stage {s}: {n}" for s, n in counts.items())
             print(f"note: --{flag.replace('_', '-')} {given[flag]} replaces the {recipe} recipe's "
                   f"{replaced} ({recipe_counts})")
+
+
+def check_command_line(overrides: dict) -> list[str]:
+    """train.py's checks that need neither data nor models, before anything is built: ranges, the model
+    settings, flags that contradict each other or do nothing here. Fills in --image-folder where the data
+    file's folder is meant (said in a note). Returns the stages to run."""
+    given = dict(overrides)
+    check_ranges(given, RANGES)
+    recipe, stage, variant = given.get("recipe", "demo"), given.get("stage", "all"), given.get("variant", "")
+    try:  # the model settings (placeholders for the base models)
+        VictorConfig.from_dict({"vision_model": "-", "llm": "-", **variant_preset(variant),
+                                **given.get("model_overrides", {})}).validate()
+    except ValueError as e:
+        raise UsageError(f"--model-overrides / --variant: {e}") from None
+    stages = stages_to_run(stage, variant)
+    check_knobs(given, recipe, stages)
+    note_replaced_counts(given, recipe, stages)
+    if len(stages) > 1 and given.get("data"):
+        raise UsageError(f"--data with --stage {stage} would train every stage on one file; give each stage its "
+                         "data, one stage at a time: --stage 1 --data CAPTIONS --out-dir OUT/stage1, then --stage "
+                         "1.5 --init OUT/stage1 --data DETAILED_CAPTIONS ..., then --stage 2 --init ... --data QA")
+    if given.get("data") and not given.get("image_folder") and not is_parquet(given["data"]):
+        overrides["image_folder"] = os.path.dirname(os.path.abspath(given["data"]))
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"note: no --image-folder: the records' image paths are read relative to the data file's "
+                  f"folder, {overrides['image_folder']}")
+    return stages

@@ -113,7 +113,8 @@ class MissingDependency(ImportError):
     """An optional package that a flag asks for is not installed."""
 
 
-def _import_optional(module: str, package: str, flag: str):
+def import_optional(module: str, package: str, flag: str):
+    """An optional package a flag asks for (--report-to wandb), imported now; MissingDependency if absent."""
     try:
         return importlib.import_module(module)
     except ImportError:

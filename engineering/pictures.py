@@ -4,8 +4,9 @@ Pictures of a checkpoint and of its training (matplotlib, drawn without a displa
     python eval.py out/demo/stage1.5 --visualize IMAGE.png   # pool row per patch + reconstruction error
     python eval.py --curves out/demo/stage1.5/metrics.jsonl out/demo/stage2/metrics.jsonl  # training curves
 
-visualize_pool: for one image, the pool row step 3's matching gives each visual token, beside each
-token's reconstruction error in a stage-1.5 forward (draw_pool_picture draws them from arrays alone).
+pool_rows_and_errors and draw_pool_picture (eval.visualize_pool puts them together): for one image, the pool
+row step 3's matching gives each visual token, beside each token's reconstruction error in a stage-1.5
+forward.
 read_curves and draw_curves: the losses and learning rate in train.py's metrics.jsonl files against the
 step. A way to look at the method, not part of it: a reader of the method may skip this file.
 """
@@ -16,13 +17,11 @@ import os
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
-import data as D
 from engineering import records as RC
-from engineering.checkpoints import read_config_json
-from shapes_world import shapes as SH
-from victor import default_device, match_tokens_to_pool
+from victor import IGNORE_INDEX, match_tokens_to_pool
 
 # -----------------------------------------------------------------------------
 # The pool row step 3 matches to each patch, beside its reconstruction error (--visualize)
@@ -117,11 +116,17 @@ def draw_pool_picture(image, pool_indices, errors, replaced, panel: int = 384, t
     return _picture(fig, None)
 
 
+def token_errors(out, beta: float) -> torch.Tensor:
+    """Step 6's loss token by token, [images reconstructed, N - offset], from a forward's output."""
+    return F.smooth_l1_loss(out.recon_predicted.float(), out.recon_target.detach().float(), beta=beta,
+                            reduction="none").mean(-1)
+
+
 @torch.no_grad()
 def pool_rows_and_errors(model, input_ids, pixel_values, seed: int = 0, assignment: str = "hungarian"):
     """For one image: (the pool row matched to each of its N visual tokens, each token's reconstruction
     error in a stage-1.5 forward, which tokens that forward replaced, the assignment used), arrays of N."""
-    was_training = model.training
+    was_training, ratio = model.training, model.cfg.recon_image_ratio
     model.eval()
     try:
         _, _, visual = model.embed_inputs(input_ids, pixel_values)
@@ -132,60 +137,17 @@ def pool_rows_and_errors(model, input_ids, pixel_values, seed: int = 0, assignme
         # every token's error, also where training reconstructs only a share of the images (VDEP); the
         # labels (none supervised) give Croc's mixed attention its prefix, as in training
         generator = torch.Generator(device=input_ids.device).manual_seed(seed)
-        out = model(input_ids, torch.ones_like(input_ids), labels=torch.full_like(input_ids, D.IGNORE_INDEX),
-                    pixel_values=pixel_values, stage="1.5", generator=generator,
-                    reconstruct_every_image=True, return_token_errors=True)
+        model.cfg.recon_image_ratio, ratio = 1.0, model.cfg.recon_image_ratio
+        out = model(input_ids, torch.ones_like(input_ids), labels=torch.full_like(input_ids, IGNORE_INDEX),
+                    pixel_values=pixel_values, stage="1.5", generator=generator)
     finally:
         model.train(was_training)
+        model.cfg.recon_image_ratio = ratio
     errors = torch.zeros(n)
-    if out.token_errors is not None:  # shown at the token reconstructed (recon_target_offset: VDEP's next token)
-        errors[model.cfg.recon_target_offset:] = out.token_errors[0].float().cpu()
+    if out.recon_target is not None:  # shown at the token reconstructed (recon_target_offset: VDEP's next token)
+        errors[model.cfg.recon_target_offset:] = token_errors(out, model.cfg.recon_beta)[0].cpu()
     replaced = out.replaced_mask[0] if out.replaced_mask is not None else torch.zeros(n, dtype=torch.bool)
     return rows.cpu().numpy(), errors.numpy(), replaced.cpu().numpy(), assignment
-
-
-def visualize_pool(checkpoint_or_model, image_path: str, out_png: str | None = None, tokenizer=None,
-                   image_processor=None, template: str | None = None, seed: int = 0, device: str | None = None,
-                   panel: int = 384, assignment: str = "hungarian", dtype: torch.dtype | None = None):
-    """Draw, for one image, the pool row step 3's matching gives each visual token (all N at once)
-    and the per-patch reconstruction error of a stage-1.5 forward (replacement drawn with a fixed
-    torch.Generator seeded with `seed`, as in training). Writes out_png if given; returns the PIL image.
-
-    checkpoint_or_model: a checkpoint directory, or a VictorModel (then give tokenizer and
-    image_processor; template defaults to "auto" for stage 1.5). assignment: "hungarian" (one-to-one,
-    as in training: every patch of the image gets a distinct row) or "nearest" (each token's nearest
-    row, so similar regions can share a row and a colour). dtype: as eval.answer_items' (a checkpoint only).
-    """
-    if assignment not in ("hungarian", "nearest"):
-        raise ValueError(f"assignment must be 'hungarian' or 'nearest', got {assignment!r}")
-    if isinstance(checkpoint_or_model, str):
-        from eval import load_model  # eval.py imports this file: its loader is imported when used
-        model, tok, proc = load_model(checkpoint_or_model, default_device(device), dtype)
-        tokenizer, image_processor = tokenizer or tok, image_processor or proc
-        trained = read_config_json(checkpoint_or_model).get("train_config", {})
-        template, stage = template or trained.get("template", "auto"), trained.get("stage", "1.5")
-        name = os.path.basename(os.path.normpath(checkpoint_or_model))
-    else:
-        if tokenizer is None or image_processor is None:
-            raise ValueError("visualize_pool(model, ...) needs tokenizer= and image_processor=")
-        model, template, stage, name = checkpoint_or_model, template or "auto", "1.5", "model"
-    device = next(model.parameters()).device
-    template = D.resolve_template(template, tokenizer, stage="1.5" if stage == "1" else stage)
-    image = D.load_image(image_path)
-    pixel_values = D.preprocess_images([image], image_processor).to(device)
-    messages = [{"role": "user", "content": f"{D.IMAGE_PLACEHOLDER}\n{SH.DETAIL_PROMPT}"}]
-    ids, _ = D.tokenize_conversation(messages, tokenizer, template, model.num_image_tokens,
-                                     image_token_id=model.cfg.image_token_id)
-    rows, errors, replaced, assignment = pool_rows_and_errors(model, torch.tensor([ids], device=device), pixel_values,
-                                                              seed, assignment)
-    fill = tuple(int(255 * m) for m in image_processor.image_mean)
-    title = (f"checkpoint {name} (stage {stage}): {os.path.basename(image_path)}, "
-             f"pool {model.token_pool.shape[0]} rows, {assignment} match, replacement seed {seed}")
-    picture = draw_pool_picture(D.expand_to_square(image, fill), rows, errors, replaced, panel=panel, title=title)
-    if out_png:
-        os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
-        picture.save(out_png)
-    return picture
 
 
 # -----------------------------------------------------------------------------

@@ -15,27 +15,28 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from engineering.flags import UsageError, _import_optional
+from engineering.flags import UsageError, import_optional
 
 if TYPE_CHECKING:
     from engineering.batches import Batches
-    from train import StageRun
+    from engineering.config import TrainConfig
 
 
 class StageLog:
     """What the master process says while a stage runs: the progress bar, metrics.jsonl (every log_every
     steps, every non-finite step and the last) and --report-to's targets. The other processes say nothing."""
 
-    def __init__(self, r: StageRun, reporter: MetricsReporter):
-        self.cfg, self.stage, self.master, self.reporter, self.total = r.cfg, r.stage, r.master, reporter, r.total_steps
+    def __init__(self, cfg: TrainConfig, stage: str, first_step: int, total_steps: int, master: bool,
+                 reporter: MetricsReporter, skipped_before: int = 0):
+        self.cfg, self.stage, self.master, self.reporter, self.total = cfg, stage, master, reporter, total_steps
         self.metrics = None
         if self.master:
-            os.makedirs(r.cfg.out_dir, exist_ok=True)
-            self.metrics = open(os.path.join(r.cfg.out_dir, "metrics.jsonl"), "a" if r.first_step else "w")
-            reporter.start(r.cfg.out_dir, r.stage, dataclasses.asdict(r.cfg))
-        self.bar = tqdm(range(r.first_step, r.total_steps), initial=r.first_step, total=r.total_steps,
-                        desc=f"stage {r.stage}", disable=not self.master, dynamic_ncols=True)
-        self.t0, self.samples, self.logged_skips = time.time(), 0, len(r.batches.skipped)
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            self.metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a" if first_step else "w")
+            reporter.start(cfg.out_dir, stage, dataclasses.asdict(cfg))
+        self.bar = tqdm(range(first_step, total_steps), initial=first_step, total=total_steps,
+                        desc=f"stage {stage}", disable=not self.master, dynamic_ncols=True)
+        self.t0, self.samples, self.logged_skips = time.time(), 0, skipped_before  # (a resumed run's skips: logged)
 
     def step(self, row: dict, finite: bool, batches: Batches):
         """One step's numbers (step, losses, lr, grad_norm), with the throughput and skip counts added."""
@@ -75,7 +76,7 @@ class MetricsReporter:
         if unknown:
             raise UsageError(f"--report-to {report_to!r}: unknown {unknown}; choose from {sorted(self.TARGETS)}, "
                              f"comma-separated")
-        self.modules = {t: _import_optional(*self.TARGETS[t], flag=f"--report-to {t}") for t in targets}
+        self.modules = {t: import_optional(*self.TARGETS[t], flag=f"--report-to {t}") for t in targets}
         self.writer = self.run = None
 
     def start(self, out_dir: str, stage: str, config: dict):

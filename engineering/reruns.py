@@ -77,3 +77,14 @@ def continue_or_start(cfg: TrainConfig, stage: str, anew: bool) -> str:
         print(f"stage {stage}: trained anew into {cfg.out_dir}: removed the earlier run's "
               f"{', '.join(gone[:6])}{' ...' if len(gone) > 6 else ''}")
     return "new"
+
+
+def remove_later_stages(out_root: str, stage: str, later: list[str]):
+    """--stage all, a stage trained anew: the later stages' outputs from an earlier run are stale (rank 0)."""
+    if int(os.environ.get("RANK", 0)) != 0:
+        return
+    for s in later:
+        gone = remove_stage_outputs(os.path.join(out_root, f"stage{s}"))
+        if gone:
+            print(f"stage {s}: removed the earlier run's {', '.join(gone[:6])}{' ...' if len(gone) > 6 else ''} "
+                  f"(stage {stage} is trained anew)")

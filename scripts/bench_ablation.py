@@ -182,9 +182,9 @@ def hidden_at_images(model, tokenizer, image_processor, images, batch: int = 100
 def probe(checkpoint: str, lengths: dict) -> dict:
     """The probe of the model leaving stage 1.5 (for llava: leaving stage 1), per layer: each image
     position's hidden state -> the object of the grid cell its patch lies in."""
+    from engineering.checkpoints import load_checkpoint
     from shapes_world import shapes as SH
     from shapes_world.demo_base import linear_probe, probe_images, token_cells
-    from victor import load_checkpoint
     model, tokenizer, image_processor = load_checkpoint(checkpoint)
     fit_images, y_fit = probe_images(lengths["probe_fit"], 0)
     test_images, y_test = probe_images(lengths["probe_test"], 1)

@@ -25,6 +25,11 @@ that the shards are not mostly text): load_data reads them and checks every imag
     memory (Private_Clean + Private_Dirty in /proc/PID/smaps_rollup) is read after the first batch and
     at the end of the epoch. The figure is the largest growth, in GiB per million records in the file.
 
+(c) --format json only: the library's way for comparison, json.load of the whole list, then each record's
+    JSON text packed into one bytes buffer with offsets (what the RecordStore holds); its peak RSS against
+    the data's size, as in (a). The hand-written streaming parser (records.py) is kept only while (c) is
+    well above (a).
+
 The last line reads: peak_rss/file_size=X worker_growth_gib_per_1M=Y
 """
 import argparse
@@ -159,6 +164,22 @@ def measure_workers(RC, data: str, image_folder: str, batch_size: int = 256):
     return start, end
 
 
+def measure_library_load(data: str):
+    """(c) In a fresh process: json.load of the whole list, then packing; RSS before and peak, kB, as JSON."""
+    before = proc_kib("self", "VmRSS")
+    t = time.perf_counter()
+    with open(data, "rb") as f:
+        records = json.load(f)
+    texts = [json.dumps(r, ensure_ascii=False).encode() for r in records]
+    del records
+    ends = list(itertools.accumulate(len(x) for x in texts))
+    buffer = b"".join(texts)
+    del texts
+    seconds = time.perf_counter() - t
+    print(json.dumps({"before": before, "peak": proc_kib("self", "VmHWM"), "records": len(ends),
+                      "bytes": len(buffer), "seconds": seconds}))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--records", type=int, default=200_000)
@@ -167,9 +188,12 @@ def main():
     ap.add_argument("--module", default=os.path.join(MAIN, "engineering", "records.py"),
                     help="the records.py to measure")
     ap.add_argument("--measure-load", nargs=2, metavar=("DATA", "IMAGE_FOLDER"), help=argparse.SUPPRESS)
+    ap.add_argument("--measure-library-load", metavar="DATA", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.measure_load:
         return measure_load(args.module, *args.measure_load)
+    if args.measure_library_load:
+        return measure_library_load(args.measure_library_load)
 
     with tempfile.TemporaryDirectory() as tmp:
         from PIL import Image
@@ -197,6 +221,17 @@ def main():
         print(f"(a) {loader}: {load['seconds']:.1f} s; RSS {load['before'] / 2**20:.3f} GiB before, "
               f"peak {load['peak'] / 2**20:.3f} GiB; the loader's own peak {loader_kib / 2**20:.3f} GiB "
               f"= {loader_kib * 1024 / size:.2f} x the data on disk")
+
+        if args.format == "json":
+            out = subprocess.run([sys.executable, os.path.abspath(__file__), "--measure-library-load", data],
+                                 capture_output=True, text=True)
+            if out.returncode:
+                sys.exit(out.stderr)
+            lib = json.loads(out.stdout.strip().splitlines()[-1])
+            lib_kib = lib["peak"] - lib["before"]
+            print(f"(c) json.load + packing: {lib['seconds']:.1f} s; its own peak {lib_kib / 2**20:.3f} GiB "
+                  f"= {lib_kib * 1024 / size:.2f} x the data on disk (the streaming loader: "
+                  f"{loader_kib * 1024 / size:.2f} x)")
 
         t = time.perf_counter()
         start, end = measure_workers(load_module(args.module), data, tmp)

@@ -52,7 +52,7 @@ def main():
     optims = {s: torch.optim.AdamW(trainable_param_groups(model, s, cfg)) for s in ("2", "1.5")}
 
     def step(stage):
-        trainable_param_groups(model, stage, cfg)  # set requires_grad for this stage
+        model.set_trainable(stage)
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()

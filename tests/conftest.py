@@ -10,8 +10,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 torch.set_num_threads(2)
 
+from engineering.checkpoints import save_checkpoint  # noqa: E402
 from shapes_world import shapes as SH  # noqa: E402
-from victor import VictorConfig, VictorModel, save_checkpoint  # noqa: E402
+from victor import VictorConfig, VictorModel  # noqa: E402
 
 MAIN = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGE_DATA = {"1": "stage1.json", "1.5": "stage1_5.json", "2": "stage2.json"}

@@ -17,7 +17,7 @@ import eval as E
 import train as T
 from conftest import tiny_model
 from engineering import records as RC
-from victor import save_checkpoint
+from engineering.checkpoints import save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

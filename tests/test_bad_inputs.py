@@ -439,7 +439,8 @@ def test_a_stage1_checkpoint_whose_base_model_moved_is_one_line(base, tmp_path, 
                                                                 tiny_image_processor):
     import shutil
 
-    from victor import VictorConfig, VictorModel, save_checkpoint
+    from engineering.checkpoints import save_checkpoint
+    from victor import VictorConfig, VictorModel
     moved_llm = str(tmp_path / "llm")
     shutil.copytree(base.llm, moved_llm)
     stage1 = str(tmp_path / "stage1")

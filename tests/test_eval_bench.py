@@ -18,7 +18,8 @@ from PIL import Image
 import eval as E
 from conftest import tiny_config
 from engineering import benchmarks as B
-from victor import VictorModel, save_checkpoint
+from engineering.checkpoints import save_checkpoint
+from victor import VictorModel
 
 COLOURS = [(215, 40, 40), (40, 165, 60), (45, 85, 225), (235, 205, 35)]
 
@@ -373,7 +374,7 @@ def test_mmbench_circular_accuracy_by_hand(ckpt, tmp_path, monkeypatch, capsys):
     assert res["circular"]["n"] == 3 and res["circular"]["accuracy"] == pytest.approx(2 / 3)
     assert res["circular"]["per_category"] == {"colour": {"accuracy": 0.0, "n": 1}, "count": {"accuracy": 1.0, "n": 1},
                                                "shape": {"accuracy": 1.0, "n": 1}}
-    assert "circular (MMBench)" in E.format_bench_table(res)
+    assert "circular (MMBench)" in E.format_table(res)
     # a file without copies has no circular score
     canned_answers(monkeypatch, ["A", "C", "B", "C", "B"])
     assert "circular" not in E.evaluate_bench(ckpt, write_tsv(tmp_path / "plain.tsv", mc_rows(tmp_path)))

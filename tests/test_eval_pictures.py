@@ -8,8 +8,8 @@ from PIL import Image
 import eval as E
 from conftest import tiny_model
 from engineering import pictures as P
+from engineering.checkpoints import save_checkpoint
 from shapes_world import shapes as SH
-from victor import save_checkpoint
 
 
 def test_draw_pool_picture_size_and_tints():
@@ -48,7 +48,7 @@ def test_visualize_pool_on_tiny_checkpoint(tmp_path, tiny_image_processor):
         assert pic.format == "PNG"
         assert pic.size == P.pool_picture_layout(model.grid)["size"]
     # the nearest-row variant and the model form of the call
-    pic = P.visualize_pool(model, str(img), None, tokenizer=SH.build_shapes_tokenizer(),
+    pic = E.visualize_pool(model, str(img), None, tokenizer=SH.build_shapes_tokenizer(),
                            image_processor=tiny_image_processor, template="chatml", assignment="nearest")
     assert pic.size == P.pool_picture_layout(model.grid)["size"]
 

@@ -10,11 +10,11 @@ import torch
 from test_victor import make_batch, reference_visual_tokens, sharpen, smooth_l1_by_hand, stage15
 
 import train as T
-import victor
 import victor as V
 from conftest import save_base_models, tiny_config, tiny_model
 from engineering import checkpoints as CK
 from engineering import config as CF
+from engineering import pictures as P
 from victor import (
     IGNORE_INDEX,
     IMAGE_TOKEN_ID,
@@ -184,7 +184,8 @@ def token_errors(model, batch, stage="1.5"):
     ids, mask, labels, pixels = batch
     with torch.no_grad(), CaptureHidden(model) as cap:
         out = model(ids, mask, labels=labels, pixel_values=pixels, stage=stage,
-                    generator=torch.Generator().manual_seed(7), return_token_errors=True)
+                    generator=torch.Generator().manual_seed(7))
+    out.token_errors = P.token_errors(out, model.cfg.recon_beta) if out.recon_target is not None else None
     return out, cap.hidden[0], cap.masks[0]
 
 
@@ -340,6 +341,7 @@ def test_images_to_reconstruct_share():
 def test_stage15_param_groups_per_variant(variant, trained):
     model = preset(variant)
     groups = model.param_groups("1.5", 1e-3, 0.0, 1e-2)
+    model.set_trainable("1.5")
     stage15_parts = [n for n in ("token_pool", "recon_head") if n in trained]
     assert [g["name"] for g in groups] == ["projector", "llm", *stage15_parts]
     in_groups = {id(p) for g in groups for p in g["params"]}
@@ -350,7 +352,7 @@ def test_stage15_param_groups_per_variant(variant, trained):
 
 def test_captions_stage15_loss_is_the_lm_loss_alone():
     model = preset("captions")
-    model.param_groups("1.5", 1e-3)
+    model.set_trainable("1.5")
     batch = make_batch(model)
     ids, mask, labels, pixels = batch
     out, _ = stage15(model, batch)
@@ -390,33 +392,33 @@ def checkpoints(tmp_path_factory, shapes_tokenizer, tiny_image_processor):
     with torch.no_grad():
         for p in stage1.projector.parameters():
             p.add_(0.1)
-    victor.save_checkpoint(stage1, str(root / "stage1"), shapes_tokenizer, tiny_image_processor, parts="projector")
-    victor.save_checkpoint(base, str(root / "full"), shapes_tokenizer, tiny_image_processor, parts="all")
+    CK.save_checkpoint(stage1, str(root / "stage1"), shapes_tokenizer, tiny_image_processor, parts="projector")
+    CK.save_checkpoint(base, str(root / "full"), shapes_tokenizer, tiny_image_processor, parts="all")
     return dict(stage1=str(root / "stage1"), full=str(root / "full"), stage1_model=stage1, full_model=base)
 
 
 def test_init_stage1_checkpoint_takes_a_new_pool_size(checkpoints):
-    model, _, _ = victor.load_checkpoint(checkpoints["stage1"], overrides={"pool_size": 64})
+    model, _, _ = CK.load_checkpoint(checkpoints["stage1"], overrides={"pool_size": 64})
     assert model.token_pool.shape == (64, 32) and model.cfg.pool_size == 64
     for a, b in zip(model.projector.parameters(), checkpoints["stage1_model"].projector.parameters()):
         assert torch.equal(a, b)  # the stage-1 projector is still the checkpoint's
-    small, _, _ = victor.load_checkpoint(checkpoints["stage1"], overrides={"pool_size": 4, "matcher": "nearest"})
+    small, _, _ = CK.load_checkpoint(checkpoints["stage1"], overrides={"pool_size": 4, "matcher": "nearest"})
     assert small.token_pool.shape == (4, 32) and small.cfg.matcher == "nearest"
     with pytest.raises(ValueError, match="pool_size=4"):  # one-to-one matching cannot use 4 rows for 12 tokens
-        victor.load_checkpoint(checkpoints["stage1"], overrides={"pool_size": 4})
+        CK.load_checkpoint(checkpoints["stage1"], overrides={"pool_size": 4})
 
 
 def test_init_full_checkpoint_refuses_a_new_pool_size(checkpoints):
     with pytest.raises(ValueError, match="pool_size"):
-        victor.load_checkpoint(checkpoints["full"], overrides={"pool_size": 64})
-    same, _, _ = victor.load_checkpoint(checkpoints["full"], overrides={"pool_size": 32})  # no change: fine
+        CK.load_checkpoint(checkpoints["full"], overrides={"pool_size": 64})
+    same, _, _ = CK.load_checkpoint(checkpoints["full"], overrides={"pool_size": 32})  # no change: fine
     assert torch.equal(same.token_pool, checkpoints["full_model"].token_pool)
 
 
 def test_init_full_checkpoint_takes_stage15_switches(checkpoints):
     switches = {"matcher": "nearest", "recon_weight": 0.0, "stage15_attention": "mixed",
                 "replace_ratio": 0.5, "recon_target_offset": 1, "recon_image_ratio": 0.5}
-    model, _, _ = victor.load_checkpoint(checkpoints["full"], overrides=switches)
+    model, _, _ = CK.load_checkpoint(checkpoints["full"], overrides=switches)
     for key, value in switches.items():
         assert getattr(model.cfg, key) == value, key
     assert not model.reconstructs
@@ -429,14 +431,14 @@ def test_init_full_checkpoint_takes_stage15_switches(checkpoints):
 def test_init_refuses_overrides_that_the_weights_fix(checkpoints, key, value):
     for which in ("stage1", "full"):
         with pytest.raises(ValueError, match=f"{key}={value!r}"):
-            victor.load_checkpoint(checkpoints[which], overrides={key: value})
+            CK.load_checkpoint(checkpoints[which], overrides={key: value})
 
 
 def test_init_refuses_unknown_overrides(checkpoints):
     with pytest.raises(ValueError, match="pool_sise"):
-        victor.load_checkpoint(checkpoints["full"], overrides={"pool_sise": 32})
+        CK.load_checkpoint(checkpoints["full"], overrides={"pool_sise": 32})
     with pytest.raises(ValueError, match="matcher"):  # a known key with a bad value is refused too
-        victor.load_checkpoint(checkpoints["full"], overrides={"matcher": "argmin"})
+        CK.load_checkpoint(checkpoints["full"], overrides={"matcher": "argmin"})
 
 
 def test_config_with_overrides_leaves_the_input_config_alone():
@@ -489,7 +491,7 @@ def test_unknown_variant_is_refused():
 
 
 def test_llava_variant_has_no_stage15(tmp_path, monkeypatch):
-    def no_training(cfg, stage):
+    def no_training(cfg, stage, *_):
         raise AssertionError("training started")
     monkeypatch.setattr(T, "train_stage", no_training)
     with pytest.raises(ValueError, match="stage 1.5"):
@@ -500,7 +502,7 @@ def test_llava_variant_has_no_stage15(tmp_path, monkeypatch):
 def test_llava_variant_runs_stages_1_and_2(tmp_path, monkeypatch):
     seen = []
 
-    def fake_train(cfg, stage):
+    def fake_train(cfg, stage, *_):
         seen.append((stage, cfg.init, cfg.model_overrides))
         return cfg.out_dir
     monkeypatch.setattr(T, "train_stage", fake_train)
@@ -519,17 +521,17 @@ def test_llava_variant_runs_stages_1_and_2(tmp_path, monkeypatch):
 
 def test_check_knobs_refuses_contradictions(capsys):
     with pytest.raises(ValueError, match="--epochs"):
-        T.check_knobs({"epochs": 2.0, "max_steps": 10}, "demo", ["2"])
+        CF.check_knobs({"epochs": 2.0, "max_steps": 10}, "demo", ["2"])
     with pytest.raises(ValueError, match="--demo-images"):
-        T.check_knobs({"demo_images": 100}, "llava15-vicuna7b", ["1"])
-    T.check_knobs({"demo_images": 100, "epochs": 2.0}, "demo", ["2"])  # each alone is fine
+        CF.check_knobs({"demo_images": 100}, "llava15-vicuna7b", ["1"])
+    CF.check_knobs({"demo_images": 100, "epochs": 2.0}, "demo", ["2"])  # each alone is fine
     assert capsys.readouterr().out == ""
 
 
 def test_check_knobs_notes_pool_lr_outside_stage15(capsys):
-    T.check_knobs({"pool_lr": 0.1}, "demo", ["2"])
+    CF.check_knobs({"pool_lr": 0.1}, "demo", ["2"])
     assert "note: --pool-lr" in capsys.readouterr().out
-    T.check_knobs({"pool_lr": 0.1}, "demo", ["1.5"])
+    CF.check_knobs({"pool_lr": 0.1}, "demo", ["1.5"])
     assert capsys.readouterr().out == ""
 
 

@@ -8,7 +8,6 @@ import pytest
 
 import eval as E
 import train as T
-import victor as V
 from conftest import MAIN, subprocess_env
 from engineering import config as CF
 from engineering import flags as FL
@@ -38,7 +37,7 @@ def test_every_numeric_field_declares_a_range_and_a_help():
             assert f.default in f.metadata["range"], f.name  # the default itself is valid
     for recipe in CF.RECIPES.values():  # and so are the recipes' values
         for values in recipe["stages"].values():
-            assert FL.out_of_range(values, T.RANGES) == ""
+            assert FL.out_of_range(values, CF.RANGES) == ""
 
 
 CASES = [(f.name, value) for f in numeric_fields() for value in just_outside(f.metadata["range"], f.type == "int")]
@@ -54,7 +53,7 @@ def test_a_train_flag_just_outside_its_range_is_one_line(name, value, monkeypatc
         T.main(["--stage", "2", "--out-dir", str(tmp_path), f"{flag}={value}"])
     said = e.value.code
     assert isinstance(said, str) and len(said.splitlines()) == 1, said
-    assert said.startswith(f"error: {flag} ") and f"must be {T.RANGES[name]}" in said, said
+    assert said.startswith(f"error: {flag} ") and f"must be {CF.RANGES[name]}" in said, said
 
 
 def test_the_range_check_runs_before_a_plan_too():
@@ -101,30 +100,30 @@ def test_epochs_replaces_the_recipes_step_count(capsys):
     assert T.stage_config("demo", "2", {"epochs": 2.0, "max_steps": 7}).max_steps == 7  # the flag still wins
     cfg = T.stage_config("demo", "1", {"warmup_ratio": 0.1})
     assert cfg.warmup_ratio == 0.1 and cfg.warmup_steps == 0
-    T.note_replaced_counts({"epochs": 0.05}, "demo", ["1", "1.5", "2"])
+    CF.note_replaced_counts({"epochs": 0.05}, "demo", ["1", "1.5", "2"])
     out = capsys.readouterr().out
     assert "note: --epochs 0.05 replaces the demo recipe's max_steps (stage 1: 200, stage 1.5: 200, stage 2: 2000)" \
         in out, out
     with pytest.raises(FL.UsageError, match="--epochs has no effect with --max-steps"):
-        T.check_knobs({"epochs": 1.0, "max_steps": 5}, "demo", ["2"])
+        CF.check_knobs({"epochs": 1.0, "max_steps": 5}, "demo", ["2"])
 
 
-@pytest.mark.parametrize("key", V.STAGE15_FIELDS)
+@pytest.mark.parametrize("key", CF.STAGE15_FIELDS)
 def test_a_stage15_override_outside_stage15_gets_a_note(key, capsys):
-    T.check_knobs({"model_overrides": {key: 3}}, "demo", ["2"])
+    CF.check_knobs({"model_overrides": {key: 3}}, "demo", ["2"])
     assert f"note: --model-overrides {key}: a stage-1.5 setting, no effect in stage 2" in capsys.readouterr().out
-    T.check_knobs({"model_overrides": {key: 3}}, "demo", ["1"])
+    CF.check_knobs({"model_overrides": {key: 3}}, "demo", ["1"])
     assert "applies in stage 1.5 from it" in capsys.readouterr().out
-    T.check_knobs({"model_overrides": {key: 3}}, "demo", ["1", "1.5", "2"])
+    CF.check_knobs({"model_overrides": {key: 3}}, "demo", ["1", "1.5", "2"])
     assert capsys.readouterr().out == ""  # stage 1.5 runs: it takes effect there
-    T.check_knobs({"model_overrides": {"normalize_visual_tokens": False}}, "demo", ["2"])
+    CF.check_knobs({"model_overrides": {"normalize_visual_tokens": False}}, "demo", ["2"])
     assert capsys.readouterr().out == ""  # read in every stage
 
 
 def test_variant_llava_is_llava15_and_exports(tmp_path):
     cfg = T.stage_config("demo", "1", {"variant": "llava"})
     assert cfg.model_overrides["normalize_visual_tokens"] is False  # LLaVA-1.5's math
-    assert T.stages_to_run("all", "llava") == ["1", "2"]
+    assert CF.stages_to_run("all", "llava") == ["1", "2"]
     # with --init the preset still takes effect (a checkpoint's normalisation is a setting, not a weight)
     from engineering.checkpoints import config_with_overrides
     from victor import VictorConfig

@@ -23,7 +23,6 @@ from test_victor import make_batch, sharpen
 import data as D
 import eval as E
 import train as T
-import victor
 from conftest import tiny_config, tiny_model
 from engineering import checkpoints as CK
 from engineering import memory_plan as MP
@@ -122,7 +121,7 @@ def test_llava15_loads_with_identical_logits(tmp_path, shapes_tokenizer, tiny_im
     ck = write_llava_dir(tmp_path / "llava", src, shapes_tokenizer, tower, kind=kind, shards=3)
     assert len([f for f in os.listdir(ck) if f.startswith(("model-", "pytorch_model-"))]) == 3
     torch.manual_seed(123)  # another random init underneath: the weights must come from the files
-    loaded, tok, proc = victor.load_checkpoint(ck)
+    loaded, tok, proc = CK.load_checkpoint(ck)
     out = capsys.readouterr().out
     assert f"loaded {ck} as LLaVA (llava_llama): normalize_visual_tokens=False because LLaVA-1.5" in out
     assert "skipped" not in out
@@ -147,7 +146,7 @@ def test_llava_model_type_llava_and_linear_projector(tmp_path, shapes_tokenizer,
     ck = write_llava_dir(tmp_path / "llava", src, shapes_tokenizer, tower, model_type="llava", shards=1)
     with open(os.path.join(ck, "model.safetensors.index.json")) as f:
         assert "model.mm_projector.weight" in json.load(f)["weight_map"]
-    loaded, _, _ = victor.load_checkpoint(ck)
+    loaded, _, _ = CK.load_checkpoint(ck)
     assert loaded.cfg.projector_type == "linear" and not loaded.drop_cls and loaded.num_image_tokens == 17
     assert loaded.cfg.vision_feature_layer == -1
     batch = make_batch(src, seed=2)
@@ -177,7 +176,7 @@ def test_croc_release_with_trained_tower_pool_and_skipped_heads(tmp_path, shapes
     ck = write_llava_dir(tmp_path / "croc", src, shapes_tokenizer, tower, model_type="croc_llama",
                          arch="CrocLlamaForCausalLM", kind="bin", with_tower=True, pool_key="model.mask_token",
                          extra=croc_heads(32), fields={"croc_stage": False})
-    loaded, _, _ = victor.load_checkpoint(ck)
+    loaded, _, _ = CK.load_checkpoint(ck)
     out = capsys.readouterr().out
     assert "as Croc (croc_llama): normalize_visual_tokens=True because Croc L2-normalises" in out
     assert ("skipped weights of parts victor does not have: model.cross_attention (8 tensors), "
@@ -196,8 +195,8 @@ def test_croc_release_with_trained_tower_pool_and_skipped_heads(tmp_path, shapes
     assert torch.equal(out1.pool_indices, out2.pool_indices)  # the pool is Croc's: the same rows are matched
     # a trained pool fixes pool_size; other settings of the method still apply
     with pytest.raises(ValueError, match="pool_size=64"):
-        victor.load_checkpoint(ck, overrides={"pool_size": 64})
-    assert victor.load_checkpoint(ck, overrides={"matcher": "nearest"})[0].cfg.matcher == "nearest"
+        CK.load_checkpoint(ck, overrides={"pool_size": 64})
+    assert CK.load_checkpoint(ck, overrides={"matcher": "nearest"})[0].cfg.matcher == "nearest"
 
 
 def test_victor_release_siglip_qwen_pool_and_head(tmp_path, shapes_tokenizer, capsys):
@@ -227,7 +226,7 @@ def test_victor_release_siglip_qwen_pool_and_head(tmp_path, shapes_tokenizer, ca
     (ck / "config.json").write_text(json.dumps(conf))
     save_file(state, str(ck / "model.safetensors"))
     tok.save_pretrained(str(ck))
-    loaded, _, proc2 = victor.load_checkpoint(str(ck))
+    loaded, _, proc2 = CK.load_checkpoint(str(ck))
     out = capsys.readouterr().out
     assert "as ViCToR's release (llava_qwen): normalize_visual_tokens=True because the checkpoint carries" in out
     assert "model.pool_weight (2 tensors)" in out and "SigLIP tower" in out
@@ -243,13 +242,13 @@ def test_llava_pool_size_override_without_a_saved_pool(tmp_path, shapes_tokenize
     src = source_model(normalize_visual_tokens=False)
     tower = save_tower(src, tmp_path / "t", tiny_image_processor)
     ck = write_llava_dir(tmp_path / "llava", src, shapes_tokenizer, tower)
-    model, _, _ = victor.load_checkpoint(ck, overrides={"pool_size": 64, "normalize_visual_tokens": True})
+    model, _, _ = CK.load_checkpoint(ck, overrides={"pool_size": 64, "normalize_visual_tokens": True})
     assert model.token_pool.shape == (64, 32)  # LLaVA-1.5 has no pool: a fresh one of any size
     assert model.cfg.normalize_visual_tokens
     assert ("normalize_visual_tokens=True because an override says so (the source's own rule gives False"
             in capsys.readouterr().out)
     with pytest.raises(ValueError, match="projector_type='linear'"):
-        victor.load_checkpoint(ck, overrides={"projector_type": "linear"})
+        CK.load_checkpoint(ck, overrides={"projector_type": "linear"})
 
 
 @pytest.mark.parametrize("change, match", [
@@ -279,7 +278,7 @@ def test_bad_llava_dirs_are_refused_naming_the_field(tmp_path, shapes_tokenizer,
             part = load_file(os.path.join(ck, name))
             save_file({k: v for k, v in part.items() if k != missing}, os.path.join(ck, name))
     with pytest.raises(ValueError, match=match):
-        victor.load_checkpoint(ck)
+        CK.load_checkpoint(ck)
 
 
 def test_broken_weight_files_are_named(tmp_path, shapes_tokenizer, tiny_image_processor):
@@ -288,23 +287,23 @@ def test_broken_weight_files_are_named(tmp_path, shapes_tokenizer, tiny_image_pr
     ck = write_llava_dir(tmp_path / "a", src, shapes_tokenizer, tower)
     os.remove(os.path.join(ck, "model-00002-of-00002.safetensors"))
     with pytest.raises(FileNotFoundError, match=r"index.json: lists the shard model-00002-of-00002.safetensors"):
-        victor.load_checkpoint(ck)
+        CK.load_checkpoint(ck)
     ck = write_llava_dir(tmp_path / "b", src, shapes_tokenizer, tower, kind="bin", shards=1)
     shard = os.path.join(ck, "pytorch_model-00001-of-00001.bin")
     torch.save({"model.norm.weight": object()}, shard)  # weights_only refuses arbitrary objects
     with pytest.raises(ValueError, match=r"pytorch_model-00001-of-00001.bin: not a readable weights file"):
-        victor.load_checkpoint(ck)
+        CK.load_checkpoint(ck)
     ck = write_llava_dir(tmp_path / "c", src, shapes_tokenizer, tower)
     with open(os.path.join(ck, "model-00001-of-00002.safetensors"), "r+b") as f:
         f.write(b"\xff" * 16)
     with pytest.raises(ValueError, match=r"model-00001-of-00002.safetensors: not a readable safetensors file"):
-        victor.load_checkpoint(ck)
+        CK.load_checkpoint(ck)
     ck = tmp_path / "d"
     ck.mkdir()
     (ck / "config.json").write_text(json.dumps({"model_type": "llava_llama", "mm_vision_tower": tower,
                                                   "mm_vision_select_layer": -2}))
     with pytest.raises(FileNotFoundError, match="no weights"):
-        victor.load_checkpoint(str(ck))
+        CK.load_checkpoint(str(ck))
 
 
 # -----------------------------------------------------------------------------
@@ -341,7 +340,7 @@ def llava_hf_dir(path, tokenizer, image_processor, strategy="default", layer=-2,
 def test_llava_hf_loads_with_transformers_logits(tmp_path, shapes_tokenizer, tiny_image_processor, capsys,
                                                  strategy, layer):
     ck, llava, image_id = llava_hf_dir(tmp_path / "hf", shapes_tokenizer, tiny_image_processor, strategy, layer)
-    loaded, tok, _ = victor.load_checkpoint(ck)
+    loaded, tok, _ = CK.load_checkpoint(ck)
     out = capsys.readouterr().out
     assert "as transformers' LlavaForConditionalGeneration (llava-hf): normalize_visual_tokens=False" in out
     assert "centre-crops" in out  # the directory's CLIP processor does not pad: said
@@ -368,7 +367,7 @@ def test_llava_hf_refusals(tmp_path, shapes_tokenizer, tiny_image_processor):
         with open(conf_file, "w") as f:
             json.dump({**good, key: value}, f)
         with pytest.raises(ValueError, match=match):
-            victor.load_checkpoint(ck)
+            CK.load_checkpoint(ck)
 
 
 # -----------------------------------------------------------------------------
@@ -384,7 +383,7 @@ def test_train_init_and_eval_take_a_llava_dir(base, tmp_path, shapes_tokenizer, 
                         global_batch_size=4, batch_size=4, num_workers=0, log_every=1, max_length=256, bf16=False,
                         out_dir=str(tmp_path / "stage2"))
     out = T.train_stage(cfg, "2")
-    trained, _, _ = victor.load_checkpoint(out)  # victor's own format now; the setting travels with it
+    trained, _, _ = CK.load_checkpoint(out)  # victor's own format now; the setting travels with it
     assert trained.cfg.normalize_visual_tokens is False and trained.cfg.vision_model == tower
     assert not torch.equal(trained.llm.lm_head.weight, src.llm.lm_head.weight)  # it trained
     Image.new("RGB", (32, 32), (215, 40, 40)).save(tmp_path / "r.png")
@@ -445,7 +444,7 @@ def test_export_llava_hf_identical_logits_pixels_and_answers(tmp_path, shapes_to
                             pad_token_id=shapes_tokenizer.pad_token_id)[:, h_ids.shape[1]:]
     assert mine.tolist() == theirs.tolist()
     # and back: the exported directory loads into victor with the same logits
-    back, _, _ = victor.load_checkpoint(out)
+    back, _, _ = CK.load_checkpoint(out)
     torch.testing.assert_close(victor_logits(back, batch)[..., :vocab], got, rtol=0, atol=1e-5)
 
 
@@ -472,11 +471,11 @@ def test_export_siglip_keeps_every_token_and_resizes_without_crop(tmp_path, shap
 
 def test_export_from_the_command_line_and_refusals(tmp_path, shapes_tokenizer, tiny_image_processor, capsys):
     model = source_model(normalize_visual_tokens=False)
-    victor.save_checkpoint(model, str(tmp_path / "ck"), shapes_tokenizer, tiny_image_processor)
+    CK.save_checkpoint(model, str(tmp_path / "ck"), shapes_tokenizer, tiny_image_processor)
     E.main([str(tmp_path / "ck"), "--export-llava-hf", str(tmp_path / "hf")])
     assert "wrote a LlavaForConditionalGeneration directory" in capsys.readouterr().out
     assert json.load(open(tmp_path / "hf" / "config.json"))["architectures"] == ["LlavaForConditionalGeneration"]
-    victor.save_checkpoint(tiny_model(), str(tmp_path / "normalised"), shapes_tokenizer, tiny_image_processor)
+    CK.save_checkpoint(tiny_model(), str(tmp_path / "normalised"), shapes_tokenizer, tiny_image_processor)
     with pytest.raises(SystemExit, match="L2-normalises its visual tokens"):
         E.main([str(tmp_path / "normalised"), "--export-llava-hf", str(tmp_path / "x")])
     assert not os.path.exists(tmp_path / "x")
@@ -501,5 +500,5 @@ def test_memory_plan_reads_a_llava_and_a_llava_hf_dir(tmp_path, shapes_tokenizer
         assert planned.llm_config["hidden_size"] == text.hidden_size
         assert planned.llm_config["num_hidden_layers"] == text.num_hidden_layers
         plan = MP.memory_plan(cfg, "2", world=2)
-        loaded, _, _ = victor.load_checkpoint(init)
+        loaded, _, _ = CK.load_checkpoint(init)
         assert plan["parts"]["llm"][0] == sum(p.numel() for p in loaded.llm.parameters())

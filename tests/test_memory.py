@@ -18,7 +18,8 @@ import forked
 import train as T
 from conftest import cli_flags, tiny_config, together
 from engineering import memory_plan as MP
-from victor import VictorConfig, VictorModel, save_checkpoint
+from engineering.checkpoints import save_checkpoint
+from victor import VictorConfig, VictorModel
 
 PAPER_RECIPES = ("llava15-vicuna7b", "siglip-qwen25-7b")
 LLAMA_7B = 6_738_415_616  # published parameter count of LLaMA-7B (= Vicuna-7B)

@@ -17,7 +17,8 @@ import train as T
 from conftest import read_metrics
 from engineering import config as CF
 from engineering import memory_plan as MP
-from victor import VictorConfig, VictorModel, load_checkpoint, save_checkpoint
+from engineering.checkpoints import load_checkpoint, save_checkpoint
+from victor import VictorConfig, VictorModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 import forked
 from conftest import MAIN, cli_flags, read_metrics, subprocess_env, together
-from victor import load_checkpoint
+from engineering.checkpoints import load_checkpoint
 
 LOSS_TOL, WEIGHT_TOL = 1e-5, 1e-5  # float32 sums in another order (2 shards / 2 processes vs 1)
 

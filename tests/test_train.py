@@ -18,7 +18,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import data as D
 import eval as E
 import forked
 import train as T
@@ -26,9 +25,10 @@ from conftest import MAIN, cli_flags, crash_while_saving_then_resume, read_metri
 from engineering import config as CF
 from engineering import distributed as DI
 from engineering import flags as FL
+from engineering.checkpoints import load_checkpoint
 from shapes_world import demo_base as DB
 from shapes_world import shapes as SH
-from victor import VictorModel, load_checkpoint
+from victor import VictorModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PARTS = ("projector", "llm", "vision_tower", "token_pool", "recon_head")
@@ -93,6 +93,7 @@ def expected_groups(stage, vision_lr):
 def test_trainable_param_groups(model, stage, vision_lr):
     cfg = T.TrainConfig(lr=LR, vision_lr=vision_lr, pool_lr=POOL_LR, weight_decay=0.05)
     groups = T.trainable_param_groups(model, stage, cfg)
+    model.set_trainable(stage, train_vision=vision_lr > 0)  # what prepare_model does (param_groups sets nothing)
     want = expected_groups(stage, vision_lr)
     assert {g["name"]: g["lr"] for g in groups} == want
     assert all(g["weight_decay"] == 0.05 for g in groups)
@@ -226,7 +227,7 @@ def test_ddp_two_processes_match_one(base, stage2_reference, tmp_path):
 def all_stages(base, tmp_path_factory):
     root = str(tmp_path_factory.mktemp("all"))
     with pytest.MonkeyPatch.context() as mp:  # the demo's shapes data, but at the tiny models' 32 px
-        mp.setattr(D, "ShapesSpec", functools.partial(SH.ShapesSpec, image_size=32, num_test_images=20))
+        mp.setattr(SH, "ShapesSpec", functools.partial(SH.ShapesSpec, image_size=32, num_test_images=20))
         outs = T.run(dict(recipe="demo", stage="all", out_dir=root, demo_images=24, vision_model=base.vision,
                           llm=base.llm, model_overrides={"pool_size": 32}, max_steps=2, warmup_steps=1,
                           batch_size=4, global_batch_size=4, num_workers=0, log_every=1, max_length=256,

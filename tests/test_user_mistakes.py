@@ -25,7 +25,7 @@ def eval_error(argv) -> str:
 
 
 def test_one_data_file_for_every_stage_is_refused(monkeypatch, tmp_path):
-    monkeypatch.setattr(T, "train_stage", lambda cfg, stage: pytest.fail("a stage started"))
+    monkeypatch.setattr(T, "train_stage", lambda cfg, stage, *_: pytest.fail("a stage started"))
     for stage in ("all", "1.5"):  # the demo recipe's all three, and victor's default is all
         args = {"out_dir": str(tmp_path), "data": "qa.json", "image_folder": str(tmp_path)}
         if stage != "all":
@@ -37,7 +37,7 @@ def test_one_data_file_for_every_stage_is_refused(monkeypatch, tmp_path):
 
 def test_json_data_without_image_folder_reads_images_beside_the_data_file(monkeypatch, tmp_path, capsys):
     seen = []
-    monkeypatch.setattr(T, "train_stage", lambda cfg, stage: seen.append(cfg) or cfg.out_dir)
+    monkeypatch.setattr(T, "train_stage", lambda cfg, stage, *_: seen.append(cfg) or cfg.out_dir)
     data = tmp_path / "mine" / "qa.json"
     data.parent.mkdir()
     data.write_text("[]")
@@ -133,7 +133,7 @@ def fake_stage(seen: list):
     (with the settings) and a metrics.jsonl ending with the "done" row."""
     import dataclasses
 
-    def train_stage(cfg, stage):
+    def train_stage(cfg, stage, *_):
         seen.append(stage)
         os.makedirs(cfg.out_dir, exist_ok=True)
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
@@ -167,7 +167,7 @@ def test_the_same_command_again_continues_and_overwrite_starts_anew(monkeypatch,
     assert "stage 2: removed the earlier run's config.json, eval.json, metrics.jsonl (stage 1.5 is trained anew)" \
            in capsys.readouterr().out
     # other settings: trained anew; interrupted in stage 1, the later stages' earlier models are already gone
-    monkeypatch.setattr(T, "train_stage", lambda cfg, stage: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(T, "train_stage", lambda cfg, stage, *_: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         T.run(dict(args, max_steps=7))
     assert not (tmp_path / "stage2" / "config.json").exists() and not (tmp_path / "stage1.5" / "config.json").exists()
@@ -180,7 +180,7 @@ def test_the_same_command_again_continues_and_overwrite_starts_anew(monkeypatch,
 
 def test_an_interrupted_stage_with_a_saved_state_resumes(monkeypatch, tmp_path):
     seen = []
-    monkeypatch.setattr(T, "train_stage", lambda cfg, stage: seen.append((stage, cfg.resume)) or cfg.out_dir)
+    monkeypatch.setattr(T, "train_stage", lambda cfg, stage, *_: seen.append((stage, cfg.resume)) or cfg.out_dir)
     (tmp_path / "checkpoints" / "step-5").mkdir(parents=True)
     saved_state = lambda d: os.path.join(d, "step-5") if os.path.isdir(d) else ""  # noqa: E731
     monkeypatch.setattr(T, "latest_training_state", saved_state)
@@ -191,7 +191,7 @@ def test_an_interrupted_stage_with_a_saved_state_resumes(monkeypatch, tmp_path):
 
 
 def test_ctrl_c_is_one_line_that_says_the_same_command_continues(monkeypatch, tmp_path):
-    def interrupted(cfg, stage):
+    def interrupted(cfg, stage, *_):
         raise KeyboardInterrupt
     monkeypatch.setattr(T, "train_stage", interrupted)
     monkeypatch.setattr(T, "demo_inputs", lambda overrides, root, n: dict(STAGE_DATA))

@@ -693,10 +693,10 @@ def test_save_load_all_round_trip(tmp_path, shapes_tokenizer, tiny_image_process
         model.token_pool.mul_(0.5)
     batch = make_batch(model)
     loss, logits = _stage2(model, batch)
-    victor.save_checkpoint(model, str(tmp_path / "ck"), tokenizer=shapes_tokenizer,
+    CK.save_checkpoint(model, str(tmp_path / "ck"), tokenizer=shapes_tokenizer,
                            image_processor=tiny_image_processor, parts="all")
     torch.manual_seed(123)  # a different random init underneath: the weights must all come from the file
-    loaded, tok, proc = victor.load_checkpoint(str(tmp_path / "ck"))
+    loaded, tok, proc = CK.load_checkpoint(str(tmp_path / "ck"))
     sd, sd2 = model.state_dict(), loaded.state_dict()
     assert sd.keys() == sd2.keys()
     assert all(torch.equal(sd[k], sd2[k]) for k in sd)
@@ -720,11 +720,11 @@ def test_save_load_tied_embeddings(tmp_path, shapes_tokenizer, tiny_image_proces
     assert model.llm.lm_head.weight is model.llm.get_input_embeddings().weight
     batch = make_batch(model)
     loss, logits = _stage2(model, batch)
-    victor.save_checkpoint(model, str(tmp_path / "ck"), tokenizer=shapes_tokenizer,
+    CK.save_checkpoint(model, str(tmp_path / "ck"), tokenizer=shapes_tokenizer,
                            image_processor=tiny_image_processor)
     stored = load_file(str(tmp_path / "ck" / "model.safetensors"))
     assert "llm.model.embed_tokens.weight" in stored and "llm.lm_head.weight" not in stored
-    loaded, _, _ = victor.load_checkpoint(str(tmp_path / "ck"))
+    loaded, _, _ = CK.load_checkpoint(str(tmp_path / "ck"))
     assert loaded.llm.lm_head.weight is loaded.llm.get_input_embeddings().weight
     loss2, logits2 = _stage2(loaded, batch)
     assert torch.equal(loss, loss2) and torch.equal(logits, logits2)
@@ -745,12 +745,12 @@ def test_save_load_projector_only(tmp_path, shapes_tokenizer, tiny_image_process
     batch = make_batch(model)
     loss, logits = _stage2(model, batch)
     ck = str(tmp_path / "stage1")
-    victor.save_checkpoint(model, ck, tokenizer=shapes_tokenizer, image_processor=tiny_image_processor,
+    CK.save_checkpoint(model, ck, tokenizer=shapes_tokenizer, image_processor=tiny_image_processor,
                            parts="projector")
     keys = set(load_file(os.path.join(ck, "model.safetensors")))
     assert keys == {"projector.0.weight", "projector.0.bias", "projector.2.weight", "projector.2.bias"}
     torch.manual_seed(99)
-    loaded, _, _ = victor.load_checkpoint(ck)
+    loaded, _, _ = CK.load_checkpoint(ck)
     for a, b in zip(loaded.projector.parameters(), model.projector.parameters()):
         assert torch.equal(a, b)
     loss2, logits2 = _stage2(loaded, batch)
@@ -759,15 +759,15 @@ def test_save_load_projector_only(tmp_path, shapes_tokenizer, tiny_image_process
 
 def test_load_checkpoint_refuses_non_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
-        victor.load_checkpoint(str(tmp_path))
+        CK.load_checkpoint(str(tmp_path))
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     with pytest.raises(ValueError, match="victor"):
-        victor.load_checkpoint(str(tmp_path))
+        CK.load_checkpoint(str(tmp_path))
 
 
 def test_save_checkpoint_bad_parts(tmp_path):
     with pytest.raises(ValueError, match="parts"):
-        victor.save_checkpoint(tiny_model(), str(tmp_path / "x"), parts="llm")
+        CK.save_checkpoint(tiny_model(), str(tmp_path / "x"), parts="llm")
 
 
 # -----------------------------------------------------------------------------
@@ -790,8 +790,13 @@ def test_load_llava_projector_exact(tmp_path):
     CK.load_llava_projector(model, path)
     for k, v in model.projector.state_dict().items():
         assert torch.equal(v, state[f"model.mm_projector.{k}"])
-    # and through the config switch, at construction time
-    fresh = tiny_model(seed=9, projector_path=path)
+    # and through the config switch, when a model is built from its base models (new_model; VictorModel, which
+    # does no I/O, refuses the setting rather than leave it unread)
+    torch.manual_seed(9)
+    fresh = CK.new_model(tiny_config(projector_path=path))
+    assert fresh.cfg.projector_path == path
+    with pytest.raises(ValueError, match="projector_path.*new_model"):
+        tiny_model(seed=9, projector_path=path)
     for k, v in fresh.projector.state_dict().items():
         assert torch.equal(v, state[f"model.mm_projector.{k}"])
 
@@ -910,7 +915,7 @@ def _total(cost, cols):
 @pytest.mark.parametrize("structure", ["column_dominated", "uniform", "near_square"])
 def test_solve_assignment_reduced_equals_scipy(structure):
     """Both branches of solve_assignment_reduced (square + column reduction, plain) reach scipy's optimum."""
-    from victor import solve_assignment_plain, solve_assignment_reduced
+    from victor import solve_assignment, solve_assignment_reduced
     rng = np.random.default_rng(0)
     for _ in range(5):
         r, p = (40, 300) if structure != "near_square" else (40, 41)
@@ -918,7 +923,7 @@ def test_solve_assignment_reduced_equals_scipy(structure):
             cost = rng.normal(64, 0.7, size=(1, p)) + rng.normal(0, 0.02, size=(r, p))
         else:
             cost = rng.random((r, p))
-        fast, ref = solve_assignment_reduced(cost), solve_assignment_plain(cost)
+        fast, ref = solve_assignment_reduced(cost), solve_assignment(cost)
         assert len(set(fast.tolist())) == r
         assert abs(_total(cost, fast) - _total(cost, ref)) <= 1e-9 * abs(_total(cost, ref))
 
@@ -942,8 +947,9 @@ def test_solve_assignment_reduced_branches(structure, branch, monkeypatch):
     else:
         cost = rng.normal(5, 1, size=(1, p)) + rng.normal(0, 0.3 if structure == "columns_dominate_widely" else 0.02,
                                                              size=(r, p))
-    shapes, solve = [], victor.linear_sum_assignment
-    monkeypatch.setattr(victor, "linear_sum_assignment", lambda c: shapes.append(c.shape) or solve(c))
+    import scipy.optimize
+    shapes, solve = [], scipy.optimize.linear_sum_assignment
+    monkeypatch.setattr(scipy.optimize, "linear_sum_assignment", lambda c: shapes.append(c.shape) or solve(c))
     cols = victor.solve_assignment_reduced(cost)
     ran = ("none" if not shapes else "plain" if shapes[0] == (r, p) else
            "square" if shapes[0][0] == shapes[0][1] else "restricted" if shapes[0][0] == r else "?")
@@ -964,8 +970,8 @@ def test_solve_assignment_reduced_brute_force():
 def test_scipy_matcher_config_gives_same_cost():
     m_fast, m_ref = tiny_model(), tiny_model(matcher="hungarian_plain")
     tokens = torch.nn.functional.normalize(torch.randn(3, 12, 32), dim=-1)
-    from victor import ASSIGNMENT_SOLVERS
-    a = hungarian_match(tokens, m_fast.token_pool, ASSIGNMENT_SOLVERS["hungarian"])
-    b = hungarian_match(tokens, m_ref.token_pool, ASSIGNMENT_SOLVERS["hungarian_plain"])
+    from victor import match_tokens_to_pool
+    a = match_tokens_to_pool(tokens, m_fast.token_pool, m_fast.cfg.matcher)  # the appendix's solver
+    b = match_tokens_to_pool(tokens, m_ref.token_pool, m_ref.cfg.matcher)  # scipy on the whole problem
     cost = torch.cdist(tokens, m_fast.token_pool.unsqueeze(0))
     assert torch.allclose(cost.gather(2, a.unsqueeze(-1)).sum(), cost.gather(2, b.unsqueeze(-1)).sum())
