@@ -120,6 +120,19 @@ def recall_pilot(args: dict):
 
 
 if __name__ == "__main__":
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("kind", choices=("text", "recall"))
+    ap.add_argument("settings", nargs="?", default="{}", help="the knobs above, as a JSON object")
+    args = ap.parse_args()
+    try:
+        settings = json.loads(args.settings)
+    except json.JSONDecodeError as e:
+        ap.error(f"settings: not JSON ({e})")
+    known = {"text": {"steps", "lr", "warmup", "batch", "questions", "caption_weight", "evals", "llm", "n_objects",
+                      "kinds", "repeat_kinds", "save"}, "recall": {"llm", "lr", "steps", "dense"}}[args.kind]
+    if not isinstance(settings, dict) or set(settings) - known:
+        ap.error(f"settings: a JSON object of {sorted(known)} (unknown: {sorted(set(settings) - known)})"
+                 if isinstance(settings, dict) else "settings: a JSON object")
     torch.set_num_threads(1)
-    kind, settings = sys.argv[1], json.loads(sys.argv[2] if len(sys.argv) > 2 else "{}")
-    {"text": text_pilot, "recall": recall_pilot}[kind](settings)
+    {"text": text_pilot, "recall": recall_pilot}[args.kind](settings)

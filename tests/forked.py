@@ -47,7 +47,8 @@ PRELOAD = [
     "transformers.models.llama.modeling_llama", "transformers.models.qwen2.modeling_qwen2",
     "transformers.models.clip.modeling_clip", "transformers.models.siglip.modeling_siglip",
     "transformers.models.clip.image_processing_clip", "transformers.models.siglip.image_processing_siglip",
-    "data", "victor", "engineering.checkpoints", "engineering.distributed", "engineering.batches",
+    "data", "victor", "engineering.checkpoints", "engineering.distributed", "engineering.batches", "engineering.config",
+    "engineering.records", "engineering.reruns", "shapes_world.shapes",
     "engineering.memory_plan", "engineering.reporting", "engineering.flags", "shapes_world.demo_base",
     "train", "eval", "engineering.benchmarks", "forked", "pytest",
 ]
