@@ -61,22 +61,8 @@ from shapes_world.demo_base import demo_inputs
 from victor import IGNORE_INDEX, STAGES, VictorModel, check_stage
 
 # -----------------------------------------------------------------------------
-# One stage: set up (processes, data, model, loader, optimizer), the loop, the report and the checkpoint
-
-
-def trainable_param_groups(model: VictorModel, stage: str, cfg: TrainConfig) -> list[dict]:
-    """This stage's optimizer groups (VictorModel.param_groups) with the run's learning rates."""
-    return model.param_groups(stage, cfg.lr, cfg.vision_lr, cfg.pool_lr, cfg.weight_decay)
-
-
-def lr_lambda(warmup: int, total: int):
-    """Linear warm-up, then cosine decay to 0 (the LLaVA/HF 'cosine' schedule)."""
-    def f(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return f
+# One stage, top to bottom: build (the model, what it trains, the loader), the optimizer and its schedule,
+# the loop, the save. The settings come from engineering/config.py (TrainConfig, RECIPES).
 
 
 def prepare_model(cfg: TrainConfig, stage: str, rank: int, world: int, device: torch.device):
@@ -109,6 +95,21 @@ def make_loader(cfg: TrainConfig, stage: str, records, model: VictorModel, token
                                          collate_fn=D.Collator(tokenizer.pad_token_id),
                                          num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
     return loader, sampler
+
+
+def trainable_param_groups(model: VictorModel, stage: str, cfg: TrainConfig) -> list[dict]:
+    """This stage's optimizer groups (VictorModel.param_groups) with the run's learning rates."""
+    return model.param_groups(stage, cfg.lr, cfg.vision_lr, cfg.pool_lr, cfg.weight_decay)
+
+
+def lr_lambda(warmup: int, total: int):
+    """Linear warm-up, then cosine decay to 0 (the LLaVA/HF 'cosine' schedule)."""
+    def f(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return f
 
 
 def make_optimizer(cfg: TrainConfig, model: VictorModel, stage: str, device: torch.device, total_steps: int):
@@ -287,6 +288,15 @@ def finish_stage(r: StageRun, log: StageLog):
     barrier()
 
 
+def save_model(r: StageRun, path: str):
+    """Write the model as a checkpoint directory (engineering.checkpoints.save_checkpoint): stage 1 its projector, later
+    stages everything. Under FSDP every process takes part in gathering the full weights."""
+    full_state = gathered_state_dict(r.model, r.fsdp)  # FSDP: every process takes part
+    if r.master:
+        save_checkpoint(r.model, path, r.tokenizer, r.image_processor, parts="projector" if r.stage == "1" else "all",
+                        extra={"train_config": {**dataclasses.asdict(r.cfg), "stage": r.stage}}, state_dict=full_state)
+
+
 def train_stage(cfg: TrainConfig, stage: str, reporter: MetricsReporter | None = None) -> str:
     """Train one stage and save its checkpoint to cfg.out_dir; returns cfg.out_dir."""
     check_stage(stage)
@@ -298,17 +308,8 @@ def train_stage(cfg: TrainConfig, stage: str, reporter: MetricsReporter | None =
     return cfg.out_dir
 
 
-def save_model(r: StageRun, path: str):
-    """Write the model as a checkpoint directory (engineering.checkpoints.save_checkpoint): stage 1 its projector, later
-    stages everything. Under FSDP every process takes part in gathering the full weights."""
-    full_state = gathered_state_dict(r.model, r.fsdp)  # FSDP: every process takes part
-    if r.master:
-        save_checkpoint(r.model, path, r.tokenizer, r.image_processor, parts="projector" if r.stage == "1" else "all",
-                        extra={"train_config": {**dataclasses.asdict(r.cfg), "stage": r.stage}}, state_dict=full_state)
-
-
 # -----------------------------------------------------------------------------
-# Recipes and the command line
+# The command line: one stage, or all three in a row (each from the one before)
 
 
 RUNNING = {}  # the stage being trained, for the one line Ctrl-C prints
