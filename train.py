@@ -1,13 +1,14 @@
 """
 Train victor: stage 1 (projector), stage 1.5 (ViCToR), stage 2 (instruction tuning).
 
-The built-in demo (no arguments): generates the shapes data, builds tiny random models,
-runs stages 1 -> 1.5 -> 2 on the CPU in a few minutes and saves out/demo/stage{1,1.5,2}:
+The built-in demo (no arguments): generates the shapes data, loads the committed tiny base models
+(shapes_world/base), runs stages 1 -> 1.5 -> 2 on the CPU in a few minutes and saves out/demo/stage{1,1.5,2}:
     python train.py
 One stage of a paper recipe, on 8 GPUs:
     torchrun --nproc_per_node 8 train.py --recipe llava15-vicuna7b --stage 1.5 \\
         --init out/llava15/stage1 --data recap_cc3m.json --image-folder images/ --out-dir out/llava15/stage1.5
-Every TrainConfig field is a flag (--lr, --max-steps, --batch-size, ...) and overrides the recipe.
+Every TrainConfig field is a flag (--lr, --max-steps, --batch-size, ...) and overrides the recipe
+(both in engineering/config.py).
 Models that do not fit one GPU: add --fsdp. Surviving failures: --save-every N --resume auto (the
 paper recipes' default) under `torchrun --max-restarts K`, which restarts a group whose worker died.
 """
