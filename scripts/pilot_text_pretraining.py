@@ -10,8 +10,10 @@ what makes the demo's tiny Llama answer text-only questions about a described sc
 on 500 fresh scenes at each step in "evals". Knobs: steps, lr, warmup, batch, questions (a scene),
 repeat_kinds (kinds drawn with repetition, then `kinds` restricts them), caption_weight (0: the loss on
 the answers alone; 1: every token), n_objects (a list: scenes with only those numbers of objects),
-save (a directory). `recall` trains the same architecture on associative recall: 3 pairs `key f f value`,
-then a key; predict its value (`dense`: every pair queried once, in a random order). One thread each.
+save (a directory). `recall` trains the same architecture on associative recall: 3 pairs `key f f value`
+(`gap` fillers f, 2 unless given), then a key; predict its value (`dense`: every pair queried once, in a
+random order). One thread each. `{"llm": {"rope_theta": 100}}` is the RoPE base with which the look-up
+forms (docs/world.md, "The cause: the RoPE base"); DEMO_LLM's 1e6 is the committed base's.
 """
 import json
 import math
@@ -91,14 +93,14 @@ def recall_pilot(args: dict):
     llm = LlamaForCausalLM(LlamaConfig(vocab_size=64, **{**B.DEMO_LLM, **args.get("llm", {})}, bos_token_id=None,
                                        eos_token_id=None, pad_token_id=0))
     opt = torch.optim.AdamW(llm.parameters(), lr=args.get("lr", 1e-3), weight_decay=0.0)
-    rng = random.Random(0)
+    rng, gap = random.Random(0), args.get("gap", 2)
 
     def batch(n: int, dense: bool):
         xs, ys = [], []
         for _ in range(n):
             ks = rng.sample(keys, pairs)
             vs = [rng.choice(values) for _ in ks]
-            x = [t for k, v in zip(ks, vs) for t in (k, rng.randrange(50, 60), rng.randrange(50, 60), v, 6)] + [sep]
+            x = [t for k, v in zip(ks, vs) for t in (k, *(rng.randrange(50, 60) for _ in range(gap)), v, 6)] + [sep]
             y = [-100] * len(x)
             for q in (rng.sample(range(pairs), pairs) if dense else [rng.randrange(pairs)]):
                 x += [ks[q], vs[q]]
@@ -130,7 +132,7 @@ if __name__ == "__main__":
     except json.JSONDecodeError as e:
         ap.error(f"settings: not JSON ({e})")
     known = {"text": {"steps", "lr", "warmup", "batch", "questions", "caption_weight", "evals", "llm", "n_objects",
-                      "kinds", "repeat_kinds", "save"}, "recall": {"llm", "lr", "steps", "dense"}}[args.kind]
+                      "kinds", "repeat_kinds", "save"}, "recall": {"llm", "lr", "steps", "dense", "gap"}}[args.kind]
     if not isinstance(settings, dict) or set(settings) - known:
         ap.error(f"settings: a JSON object of {sorted(known)} (unknown: {sorted(set(settings) - known)})"
                  if isinstance(settings, dict) else "settings: a JSON object")
