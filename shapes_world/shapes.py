@@ -128,12 +128,22 @@ def make_question(rng: random.Random, objects, kind: str, multiple_choice: bool)
 QUESTION_KINDS = ("colour", "shape", "position", "count", "exists")
 
 
-def text_conversation(rng: random.Random, spec: ShapesSpec, questions: int = 4) -> tuple[list[dict], list[str]]:
+def text_conversation(rng: random.Random, spec: ShapesSpec, questions: int = 4,
+                      question_mix: dict | None = None) -> tuple[list[dict], list[str]]:
     """The world's language without images, for pretraining the demo's LLM: a scene told as its detailed
-    caption, then `questions` questions about it (distinct kinds, open or multiple-choice) and their answers.
-    Returns (chat messages, the question kinds)."""
+    caption, then `questions` questions about it (open or multiple-choice) and their answers. The kinds
+    are distinct (QUESTION_KINDS, sampled), or with `question_mix` ({kind: integer weight}) each one
+    drawn independently with those weights. Returns (chat messages, the question kinds)."""
     objects = random_objects(rng, spec)
-    messages, kinds = [], rng.sample(QUESTION_KINDS, questions)
+    if question_mix is None:
+        kinds = rng.sample(QUESTION_KINDS, questions)
+    else:
+        unknown = set(question_mix) - set(QUESTION_KINDS)
+        if unknown or not all(isinstance(w, int) and w >= 0 for w in question_mix.values()):
+            raise ValueError(f"question_mix: integer weights >= 0 for kinds of {QUESTION_KINDS}, got {question_mix}")
+        pool = [k for k in QUESTION_KINDS for _ in range(question_mix.get(k, 0))]
+        kinds = [rng.choice(pool) for _ in range(questions)]
+    messages = []
     for t, kind in enumerate(kinds):
         q, a, _ = make_question(rng, objects, kind, multiple_choice=rng.random() < 0.5)
         prompt = f"{detailed_caption(objects)}\n{q}" if t == 0 else q
