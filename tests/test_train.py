@@ -543,6 +543,15 @@ def test_a_reduced_rebuild_makes_a_base_whose_files_are_checked(tmp_path, monkey
     assert set(record["measured"]) >= {"text_loss", "text_qa", "vision_loss", "tower_probe", "seconds"}
     assert {"vision/model.safetensors", "llm/model.safetensors", "llm/tokenizer.json"} <= set(record["sha256"])
     assert DB.demo_base(out) == (vision_dir, llm_dir)
+    # the seed reaches both models' init: another seed, other weights in each (--rebuild --seed)
+    other = str(tmp_path / "base-seed1")
+    DB.build_demo_base(other, seed=1, text=dict(steps=2), vision=dict(steps=2),
+                       checks=dict(text_questions=10, probe_fit=20, probe_test=10))  # all but the seed as above
+    for sub in ("vision", "llm"):
+        digest = DB.load_base_record(other)["sha256"][f"{sub}/model.safetensors"]
+        assert digest != record["sha256"][f"{sub}/model.safetensors"], sub
+    with pytest.raises(SystemExit):
+        DB.main(["--seed", "1"])  # a seed without --rebuild would be ignored: refused
     weights = os.path.join(llm_dir, "model.safetensors")
     data = bytearray(open(weights, "rb").read())
     data[-1] ^= 1  # one bit of one weight

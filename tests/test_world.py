@@ -28,6 +28,38 @@ def test_text_conversation_tells_a_scene_then_asks_about_it():
     assert again == messages  # deterministic from the generator
 
 
+def test_question_mix_weighs_the_kinds_and_refuses_unknown_ones():
+    """With question_mix each question's kind is drawn with its weight (repeats allowed); a kind of weight 0
+    is never asked; a kind the world does not have is refused by name."""
+    rng, spec = random.Random(0), SH.ShapesSpec()
+    mix = dict(colour=1, shape=0, position=2, count=1, exists=0)
+    kinds = [k for _ in range(400) for k in SH.text_conversation(rng, spec, 5, mix)[1]]
+    share = {k: kinds.count(k) / len(kinds) for k in SH.QUESTION_KINDS}
+    assert share["shape"] == share["exists"] == 0
+    assert abs(share["position"] - 0.5) < 0.03 and abs(share["colour"] - 0.25) < 0.03
+    with pytest.raises(ValueError, match="question_mix.*'size'"):
+        SH.text_conversation(rng, spec, 5, dict(colour=1, size=1))
+
+
+def test_the_committed_base_was_built_with_the_code_s_recipe():
+    """`demo_base.py --rebuild` makes the committed base again: its record's recipe is the code's."""
+    recipe = B.load_base_record()["recipe"]
+    assert recipe["llm"] == B.DEMO_LLM and recipe["vision"] == B.DEMO_VISION
+    assert recipe["text_pretraining"] == B.DEMO_TEXT_PRETRAIN
+    assert recipe["vision_pretraining"] == B.DEMO_VISION_PRETRAIN and recipe["checks"] == B.BASE_CHECKS
+    assert recipe["position_scale"] == B.DEMO_POSITION_SCALE and recipe["seed"] == 0
+
+
+def test_the_tower_probe_leaves_the_callers_random_state_alone():
+    """The probe seeds its own init; the build's next model (the LLM) is then seeded by the build's seed alone."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(60, 4)).astype("float32"), rng.integers(0, 3, 60)
+    torch.manual_seed(7)
+    state = torch.random.get_rng_state()
+    B.linear_probe(x, y, x, y, classes=3, steps=5)
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
 def test_pretrained_llm_answers_text_only_questions_far_above_chance():
     """A short text pretraining (a thirtieth of the base's; lr 3e-3 to make its 50 steps count) already answers
     questions about a described scene: counting is learned first; the random LLM answers nothing."""
