@@ -10,12 +10,12 @@ sha256). The demo loads it and checks every file against its sha256:
     python shapes_world/demo_base.py --rebuild out/base      # pretrain it again from scratch (README gives the time)
 
 The LLM is pretrained on the shapes world's language alone (no images): a scene told as its detailed
-caption, then questions about it, next-token loss on the answers. It then answers text-only questions
-about a described scene as a pretrained LLM would (recorded in demo_base.json). The tower is the same
-class as CLIP ViT-L's, pretrained to see: every patch token's grid cell's object (empty, or colour x
-shape) is classified from the token at the layer victor reads (the second-to-last), so that a linear
-probe reads each token's object. Its position embeddings are scaled up, as a trained tower's say where
-a patch is. The tower stays frozen in the demo's stages.
+caption, then questions about it, next-token loss on the answers (and, weighted less, on the rest). It
+then answers text-only questions about a described scene as a pretrained LLM would (recorded in
+demo_base.json). The tower is the same class as CLIP ViT-L's, pretrained to see: every patch token's
+grid cell's object (empty, or colour x shape) is classified from the token at the layer victor reads
+(the second-to-last), so that a linear probe reads each token's object. Its position embeddings are
+scaled up, as a trained tower's say where a patch is. The tower stays frozen in the demo's stages.
 """
 from __future__ import annotations
 
@@ -51,11 +51,15 @@ DEMO_VISION = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, 
 # (position embeddings std 0.02, far below the patch content), and the LLM cannot find "the object at
 # the top left". At std 0.4 a probe reads every token's cell.
 DEMO_POSITION_SCALE = 20
+# RoPE base 100, not Llama's 1e4 or Qwen's 1e6: with heads of 16 dimensions a large base leaves one rotary
+# frequency fast enough for the look-up head (find the asked word, read its neighbour), and the LLM never
+# binds an attribute to its object (docs/world.md, "The cause: the RoPE base").
 DEMO_LLM = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=8,
                 num_key_value_heads=8, head_dim=16, initializer_range=128 ** -0.5, rope_theta=100.0,
                 max_position_embeddings=512)
 # The LLM's text pretraining (docs/world.md: why the answers weigh more than the rest). Each sequence is one scene
-# (its detailed caption) and `questions` questions about it, in the chat template the later stages use.
+# (its detailed caption) and `questions` questions about it, in the chat template the later stages use;
+# position is asked twice as often as each other kind, its look-up being the last to form.
 DEMO_TEXT_PRETRAIN = dict(steps=3000, batch_size=32, lr=1e-3, warmup_steps=50, adam_beta2=0.95, questions=5,
                           data_seed=1, caption_weight=0.3,
                           question_mix=dict(colour=1, shape=1, position=2, count=1, exists=1))
