@@ -30,7 +30,7 @@ def test_text_conversation_tells_a_scene_then_asks_about_it():
 
 def test_question_mix_weighs_the_kinds_and_refuses_unknown_ones():
     """With question_mix each question's kind is drawn with its weight (repeats allowed); a kind of weight 0
-    is never asked; a kind the world does not have is refused by name."""
+    is never asked; an unknown kind, a non-integer weight and a mix with no weight > 0 are refused."""
     rng, spec = random.Random(0), SH.ShapesSpec()
     mix = dict(colour=1, shape=0, position=2, count=1, exists=0)
     kinds = [k for _ in range(400) for k in SH.text_conversation(rng, spec, 5, mix)[1]]
@@ -39,6 +39,10 @@ def test_question_mix_weighs_the_kinds_and_refuses_unknown_ones():
     assert abs(share["position"] - 0.5) < 0.03 and abs(share["colour"] - 0.25) < 0.03
     with pytest.raises(ValueError, match="question_mix.*'size'"):
         SH.text_conversation(rng, spec, 5, dict(colour=1, size=1))
+    with pytest.raises(ValueError, match="question_mix: at least one weight must be > 0"):
+        SH.text_conversation(rng, spec, 5, dict(colour=0, position=0))
+    with pytest.raises(ValueError, match="question_mix: integer weights"):
+        SH.text_conversation(rng, spec, 5, dict(colour=True))
 
 
 def test_the_committed_base_was_built_with_the_code_s_recipe():
