@@ -527,12 +527,14 @@ def kill_and_resume(base, cmd, run):
     return forked.run(cmd + cli_flags(stage15_overrides(base, run, save_every=5, resume="auto")), timeout=300)
 
 
-def test_a_reduced_rebuild_makes_a_base_whose_files_are_checked(tmp_path, monkeypatch):
+def test_a_reduced_rebuild_makes_a_base_whose_files_are_checked(tmp_path, monkeypatch, capsys):
     """`demo_base.py --rebuild`'s build, a few steps each: the design's models, a record of the recipe, the
-    measurements and every file's sha256; a missing or changed file is refused in one line naming it."""
+    measurements and every file's sha256, and a warning that it falls short of the bar; a missing or changed
+    file is refused in one line naming it."""
     out = str(tmp_path / "base")
     vision_dir, llm_dir = DB.build_demo_base(out, text=dict(steps=2), vision=dict(steps=2),
                                              checks=dict(text_questions=10, probe_fit=20, probe_test=10))
+    assert "demo base: warning: this base falls short of the bar (text QA " in capsys.readouterr().out
     llm = json.load(open(os.path.join(llm_dir, "config.json")))
     assert llm["num_attention_heads"] == DB.DEMO_LLM["num_attention_heads"]
     assert llm["rope_parameters"]["rope_theta"] == DB.DEMO_LLM["rope_theta"]

@@ -54,6 +54,18 @@ def test_the_committed_base_was_built_with_the_code_s_recipe():
     assert recipe["position_scale"] == B.DEMO_POSITION_SCALE and recipe["seed"] == 0
 
 
+def test_a_base_below_the_bar_is_named_type_by_type():
+    """shortfalls names each text-QA type and the probe below BASE_BAR (seed 1's build: position 0.782);
+    the committed base has none, and the check prints so."""
+    measured = {"text_qa": {"per_kind": dict(colour=1.0, count=1.0, exists=0.99, position=0.782, shape=0.969)},
+                "tower_probe": {"object": 0.95}}
+    assert B.shortfalls(measured) == ["text QA position 0.782 < 0.97", "text QA shape 0.969 < 0.97",
+                                      "tower probe 0.95 < 0.97"]
+    assert B.bar_line(measured).startswith("warning: this base falls short of the bar (text QA position 0.782")
+    assert B.shortfalls(B.load_base_record()["measured"]) == []
+    assert "stands in for a pretrained one" in B.bar_line(B.load_base_record()["measured"])
+
+
 def test_the_tower_probe_leaves_the_callers_random_state_alone():
     """The probe seeds its own init; the build's next model (the LLM) is then seeded by the build's seed alone."""
     rng = np.random.default_rng(0)
