@@ -266,13 +266,12 @@ def text_qa_accuracy(llm, tokenizer, n: int, seed: int, batch: int = 100) -> dic
     return {"accuracy": round(sum(sum(v) for v in right.values()) / n, 4), "per_kind": per_kind}
 
 
-def shortfalls(measured: dict, bar: float = BASE_BAR) -> list[str]:
-    """What a base's measurements (demo_base.json's "measured") leave below the bar: [] when it stands in
+def shortfalls(measured: dict) -> list[str]:
+    """What a base's measurements (demo_base.json's "measured") leave below BASE_BAR: [] when it stands in
     for a pretrained one, else e.g. ["text QA position 0.782 < 0.97"]."""
-    below = [f"text QA {kind} {v} < {bar}" for kind, v in sorted(measured["text_qa"]["per_kind"].items()) if v < bar]
-    if measured["tower_probe"]["object"] < bar:
-        below.append(f"tower probe {measured['tower_probe']['object']} < {bar}")
-    return below
+    scores = {f"text QA {kind}": v for kind, v in sorted(measured["text_qa"]["per_kind"].items())}
+    scores["tower probe"] = measured["tower_probe"]["object"]
+    return [f"{name} {v} < {BASE_BAR}" for name, v in scores.items() if v < BASE_BAR]
 
 
 def bar_line(measured: dict) -> str:

@@ -139,8 +139,7 @@ def text_conversation(rng: random.Random, spec: ShapesSpec, questions: int = 4,
         kinds = rng.sample(QUESTION_KINDS, questions)
     else:
         unknown = set(question_mix) - set(QUESTION_KINDS)
-        if (unknown or not question_mix
-                or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 0 for w in question_mix.values())):
+        if unknown or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 0 for w in question_mix.values()):
             raise ValueError(f"question_mix: integer weights >= 0 for kinds of {QUESTION_KINDS}, got {question_mix}")
         pool = [k for k in QUESTION_KINDS for _ in range(question_mix.get(k, 0))]
         if not pool:
