@@ -52,6 +52,9 @@ CHATML_TEMPLATE = (
 )
 
 
+TEMPLATE_NAMES = ("auto", "plain", "vicuna_v1", "chatml", "chat")
+
+
 def resolve_template(name: str, tokenizer, stage: str = "2") -> str:
     """Template name -> Jinja text. auto: plain for stage 1, else the tokenizer's own, else vicuna_v1."""
     if name == "auto":

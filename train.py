@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import dataclasses
 import functools
+import json
 import math
 import os
 import sys
@@ -29,10 +30,9 @@ import torch
 from tqdm import tqdm
 
 import data as D
-from engineering import records as RC
-from engineering.batches import Batches, validate_data
-from engineering.checkpoints import build_model, save_checkpoint
-from engineering.config import TrainConfig, check_command_line, stage_config
+from engineering.batches import Batches, read_data, validate_data
+from engineering.checkpoints import build_model, check_init, is_hub_name, save_checkpoint
+from engineering.config import RECIPES, TrainConfig, check_command_line, stage_config
 from engineering.distributed import (
     ResumableSampler,
     all_reduce_sum,
@@ -57,8 +57,8 @@ from engineering.flags import (
 )
 from engineering.memory_plan import check_memory_fits, print_plans
 from engineering.reporting import MetricsReporter, StageLog
-from engineering.reruns import continue_or_start, remove_later_stages
-from shapes_world.demo_base import demo_inputs
+from engineering.reruns import check_resume, command_settings, plan_stage, start_anew
+from shapes_world.demo_base import demo_inputs, demo_records_per_image, make_demo_data
 from victor import IGNORE_INDEX, STAGES, VictorModel, check_stage
 
 # -----------------------------------------------------------------------------
@@ -155,28 +155,30 @@ class StageRun:
         return os.path.join(self.cfg.out_dir, "checkpoints")
 
 
+def grad_accumulation(cfg: TrainConfig, world: int) -> int:
+    """Micro-batches per process and step: global batch = batch size x accumulation x processes."""
+    if cfg.global_batch_size % (cfg.batch_size * world):
+        raise UsageError(f"global_batch_size {cfg.global_batch_size} is not a multiple of "
+                         f"batch_size {cfg.batch_size} x {world} processes")
+    return cfg.global_batch_size // (cfg.batch_size * world)
+
+
 def start_stage(cfg: TrainConfig, stage: str) -> StageRun:
     """Everything before the first step, cheapest checks first: the processes, the batch arithmetic, the
     memory plan, the data's validation pass, then the model, the loader, the optimizer, a resumed state."""
     rank, world, device = setup_distributed()
-    if cfg.global_batch_size % (cfg.batch_size * world):
-        raise UsageError(f"global_batch_size {cfg.global_batch_size} is not a multiple of "
-                         f"batch_size {cfg.batch_size} x {world} processes")
-    grad_accum = cfg.global_batch_size // (cfg.batch_size * world)
+    grad_accum = grad_accumulation(cfg, world)
     check_memory_fits(cfg, stage, world, device)
-    if not cfg.data or not (os.path.isfile(cfg.data) or RC.is_parquet(cfg.data)):  # parquet_files names a miss
-        raise FileNotFoundError(f"stage {stage}: data file {cfg.data!r} not found (--data)")
     records, bad_records = validate_data(cfg, rank == 0)
+    resume_from = (latest_training_state(os.path.join(cfg.out_dir, "checkpoints")) if cfg.resume == "auto"
+                   else cfg.resume)
+    if resume_from:
+        check_resume(cfg, stage, resume_from)  # a resume continues the same run
     torch.manual_seed(cfg.seed + rank)
     model, train_model, tokenizer, image_processor = prepare_model(cfg, stage, rank, world, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     loader, sampler = make_loader(cfg, stage, records, model, tokenizer, image_processor, rank, world)
-    if not records and not bad_records:
-        raise UsageError(f"{cfg.data}: the file has no records")
-    if not records:
-        raise UsageError(f"{cfg.data}: no usable record: all {len(bad_records)} are bad (listed in "
-                         f"{os.path.join(cfg.out_dir, 'bad_records.json')})")
     if len(loader) < grad_accum:
         raise UsageError(f"{cfg.data}: {len(loader.dataset)} records are fewer than one global batch "
                          f"({cfg.global_batch_size})")
@@ -186,8 +188,6 @@ def start_stage(cfg: TrainConfig, stage: str) -> StageRun:
         raise UsageError(f"--snapshot-steps {cfg.snapshot_steps}: this run has only {total_steps} steps")
     optimizer, scheduler = make_optimizer(cfg, model, stage, device, total_steps)
     progress = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "skipped": [], "truncated": []}
-    resume_from = (latest_training_state(os.path.join(cfg.out_dir, "checkpoints")) if cfg.resume == "auto"
-                   else cfg.resume)
     if resume_from:
         progress = load_training_state(resume_from, model, optimizer, scheduler, rank)
         if rank == 0:
@@ -266,7 +266,7 @@ def train_loop(r: StageRun, log: StageLog):
         log.step(dict(step=done, loss=lm + recon, lm_loss=lm, recon_loss=recon, lr=lr, grad_norm=grad_norm),
                  finite, r.batches)
         if bad_in_a_row >= cfg.max_bad_steps:
-            save_training_state(r.state_dir, r.batches.state(done), r.model, r.optimizer, r.scheduler, r.rank)
+            save_state(r, done)
             raise StageStopped(f"stage {r.stage}: {bad_in_a_row} steps in a row had a non-finite loss or gradient "
                                f"(last: step {done}); stopped. The state before them is saved in "
                                f"{latest_training_state(r.state_dir)}: lower the learning rate or look at the data, "
@@ -274,7 +274,14 @@ def train_loop(r: StageRun, log: StageLog):
         if done < r.total_steps and done in r.snapshots:  # a model checkpoint part-way, e.g. for learning curves
             save_model(r, os.path.join(cfg.out_dir, "snapshots", f"step-{done}"))
         if done < r.total_steps and cfg.save_every and done % cfg.save_every == 0:
-            save_training_state(r.state_dir, r.batches.state(done), r.model, r.optimizer, r.scheduler, r.rank)
+            save_state(r, done)
+
+
+def save_state(r: StageRun, done: int):
+    """A resumable training state after step `done`, with the settings it was made with (a resume is checked
+    against them)."""
+    save_training_state(r.state_dir, r.batches.state(done), r.model, r.optimizer, r.scheduler, r.rank,
+                        settings=command_settings(r.cfg, r.stage))
 
 
 def finish_stage(r: StageRun, log: StageLog):
@@ -316,19 +323,17 @@ def train_stage(cfg: TrainConfig, stage: str, reporter: MetricsReporter | None =
 RUNNING = {}  # the stage being trained, for the one line Ctrl-C prints
 
 
-def run(overrides: dict) -> list[str]:
-    """Run one stage, or all three in a row (each initialised from the one before). The same command again
-    continues: a stage that finished with the same settings is kept, an interrupted one resumes from its
-    last saved state (--save-every) or starts again; a stage trained anew makes the ones after it anew too;
-    --overwrite trains every stage anew."""
+def stage_configs(overrides: dict) -> tuple[list[TrainConfig], str]:
+    """Each stage's settings for this command line (the recipe's, the variant's, the flags given), and where
+    each stage saves: --out-dir itself for one stage, else OUT/stageS (OUT: --out-dir, or out/RECIPE).
+    Also OUT, when the demo's data is to be made there ('' else)."""
     stages = check_command_line(overrides)  # every check that needs no data and no model, first
     recipe, stage = overrides.pop("recipe", "demo"), overrides.pop("stage", "all")
-    out_root = overrides.pop("out_dir", "out/demo" if recipe == "demo" else f"out/{recipe}")
-    reporter = MetricsReporter(overrides.get("report_to", ""))  # a missing optional package fails before data or models
+    given_out = overrides.pop("out_dir", "")
+    out_root = given_out or f"out/{recipe}"
     demo_data = (demo_inputs(overrides, out_root, overrides.get("demo_images", TrainConfig.demo_images))
                  if recipe == "demo" else {})
-    outs, init = [], overrides.pop("init", "")
-    anew = bool(overrides.get("overwrite"))
+    cfgs, init = [], overrides.pop("init", "")
     for s in stages:
         o = dict(overrides)
         if s in demo_data:
@@ -336,25 +341,91 @@ def run(overrides: dict) -> list[str]:
         if init and s != stages[0]:  # the base models come with the previous stage's checkpoint
             o.pop("vision_model", None), o.pop("llm", None)
         cfg = stage_config(recipe, s, o, init)
-        cfg.out_dir = os.path.join(out_root, f"stage{s}") if stage == "all" else out_root
-        action = continue_or_start(cfg, s, anew)
-        if action != "keep":
-            if stage == "all":  # the later stages' earlier outputs are stale now: never left for eval.py to score
-                remove_later_stages(out_root, s, stages[stages.index(s) + 1:])
-            RUNNING.update(stage=s, out_dir=cfg.out_dir)
-            init = train_stage(cfg, s, reporter)
-            anew = True  # what comes after a stage trained now is trained now too
+        cfg.out_dir = given_out if given_out and stage != "all" else os.path.join(out_root, f"stage{s}")
+        if s not in demo_data:
+            cfg.demo_images = 0  # (recorded as 0: this stage's data was given, not generated)
+        cfgs.append(cfg)
+        init = cfg.out_dir
+    return cfgs, out_root if demo_data else ""
+
+
+def check_before_training(cfgs: list[TrainConfig], demo_data: bool) -> list[str]:
+    """Every input of every stage, then what the rerun rule (engineering/reruns.py) does with each out-dir:
+    'keep', 'resume' or 'new'. All of it before anything on disk is touched: a mistake is one line."""
+    rank, world, device = setup_distributed()
+    for i, cfg in enumerate(cfgs):
+        if cfg.template not in D.TEMPLATE_NAMES:
+            raise UsageError(f"--template {cfg.template!r}: choose from {' | '.join(D.TEMPLATE_NAMES)}")
+        grad_accumulation(cfg, world)
+        check_memory_fits(cfg, cfg.stage, world, device)
+        if i == 0 and cfg.init:
+            check_init(cfg.init)
+        for key in ("vision_model", "llm"):
+            if not cfg.init and not os.path.isdir(getattr(cfg, key)) and not is_hub_name(getattr(cfg, key)):
+                raise UsageError(f"--{key.replace('_', '-')} {getattr(cfg, key)!r}: no such directory (nor a "
+                                 f"hub name, org/name)")
+        if demo_data:
+            per_image = demo_records_per_image()[cfg.stage]
+            if cfg.demo_images * per_image < cfg.global_batch_size:
+                raise UsageError(f"--demo-images {cfg.demo_images}: stage {cfg.stage}'s global batch is "
+                                 f"{cfg.global_batch_size} samples ({per_image} per image), so at least "
+                                 f"{math.ceil(cfg.global_batch_size / per_image)} images are needed")
         else:
-            init = cfg.out_dir
-        outs.append(init)
-    return outs
+            records, _ = read_data(cfg)
+            if len(records) < cfg.global_batch_size:
+                raise UsageError(f"{cfg.data}: {len(records)} usable records are fewer than one global batch "
+                                 f"({cfg.global_batch_size})")
+    actions, earlier_trained_now = [], False
+    for cfg in cfgs:
+        actions.append(plan_stage(cfg, cfg.stage, cfg.overwrite, earlier_trained_now))
+        earlier_trained_now = earlier_trained_now or actions[-1] != "keep"
+    return actions
+
+
+def run(overrides: dict) -> list[str]:
+    """Run one stage, or all three in a row (each initialised from the one before), by the rerun rule
+    (README, "Nothing you trained is lost"): every input checked first; the same command again keeps a
+    finished stage and resumes an interrupted one; other settings are refused, naming each, unless
+    --overwrite, which moves the earlier outputs aside. Returns each stage's out-dir."""
+    cfgs, demo_root = stage_configs(overrides)
+    reporter = MetricsReporter(cfgs[0].report_to)  # a missing optional package fails before data or models
+    actions = check_before_training(cfgs, bool(demo_root))
+    if demo_root:
+        make_demo_data(demo_root, cfgs[0].demo_images)
+    for cfg, action in zip(cfgs, actions):
+        if action == "keep":
+            if int(os.environ.get("RANK", 0)) == 0:
+                print(f"stage {cfg.stage}: kept {cfg.out_dir}: it finished earlier with these settings "
+                      f"(--overwrite trains it anew)")
+            continue
+        if action == "new":
+            start_anew(cfg.out_dir, cfg.stage)
+        RUNNING.update(stage=cfg.stage, out_dir=cfg.out_dir)
+        train_stage(cfg, cfg.stage, reporter)
+    RUNNING.clear()
+    return [cfg.out_dir for cfg in cfgs]
+
+
+def show_settings(overrides: dict):
+    """--show-settings: each stage's settings as this command would run them (nothing is checked on disk)."""
+    cfgs, _ = stage_configs(overrides)
+    rows = [dataclasses.asdict(c) for c in cfgs]
+    width = max(len(k) for k in rows[0])
+    print(f"{'':{width}}  " + "  ".join(f"stage {c.stage}" for c in cfgs))
+    for key in rows[0]:
+        print(f"{key:{width}}  " + "  ".join(json.dumps(r[key]) if isinstance(r[key], dict) else str(r[key])
+                                              for r in rows))
 
 
 def parse_args(argv=None) -> dict:
     """Every TrainConfig field becomes a --flag; only the flags given override the recipe."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                  allow_abbrev=False)
-    add_config_flags(ap, TrainConfig)
+    add_config_flags(ap, TrainConfig, recipe_fields={k for r in RECIPES.values() for st in r["stages"].values()
+                                                     for k in st} | {"vision_model", "llm", "model_overrides"})
+    ap.add_argument("--show-settings", action="store_true", default=argparse.SUPPRESS,
+                    help="print each stage's settings as this command line would run them (the recipe's "
+                         "values per stage, then the flags given) and exit")
     # not TrainConfig fields: they ask for a memory plan instead of a run (a run's world size is torchrun's)
     ap.add_argument("--plan", action="store_true", default=argparse.SUPPRESS,
                     help="print what each GPU will hold for this command line (model configs only) and exit")
@@ -363,30 +434,50 @@ def parse_args(argv=None) -> dict:
     return vars(ap.parse_args(argv))
 
 
+def refuse(message: str):
+    """A mistake on the command line or in its inputs: one line on stderr, exit 2, nothing on disk changed."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def interrupted_line() -> str:
+    """Ctrl-C's one line: where it stopped, and what the same command will do."""
+    if not RUNNING:
+        return "interrupted before any stage started training: the same command starts again"
+    state = latest_training_state(os.path.join(RUNNING["out_dir"], "checkpoints"))
+    then = (f"its saved state holds step {state.rsplit('step-', 1)[1]} ({state}): the same command resumes from it"
+            if state else "no training state was saved (--save-every N saves one): the same command starts this "
+            "stage again")
+    return f"interrupted in stage {RUNNING['stage']} ({RUNNING['out_dir']}): {then}; finished stages are kept"
+
+
 def main(argv=None):
     """The command line: a memory plan (--plan) or a run. A mistake the user can fix (a flag, the data, a
     path, a stage that had to stop) ends as one line, `error: ...`, not a traceback."""
     args = parse_args(argv)
     if args.get("stage", "all") not in (*STAGES, "all"):
-        sys.exit(f"error: --stage must be one of 1, 1.5, 2, all (got {args['stage']!r})")
+        refuse(f"--stage must be one of 1, 1.5, 2, all (got {args['stage']!r})")
     plan, plan_world = args.pop("plan", False), args.pop("world_size", None)
     if plan_world is not None and not plan:
-        sys.exit("--world-size applies to --plan only (a run's world size is torchrun's --nproc_per_node x --nnodes)")
+        refuse("--world-size applies to --plan only (a run's world size is torchrun's --nproc_per_node x --nnodes)")
     if plan:
         try:
             print_plans(args, 1 if plan_world is None else plan_world)
         except (ValueError, FileNotFoundError) as e:
-            sys.exit(f"error: --plan: {e}")
+            refuse(f"--plan: {e}")
         sys.exit(0)
     t = time.time()
     try:
+        if args.pop("show_settings", False):
+            return show_settings(args)
         run(args)
-    except (UsageError, FileNotFoundError, MissingDependency, StageStopped) as e:  # the user's to fix: one line
+    except (UsageError, FileNotFoundError, MissingDependency) as e:  # the user's to fix: one line, exit 2
+        refuse(str(e))
+    except StageStopped as e:  # a stage that could not go on: one line, exit 1
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
-        where = f" in stage {RUNNING['stage']} ({RUNNING['out_dir']})" if RUNNING else ""
-        sys.exit(f"interrupted{where}: the same command continues (finished stages are kept; the interrupted one "
-                 f"resumes from its last saved state with --save-every N, else it starts again)")
+        print(interrupted_line(), file=sys.stderr)
+        sys.exit(130)
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"done in {time.time() - t:.0f}s")
     end_processes()

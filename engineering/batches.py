@@ -30,7 +30,8 @@ if TYPE_CHECKING:
 def skip_kind(why: str) -> str:
     """A skip reason without its particulars (the path after ': ', the numbers), so that like reasons count
     together: 'image not found: /x/1.png' -> 'image not found'."""
-    return re.sub(r"\d+", "N", why.split(": ")[0])
+    why = re.sub(r": [^()]*\)", ")", why)  # "(only a path: /x/1.png)" -> "(only a path)"
+    return re.sub(r"(?<!max_length=)\b\d+", "N", why.split(": ")[0])
 
 
 def skip_kinds(skipped: list[tuple[str, str]]) -> Counter:
@@ -59,12 +60,18 @@ def selection_seeds(image_keys, seed: int, epoch: int) -> list[int]:
     return [((seed * 1_000_003 + epoch) * 1_000_000_007 + index) * 1009 + k for index, k in image_keys]
 
 
-def validate_data(cfg: TrainConfig, master: bool) -> tuple[RC.RecordStore | RC.ParquetRecordStore,
-                                                           list[tuple[str, str]]]:
-    """The validation pass, before any training: every structurally bad record (and every record
-    whose image file is missing) is reported with its position and reason, and written to
-    out_dir/bad_records.json; --strict fails on any. Every process reads and checks the file itself
-    (sending rank 0's records would pickle the whole dataset once per process); rank 0 reports."""
+_READ = {}  # (data, image_folder, strict) -> (records, bad): read once, by the checks before a run and its stage
+
+
+def read_data(cfg: TrainConfig) -> tuple[RC.RecordStore | RC.ParquetRecordStore, list[tuple[str, str]]]:
+    """--data read and checked (the validation pass), with one line (UsageError) when it cannot be used: no
+    such file, not JSON / JSONL, no records, no usable record (the commonest reasons and the first one
+    named), --strict and a bad record. Writes nothing: the checks before a run call it first."""
+    key = (cfg.data, cfg.image_folder, cfg.strict)
+    if key in _READ:
+        return _READ[key]
+    if not cfg.data or not (os.path.isfile(cfg.data) or RC.is_parquet(cfg.data)):  # parquet_files names a miss
+        raise UsageError(f"stage {cfg.stage}: data file {cfg.data!r} not found (--data)")
     try:
         records, bad = RC.load_data(cfg.data, strict=cfg.strict, image_folder=cfg.image_folder)
     except ValueError as e:  # not JSON at all, or --strict and bad records: the first five named, on one line
@@ -73,6 +80,27 @@ def validate_data(cfg: TrainConfig, master: bool) -> tuple[RC.RecordStore | RC.P
         raise UsageError(f"{first} {named}".strip() +
                          f"{'; without --strict bad records are skipped and listed' if cfg.strict else ''}"
                          ) from None
+    if not records and not bad:
+        raise UsageError(f"{cfg.data}: the file has no records")
+    if not records and all(why.startswith(("invalid JSON", "invalid UTF-8")) for _, why in bad):
+        raise UsageError(f"{cfg.data}: not a JSON list nor JSONL ({bad[0][0]}: {bad[0][1]})")
+    if not records:
+        raise UsageError(f"{cfg.data}: no usable record: all {len(bad)} are bad ({top_reasons(bad)}; e.g. "
+                         f"{bad[0][0]}: {bad[0][1]})" + (" (--image-folder)" if bad[0][1].startswith(
+                             "image not found") else ""))
+    _READ.clear()  # one data set held at a time
+    _READ[key] = records, bad
+    return records, bad
+
+
+def validate_data(cfg: TrainConfig, master: bool) -> tuple[RC.RecordStore | RC.ParquetRecordStore,
+                                                           list[tuple[str, str]]]:
+    """The validation pass, before any training (read_data): every structurally bad record (and every record
+    whose image file is missing) is reported with its position and reason, and written to
+    out_dir/bad_records.json; more than WARN_SKIP_RATE of them is a warning. Every process reads and checks
+    the file itself (sending rank 0's records would pickle the whole dataset once per process); rank 0
+    reports."""
+    records, bad = read_data(cfg)
     if dist.is_initialized():  # the samplers split the same records only if every process found the same
         counts = [None] * dist.get_world_size()
         dist.all_gather_object(counts, (len(records), len(bad)))
@@ -87,6 +115,9 @@ def validate_data(cfg: TrainConfig, master: bool) -> tuple[RC.RecordStore | RC.P
                 print(f"  {where}: {why}")
             if len(bad) > 20:
                 print(f"  ... and {len(bad) - 20} more")
+        if len(bad) > WARN_SKIP_RATE * (len(records) + len(bad)):
+            print(f"warning: {100 * len(bad) / (len(records) + len(bad)):.0f} % of the records are bad ({len(bad)} "
+                  f"of {len(records) + len(bad)}): {top_reasons(bad)}")
         write_json(os.path.join(cfg.out_dir, "bad_records.json"), [{"record": w, "reason": why} for w, why in bad])
     return records, bad
 

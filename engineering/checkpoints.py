@@ -552,7 +552,9 @@ def export_llava_hf(model: VictorModel, tokenizer, image_processor, out_dir: str
     if cfg.normalize_visual_tokens:
         raise ValueError("export to llava-hf: this model L2-normalises its visual tokens (normalize_visual_tokens="
                          "True, as ViCToR and Croc do), and LlavaForConditionalGeneration has no such step: the "
-                         "exported model would compute something else")
+                         "exported model would compute something else. An exportable model trains without it: "
+                         "train.py --variant llava (or --model-overrides '{\"normalize_visual_tokens\": false}') "
+                         "from stage 1 on")
     if cfg.vision_feature_downsample > 1:
         raise ValueError(f"export to llava-hf: vision_feature_downsample={cfg.vision_feature_downsample} pools "
                          f"patches, and LlavaForConditionalGeneration has no such step")
@@ -659,6 +661,26 @@ def note_normalisation_change(init: str, new: VictorConfig):
               f"{init} was trained with {saved}: its projector learned the other")
 
 
+def is_hub_name(name: str) -> bool:
+    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not os.path.exists(name)  # org/name
+
+
+def check_init(init: str):
+    """--init names a checkpoint (a directory with a config.json victor can load, and its weights), or a hub
+    name: one line (UsageError) otherwise. Reads config.json alone: the checks before a run."""
+    if is_hub_name(init):
+        return
+    if not os.path.isdir(init):
+        raise UsageError(f"--init {init}: no such directory (give a checkpoint directory that a stage saved)")
+    try:
+        checkpoint_format(read_config_json(init), init)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(f"--init {e}") from None
+    if not any(os.path.isfile(os.path.join(init, f)) for f in WEIGHT_FILES) and not os.path.isfile(
+            os.path.join(init, "mm_projector.bin")):
+        raise UsageError(f"--init {init}: no weights in it ({', '.join(WEIGHT_FILES)}): a stage that did not finish?")
+
+
 def load_init_checkpoint(init: str, overrides: dict, given: dict):
     """train.py --init: load_checkpoint, with one line (UsageError) for what users get wrong: a base model
     the checkpoint refers to that has moved, a setting it refuses, a base model named again on the command
@@ -667,9 +689,7 @@ def load_init_checkpoint(init: str, overrides: dict, given: dict):
         return UsageError(f"--init {init}: cannot load a base model it refers to (vision_model "
                           f"{saved.get('vision_model')!r}, llm {saved.get('llm')!r}): {why}; put the model "
                           f"back at that path (or name), or train this checkpoint's stage again")
-    hub_name = init.count("/") == 1 and not init.startswith((".", "/", "~"))  # org/name
-    if not os.path.exists(init) and not hub_name:
-        raise UsageError(f"--init {init}: no such directory (give a checkpoint directory that a stage saved)")
+    check_init(init)
     saved = read_config_json(init).get("victor", {}) if os.path.isdir(init) else {}
     for key in ("vision_model", "llm"):  # a local directory that is gone: said now (else the hub is asked)
         if os.path.isabs(saved.get(key) or "") and not os.path.isdir(saved[key]):

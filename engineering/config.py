@@ -6,6 +6,8 @@ may skip this file; a reader of an experiment should read RECIPES.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from dataclasses import dataclass
 
@@ -88,14 +90,15 @@ class TrainConfig:
                            NON_NEGATIVE)
     resume: str = knob("", "auto: continue from the newest complete state in OUT/checkpoints; or a state "
                            "directory")
-    overwrite: bool = knob(False, "train every stage anew, removing its earlier outputs (default: a stage that "
-                                  "finished with the same settings is kept, an interrupted one resumes from its "
-                                  "last saved state or starts again)")
+    overwrite: bool = knob(False, "train every stage anew; its earlier outputs are moved into OUT/previous/ when "
+                                  "it starts (default: a stage that finished with the same settings is kept, an "
+                                  "interrupted one resumes from its saved state; other settings are refused)")
     max_bad_steps: int = knob(5, "steps in a row with a non-finite loss or gradient that stop the run "
                                  "(each one is skipped)", AT_LEAST_1)
-    out_dir: str = knob("out/demo", "where the checkpoint, metrics and reports go (--stage all: a folder "
-                                    "per stage under it)")
-    demo_images: int = knob(4000, "demo recipe: how many shapes training images to generate", AT_LEAST_1)
+    out_dir: str = knob("", "where the checkpoint, metrics and reports go: with one --stage that folder itself, "
+                            "else a folder per stage under it, OUT/stageS; not given: out/RECIPE/stageS")
+    demo_images: int = knob(4000, "demo recipe: how many shapes training images to generate (a stage whose data "
+                                  "is given records 0)", AT_LEAST_1)
 
 
 RANGES = declared_ranges(TrainConfig)
@@ -242,6 +245,30 @@ def note_replaced_counts(given: dict, recipe: str, stages: list[str]):
                   f"{replaced} ({recipe_counts})")
 
 
+FIELD_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "dict | None": (dict, type(None))}
+
+
+def check_model_override_types(values: dict):
+    """Each --model-overrides value of its VictorConfig field's type: one line naming the field otherwise."""
+    declared = {f.name: f.type for f in dataclasses.fields(VictorConfig)}
+    for key, value in values.items():
+        kinds = FIELD_TYPES.get(declared.get(key), ())
+        if kinds and (not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)):
+            raise UsageError(f"--model-overrides {key}: {json.dumps(value)} is not a{'n' * (declared[key] == 'int')} "
+                             f"{declared[key]} (VictorConfig.{key} = {getattr(VictorConfig, key)!r})")
+
+
+def note_per_stage_values(given: dict, recipe: str, stages: list[str]):
+    """Say so when one flag replaces recipe values that differ between the stages it runs."""
+    recipe_stages = RECIPES.get(recipe, {}).get("stages", {})
+    for key in sorted(given):
+        values = {s: recipe_stages[s][key] for s in stages if key in recipe_stages.get(s, {})}
+        if len(stages) > 1 and len(set(map(repr, values.values()))) > 1:
+            listed = ", ".join(f"stage {s}: {v}" for s, v in values.items())
+            print(f"note: --{key.replace('_', '-')} {given[key]} replaces the {recipe} recipe's per-stage "
+                  f"{key} ({listed}) in every stage")
+
+
 def check_command_line(overrides: dict) -> list[str]:
     """train.py's checks that need neither data nor models, before anything is built: ranges, the model
     settings, flags that contradict each other or do nothing here. Fills in --image-folder where the data
@@ -249,6 +276,7 @@ def check_command_line(overrides: dict) -> list[str]:
     given = dict(overrides)
     check_ranges(given, RANGES)
     recipe, stage, variant = given.get("recipe", "demo"), given.get("stage", "all"), given.get("variant", "")
+    check_model_override_types(given.get("model_overrides", {}))
     try:  # the model settings (placeholders for the base models)
         VictorConfig.from_dict({"vision_model": "-", "llm": "-", **variant_preset(variant),
                                 **given.get("model_overrides", {})}).validate()
@@ -257,6 +285,7 @@ def check_command_line(overrides: dict) -> list[str]:
     stages = stages_to_run(stage, variant)
     check_knobs(given, recipe, stages)
     note_replaced_counts(given, recipe, stages)
+    note_per_stage_values(given, recipe, stages)
     if len(stages) > 1 and given.get("data"):
         raise UsageError(f"--data with --stage {stage} would train every stage on one file; give each stage its "
                          "data, one stage at a time: --stage 1 --data CAPTIONS --out-dir OUT/stage1, then --stage "

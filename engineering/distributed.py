@@ -102,11 +102,13 @@ def checkpoint_io():
         yield
 
 
-def save_training_state(state_dir: str, progress: dict, model, optimizer, scheduler, rank: int, keep: int = 2):
+def save_training_state(state_dir: str, progress: dict, model, optimizer, scheduler, rank: int, keep: int = 2,
+                        settings: dict | None = None):
     """Write state_dir/step-N atomically: into step-N.tmp, then one rename, so a run killed while
     saving leaves the previous state intact. Model and optimizer go through torch.distributed.checkpoint:
     each process writes its own shard under FSDP, replicated (DDP) state is written once, and a
-    state can be loaded by a different number of processes. RNG states are per process."""
+    state can be loaded by a different number of processes. RNG states are per process. settings: the
+    run's, in settings.json (a resume is checked against them)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
     final = os.path.join(state_dir, f"step-{progress['step']}")
@@ -125,6 +127,9 @@ def save_training_state(state_dir: str, progress: dict, model, optimizer, schedu
         torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
         with open(os.path.join(tmp, "progress.json"), "w") as f:
             json.dump(progress, f)
+        if settings is not None:
+            with open(os.path.join(tmp, "settings.json"), "w") as f:
+                json.dump(settings, f, indent=1)
     barrier()
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)

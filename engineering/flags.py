@@ -87,13 +87,16 @@ def json_object(text: str) -> dict:
     return value
 
 
-def add_config_flags(ap: argparse.ArgumentParser, config_class):
+def add_config_flags(ap: argparse.ArgumentParser, config_class, recipe_fields: set = frozenset()):
     """Every field of a config dataclass (declared with knob) as a --flag; a flag not given is absent from
-    the parsed namespace, so that only the flags given override a recipe."""
+    the parsed namespace, so that only the flags given override a recipe. recipe_fields: the fields a recipe
+    sets per stage, whose help says so rather than show a default that the recipe replaces."""
     for f in dataclasses.fields(config_class):
         flag = "--" + f.name.replace("_", "-")
         valid = f"; {f.metadata['range']}" if f.metadata["range"] else ""
-        help_text = f"{f.metadata['help']} (default {f.default!r}{valid})".replace("%", "%%")
+        default = (f"default: the recipe's, per stage (--show-settings); without one {f.default!r}"
+                   if f.name in recipe_fields else f"default {f.default!r}")
+        help_text = f"{f.metadata['help']} ({default}{valid})".replace("%", "%%")
         if f.type in ("bool", "bool | None"):
             ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         elif f.type == "dict":

@@ -8,8 +8,10 @@ the method may skip this file.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import os
+import sys
 import time
 from typing import TYPE_CHECKING
 
@@ -29,13 +31,18 @@ class StageLog:
     def __init__(self, cfg: TrainConfig, stage: str, first_step: int, total_steps: int, master: bool,
                  reporter: MetricsReporter, skipped_before: int = 0):
         self.cfg, self.stage, self.master, self.reporter, self.total = cfg, stage, master, reporter, total_steps
-        self.metrics = None
+        self.metrics, self.first_step = None, first_step
         if self.master:
             os.makedirs(cfg.out_dir, exist_ok=True)
-            self.metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a" if first_step else "w")
+            path = os.path.join(cfg.out_dir, "metrics.jsonl")
+            kept = rows_up_to(path, first_step) if first_step else []  # a resume: no step appears twice
+            self.metrics = open(path, "w")
+            self.metrics.writelines(kept)
             reporter.start(cfg.out_dir, stage, dataclasses.asdict(cfg))
+        # off a terminal (a file, a pipe, a scheduler's log) no bar is redrawn: a plain line per logged row
+        self.plain = self.master and (not sys.stderr.isatty() or os.environ.get("TQDM_DISABLE", "") not in ("", "0"))
         self.bar = tqdm(range(first_step, total_steps), initial=first_step, total=total_steps,
-                        desc=f"stage {stage}", disable=not self.master, dynamic_ncols=True)
+                        desc=f"stage {stage}", disable=not self.master or self.plain, dynamic_ncols=True)
         self.t0, self.samples, self.logged_skips = time.time(), 0, skipped_before  # (a resumed run's skips: logged)
 
     def step(self, row: dict, finite: bool, batches: Batches):
@@ -53,6 +60,18 @@ class StageLog:
                 self.logged_skips = len(batches.skipped)
             self.write(row)
             self.reporter.log(row)
+            if self.plain:
+                print(self.plain_line(row), flush=True)
+
+    def plain_line(self, row: dict) -> str:
+        """'stage 2 step 40/2000 loss 1.234 (lm 1.234, recon 0.000) lr 5.0e-04 19 samples/s 0:00:32 elapsed,
+        0:26:08 to go': the bar's content as one line, for logs."""
+        elapsed = time.time() - self.t0
+        left = elapsed / max(row["step"] - self.first_step, 1) * (self.total - row["step"])
+        clock = lambda s: str(datetime.timedelta(seconds=round(s)))  # noqa: E731
+        return (f"stage {self.stage} step {row['step']}/{self.total} loss {row['loss']:.3f} (lm {row['lm_loss']:.3f}, "
+                f"recon {row['recon_loss']:.3f}) lr {row['lr']:.1e} {row['samples_per_s']:.0f} samples/s "
+                f"{clock(elapsed)} elapsed, {clock(left)} to go")
 
     def write(self, row: dict):
         self.metrics.write(json.dumps({"stage": self.stage, **row}) + "\n")
@@ -62,6 +81,17 @@ class StageLog:
         self.write(final_row)
         self.metrics.close()
         self.reporter.close()
+
+
+def rows_up_to(path: str, step: int) -> list[str]:
+    """metrics.jsonl's lines of the steps up to `step` (the one a resumed run continues from)."""
+    try:
+        with open(path) as f:
+            lines = f.readlines()
+    except OSError:
+        return []
+    return [line for line in lines if line.strip() and not json.loads(line).get("done")
+            and json.loads(line).get("step", 0) <= step]
 
 
 class MetricsReporter:

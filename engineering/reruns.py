@@ -1,7 +1,16 @@
 """
-The rerun rule: the same train.py command again continues. A stage that finished with the same settings
-is kept, an interrupted one resumes from its last saved state (--save-every), anything else starts anew,
-its earlier outputs removed first (never anything else in the folder). A reader of the method may skip
+The rerun rule (README, "Nothing you trained is lost"): the same train.py command again continues, and
+nothing a user trained is removed unless they ask (--overwrite).
+
+  * A stage that finished with the same settings is kept; one interrupted after a saved state
+    (--save-every) resumes from it; an out-dir with nothing trained in it is (re)started.
+  * A command whose settings differ from a finished or interrupted stage's record is refused, naming each
+    differing setting with both values. A resume continues the same run: only NOT_RESULT_SETTINGS may
+    change.
+  * --overwrite trains anew, and moves the earlier outputs aside into OUT/previous/ (one generation kept)
+    when the stage starts, after every check has passed.
+
+plan_stage decides, before anything on disk is touched; start_anew acts. A reader of the method may skip
 this file.
 """
 from __future__ import annotations
@@ -13,6 +22,7 @@ import shutil
 from typing import TYPE_CHECKING
 
 from engineering.distributed import barrier, latest_training_state
+from engineering.flags import UsageError
 
 if TYPE_CHECKING:
     from engineering.config import TrainConfig
@@ -22,8 +32,11 @@ STAGE_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json
                "skipped.json", "truncated.json", "chat_template.jinja", "preprocessor_config.json", "tokenizer.json",
                "tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "curves.png")
 STAGE_DIRS = ("snapshots", "checkpoints", "tensorboard")
-# settings that do not change what a stage computes: a finished stage is kept whatever they are
+TRAINED = ("model.safetensors", "model.safetensors.index.json", "checkpoints", "snapshots")  # a model's weights
+PREVIOUS = "previous"  # OUT/previous: the outputs --overwrite moved aside
+# settings that do not change what a stage computes: they may differ for a kept stage and for a resume
 NOT_RESULT_SETTINGS = ("resume", "save_every", "report_to", "log_every", "overwrite", "num_workers")
+PATH_SETTINGS = ("out_dir", "data", "image_folder", "init", "vision_model", "llm")  # compared as real paths
 
 
 def finished_settings(out_dir: str) -> dict | None:
@@ -39,52 +52,131 @@ def finished_settings(out_dir: str) -> dict | None:
         return None
 
 
-def result_settings(settings: dict) -> dict:
-    return {k: v for k, v in json.loads(json.dumps(settings)).items() if k not in NOT_RESULT_SETTINGS}
+def state_settings(state: str) -> dict | None:
+    """The settings a saved training state was made with (its settings.json); None if not recorded."""
+    try:
+        with open(os.path.join(state, "settings.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
-def remove_stage_outputs(out_dir: str) -> list[str]:
-    """An earlier run's outputs in out_dir (STAGE_FILES, STAGE_DIRS, its evaluations), removed; their names."""
-    if not os.path.isdir(out_dir):
-        return []
-    gone = [n for n in sorted(os.listdir(out_dir)) if n in STAGE_FILES or n in STAGE_DIRS or
-            (n.startswith("eval") and n.endswith(".json")) or (n.startswith("pool_") and n.endswith(".png"))]
-    for name in gone:
-        path = os.path.join(out_dir, name)
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    return gone
+def command_settings(cfg: TrainConfig, stage: str) -> dict:
+    return {**dataclasses.asdict(cfg), "stage": stage}
 
 
-def continue_or_start(cfg: TrainConfig, stage: str, anew: bool) -> str:
-    """The rule for running a stage into an out-dir that may hold an earlier run: 'keep' (it finished with the
-    same settings), 'resume' (it saved a state and did not finish), or 'new' (anything else, or `anew`: the
-    earlier run's outputs are removed first). Rank 0 says which."""
-    master = int(os.environ.get("RANK", 0)) == 0
-    done = finished_settings(cfg.out_dir)
-    if not anew and done is not None and result_settings(done) == result_settings({**dataclasses.asdict(cfg),
-                                                                                      "stage": stage}):
-        if master:
-            print(f"stage {stage}: kept {cfg.out_dir}: it finished earlier with these settings (--overwrite trains "
-                  f"it anew)")
+def _comparable(key: str, value):
+    if key in PATH_SETTINGS and isinstance(value, str) and value:
+        return os.path.realpath(value) if os.path.exists(value) or key == "out_dir" else value
+    return json.loads(json.dumps(value))  # tuples as lists, as a JSON record holds them
+
+
+def differing_settings(recorded: dict, now: dict) -> list[tuple[str, object, object]]:
+    """(name, recorded value, this command's value) for each setting that changes what the stage computes."""
+    keys = sorted((set(recorded) | set(now)) - set(NOT_RESULT_SETTINGS))
+    if not (recorded.get("demo_images") and now.get("demo_images")):  # data given (0): its path tells
+        keys = [k for k in keys if k != "demo_images"]
+    return [(k, recorded.get(k), now.get(k)) for k in keys
+            if _comparable(k, recorded.get(k)) != _comparable(k, now.get(k))]
+
+
+def _shown(value) -> str:
+    return json.dumps(value) if isinstance(value, (dict, list)) else repr(value) if value == "" else str(value)
+
+
+def settings_refusal(where: str, diffs: list[tuple[str, object, object]], what: str) -> str:
+    """'stage 2 in out/V was trained with lr 0.0005; this command gives 0.0001: ...' (what: the advice)."""
+    then = ", ".join(f"{k} {_shown(a)}" for k, a, _ in diffs)
+    now = ", ".join(f"{k} {_shown(b)}" for k, _, b in diffs) if len(diffs) > 1 else _shown(diffs[0][2])
+    return f"{where} with {then}; this command gives {now}: {what}"
+
+
+def holds_trained(out_dir: str) -> list[str]:
+    """The names in out_dir that hold trained weights (a model, saved states, snapshots)."""
+    return [n for n in TRAINED if os.path.exists(os.path.join(out_dir, n))]
+
+
+def plan_stage(cfg: TrainConfig, stage: str, overwrite: bool, earlier_trained_now: bool) -> str:
+    """What to do with this stage's out-dir, decided before anything is touched: 'keep', 'resume' or 'new'
+    (UsageError when the rule refuses the command). earlier_trained_now: a stage before this one in the
+    command trains now, so an earlier run's model here was made from another starting point."""
+    out, now = cfg.out_dir, command_settings(cfg, stage)
+    anew = f"add --overwrite to train it anew (the earlier outputs are moved to {os.path.join(out, PREVIOUS)}), " \
+           f"or choose another --out-dir"
+    if overwrite:
+        return "new"
+    done = finished_settings(out)
+    if done is not None:
+        if earlier_trained_now:
+            raise UsageError(f"stage {stage} in {out} was trained from the stage before it, which this command "
+                             f"trains again: {anew}")
+        diffs = differing_settings(done, now)
+        if diffs:
+            raise UsageError(settings_refusal(f"stage {stage} in {out} was trained", diffs, anew))
         return "keep"
-    if not anew and done is None and (cfg.resume or latest_training_state(os.path.join(cfg.out_dir, "checkpoints"))):
-        cfg.resume = cfg.resume or "auto"  # start_stage says from which state
+    saved = latest_training_state(os.path.join(out, "checkpoints"))
+    state = cfg.resume if cfg.resume and cfg.resume != "auto" else saved
+    if state:
+        if earlier_trained_now:
+            raise UsageError(f"stage {stage} in {out} holds a saved state trained from the stage before it, which "
+                             f"this command trains again: {anew}")
+        recorded = state_settings(state)
+        if recorded is None:
+            raise UsageError(f"stage {stage}: the saved state {state} does not record its settings, so a resume "
+                             f"cannot be checked to continue the same run: {anew}")
+        diffs = differing_settings(recorded, now)
+        if diffs:
+            raise UsageError(settings_refusal(f"stage {stage} in {out} was interrupted (saved state {state}), "
+                                              "trained", diffs, "a resume continues the same run: give the same "
+                                              f"settings to resume it, or {anew}"))
+        cfg.resume = state  # start_stage resumes from it and says so
         return "resume"
-    barrier()  # every process has read the out-dir before rank 0 clears it
-    gone = remove_stage_outputs(cfg.out_dir) if master else []
-    barrier()
-    if gone and master:
-        print(f"stage {stage}: trained anew into {cfg.out_dir}: removed the earlier run's "
-              f"{', '.join(gone[:6])}{' ...' if len(gone) > 6 else ''}")
+    trained = holds_trained(out)
+    if trained:
+        raise UsageError(f"stage {stage} in {out} holds an unfinished run with no state to resume from "
+                         f"({', '.join(trained)}): {anew}")
     return "new"
 
 
-def remove_later_stages(out_root: str, stage: str, later: list[str]):
-    """--stage all, a stage trained anew: the later stages' outputs from an earlier run are stale (rank 0)."""
-    if int(os.environ.get("RANK", 0)) != 0:
-        return
-    for s in later:
-        gone = remove_stage_outputs(os.path.join(out_root, f"stage{s}"))
-        if gone:
-            print(f"stage {s}: removed the earlier run's {', '.join(gone[:6])}{' ...' if len(gone) > 6 else ''} "
-                  f"(stage {stage} is trained anew)")
+def check_resume(cfg: TrainConfig, stage: str, state: str):
+    """A resume continues the same run: refused (UsageError) when a setting that changes what is computed
+    differs from the saved state's. For train_stage called directly, as run() checks before it starts."""
+    recorded = state_settings(state)
+    diffs = differing_settings(recorded, command_settings(cfg, stage)) if recorded is not None else []
+    if recorded is None or diffs:
+        why = (settings_refusal(f"stage {stage}: the saved state {state} was trained", diffs,
+                                "a resume continues the same run: give the same settings")
+               if diffs else f"stage {stage}: the saved state {state} does not record its settings")
+        raise UsageError(why)
+
+
+def stage_outputs(out_dir: str) -> list[str]:
+    """An earlier run's outputs in out_dir (STAGE_FILES, STAGE_DIRS, its evaluations and pictures)."""
+    if not os.path.isdir(out_dir):
+        return []
+    return [n for n in sorted(os.listdir(out_dir)) if n in STAGE_FILES or n in STAGE_DIRS or
+            (n.startswith("eval") and n.endswith(".json")) or (n.startswith("pool_") and n.endswith(".png"))]
+
+
+def start_anew(out_dir: str, stage: str):
+    """Clear out_dir for a stage trained anew, destroying nothing trained: an earlier run's outputs are moved
+    into out_dir/previous/ (the generation before is dropped) when they hold a model; logs of a run that
+    trained nothing are removed. Rank 0 says what it did in one line."""
+    master = int(os.environ.get("RANK", 0)) == 0
+    barrier()  # every process has read the out-dir before rank 0 changes it
+    names = stage_outputs(out_dir) if master else []
+    if names and holds_trained(out_dir):
+        previous = os.path.join(out_dir, PREVIOUS)
+        dropped = os.path.isdir(previous)
+        shutil.rmtree(previous, ignore_errors=True)
+        os.makedirs(previous)
+        for name in names:
+            os.replace(os.path.join(out_dir, name), os.path.join(previous, name))
+        print(f"stage {stage}: the earlier run's outputs in {out_dir} were moved to {previous} "
+              f"({', '.join(names[:6])}{' ...' if len(names) > 6 else ''})" +
+              ("; the outputs moved there before were dropped" if dropped else ""))
+    elif names:
+        for name in names:
+            path = os.path.join(out_dir, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    barrier()

@@ -375,8 +375,9 @@ def demo_base(base_dir: str | None = None) -> tuple[str, str]:
 
 
 def demo_inputs(overrides: dict, out_root: str, num_images: int) -> dict:
-    """The demo recipe's shapes data (generated on first use) and the committed base models, unless given;
-    their paths go into overrides. Returns the data file of each stage ({} when the data was given)."""
+    """The demo recipe's inputs: the committed base models, unless given (their paths go into overrides), and
+    the shapes data's files, unless given. Returns each stage's data file ({} when the data was given);
+    nothing is generated yet (make_demo_data, once every check has passed)."""
     given = {k for k, v in overrides.items() if v}
     need_data = not ({"data", "image_folder"} <= given or ("data" in given and RC.is_parquet(overrides["data"])))
     need_base = not ("init" in given or {"vision_model", "llm"} <= given)
@@ -386,14 +387,24 @@ def demo_inputs(overrides: dict, out_root: str, num_images: int) -> dict:
         overrides.setdefault("llm", llm_dir)
     if not need_data:
         return {}
+    root = os.path.join(out_root, "shapes")
+    overrides.setdefault("image_folder", root)
+    return {"1": os.path.join(root, "stage1.json"), "1.5": os.path.join(root, "stage1_5.json"),
+            "2": os.path.join(root, "stage2.json")}
+
+
+def demo_records_per_image() -> dict:
+    """Each stage's training records per generated image (stage 2: one per question)."""
+    return {"1": 1, "1.5": 1, "2": SH.ShapesSpec().questions_per_image}
+
+
+def make_demo_data(out_root: str, num_images: int):
+    """The shapes data of demo_inputs, generated on first use (or when --demo-images changed)."""
     rank, _, _ = setup_distributed()
     spec = SH.ShapesSpec(num_train_images=num_images)
     if rank == 0:
         SH.shapes_files(os.path.join(out_root, "shapes"), spec)
     barrier()
-    files = SH.shapes_files(os.path.join(out_root, "shapes"), spec)
-    overrides.setdefault("image_folder", os.path.join(out_root, "shapes"))
-    return {"1": files["stage1"], "1.5": files["stage1.5"], "2": files["stage2"]}
 
 
 def main(argv=None):
