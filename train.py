@@ -269,8 +269,8 @@ def train_loop(r: StageRun, log: StageLog):
             save_state(r, done)
             raise StageStopped(f"stage {r.stage}: {bad_in_a_row} steps in a row had a non-finite loss or gradient "
                                f"(last: step {done}); stopped. The state before them is saved in "
-                               f"{latest_training_state(r.state_dir)}: lower the learning rate or look at the data, "
-                               f"then --resume auto")
+                               f"{latest_training_state(r.state_dir)}: look at the data, then the same command "
+                               f"resumes from it (a lower learning rate is a new run: --overwrite)")
         if done < r.total_steps and done in r.snapshots:  # a model checkpoint part-way, e.g. for learning curves
             save_model(r, os.path.join(cfg.out_dir, "snapshots", f"step-{done}"))
         if done < r.total_steps and cfg.save_every and done % cfg.save_every == 0:

@@ -673,9 +673,17 @@ def check_init(init: str):
     if not os.path.isdir(init):
         raise UsageError(f"--init {init}: no such directory (give a checkpoint directory that a stage saved)")
     try:
-        checkpoint_format(read_config_json(init), init)
+        meta = read_config_json(init)
+        checkpoint_format(meta, init)
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(f"--init {e}") from None
+    saved = meta.get("victor", {})
+    for key in ("vision_model", "llm"):  # a local directory that is gone: said now (else the hub is asked)
+        if os.path.isabs(saved.get(key) or "") and not os.path.isdir(saved[key]):
+            raise UsageError(f"--init {init}: cannot load a base model it refers to (vision_model "
+                             f"{saved.get('vision_model')!r}, llm {saved.get('llm')!r}): {saved[key]} does not "
+                             f"exist; put the model back at that path (or name), or train this checkpoint's stage "
+                             f"again")
     if not any(os.path.isfile(os.path.join(init, f)) for f in WEIGHT_FILES) and not os.path.isfile(
             os.path.join(init, "mm_projector.bin")):
         raise UsageError(f"--init {init}: no weights in it ({', '.join(WEIGHT_FILES)}): a stage that did not finish?")
@@ -691,9 +699,6 @@ def load_init_checkpoint(init: str, overrides: dict, given: dict):
                           f"back at that path (or name), or train this checkpoint's stage again")
     check_init(init)
     saved = read_config_json(init).get("victor", {}) if os.path.isdir(init) else {}
-    for key in ("vision_model", "llm"):  # a local directory that is gone: said now (else the hub is asked)
-        if os.path.isabs(saved.get(key) or "") and not os.path.isdir(saved[key]):
-            raise moved(f"{saved[key]} does not exist")
     try:
         model, tokenizer, image_processor = load_checkpoint(init, overrides=overrides)
     except ValueError as e:  # a setting the checkpoint refuses, or not a checkpoint at all

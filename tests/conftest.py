@@ -177,3 +177,16 @@ def die_on_second_rename(monkeypatch):
             raise KeyboardInterrupt("killed while saving")
         return real_replace(src, dst)
     monkeypatch.setattr(os, "replace", crash_on_second_rename)
+
+
+def train_says(argv, capsys=None) -> tuple[int, str]:
+    """train.main(argv) ending in a mistake: (exit status, its one line). A mistake of the user's is exit 2
+    with one line on stderr; a stage that had to stop is exit 1 with its line."""
+    import train as T
+    with pytest.raises(SystemExit) as e:
+        T.main(argv)
+    if isinstance(e.value.code, str):
+        return 1, e.value.code
+    err = capsys.readouterr().err if capsys else ""
+    assert "Traceback" not in err and err.endswith("\n"), err
+    return e.value.code, err.strip().splitlines()[-1]

@@ -613,12 +613,14 @@ def test_skip_report_counts():
     assert BA.skip_report([]) == "skipped records: none"
     skipped = [("a", "image not found: /x/1.png"), ("b", "image not found: /x/2.png"),
                ("c", "image unreadable: /x/3.png: cannot identify image file"),
-               ("d", "3000 tokens with images do not fit max_length=2048")]
+               ("d", "3000 tokens with images do not fit max_length=2048"),
+               ("e", "image 0 has no bytes (only a path: /x/5.png)")]
     lines = BA.skip_report(skipped).splitlines()
-    assert lines[0] == "skipped records: 4"
+    assert lines[0] == "skipped records: 5"
     assert re.fullmatch(r"\s*2 x image not found", lines[1])  # the kind alone, no stray mark
-    assert any(ln.strip() == "1 x N tokens with images do not fit max_length=N" for ln in lines)
-    assert sum(bool(re.fullmatch(r"\s*1 x .*", ln)) for ln in lines) == 2
+    assert any(ln.strip() == "1 x N tokens with images do not fit max_length=2048" for ln in lines)
+    assert sum(bool(re.fullmatch(r"\s*1 x .*", ln)) for ln in lines) == 3
+    assert any(ln.strip() == "1 x image N has no bytes (only a path)" for ln in lines)  # the reason whole
     assert any(ln.strip() == "e.g. a: image not found: /x/1.png" for ln in lines)
 
 

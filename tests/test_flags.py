@@ -8,7 +8,7 @@ import pytest
 
 import eval as E
 import train as T
-from conftest import MAIN, subprocess_env
+from conftest import MAIN, subprocess_env, train_says
 from engineering import config as CF
 from engineering import flags as FL
 
@@ -45,27 +45,24 @@ CASES += [("lr", float("nan"))]
 
 
 @pytest.mark.parametrize("name,value", CASES)
-def test_a_train_flag_just_outside_its_range_is_one_line(name, value, monkeypatch, tmp_path):
+def test_a_train_flag_just_outside_its_range_is_one_line(name, value, monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(T, "demo_inputs", lambda *a: pytest.fail("data was made before the ranges were checked"))
     monkeypatch.setattr(T, "train_stage", lambda *a: pytest.fail("a stage started before the ranges were checked"))
     flag = "--" + name.replace("_", "-")
-    with pytest.raises(SystemExit) as e:
-        T.main(["--stage", "2", "--out-dir", str(tmp_path), f"{flag}={value}"])
-    said = e.value.code
-    assert isinstance(said, str) and len(said.splitlines()) == 1, said
+    code, said = train_says(["--stage", "2", "--out-dir", str(tmp_path), f"{flag}={value}"], capsys)
+    assert code == 2
     assert said.startswith(f"error: {flag} ") and f"must be {CF.RANGES[name]}" in said, said
 
 
-def test_the_range_check_runs_before_a_plan_too():
-    with pytest.raises(SystemExit) as e:
-        T.main(["--stage", "2", "--plan", "--batch-size=0"])
-    assert e.value.code == "error: --plan: --batch-size 0: must be >= 1"
+def test_the_range_check_runs_before_a_plan_too(capsys):
+    assert train_says(["--stage", "2", "--plan", "--batch-size=0"], capsys) == (
+        2, "error: --plan: --batch-size 0: must be >= 1")
 
 
 def test_out_of_range_flag_from_the_shell_prints_no_traceback():
     proc = subprocess.run([sys.executable, "train.py", "--stage", "2", "--lr=-1"], cwd=MAIN, env=subprocess_env(),
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines() == ["error: --lr -1.0: must be > 0"]
 
 

@@ -7,7 +7,6 @@ import pytest
 
 import eval as E
 import train as T
-from engineering import reruns as RR
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -38,6 +37,7 @@ def test_one_data_file_for_every_stage_is_refused(monkeypatch, tmp_path):
 def test_json_data_without_image_folder_reads_images_beside_the_data_file(monkeypatch, tmp_path, capsys):
     seen = []
     monkeypatch.setattr(T, "train_stage", lambda cfg, stage, *_: seen.append(cfg) or cfg.out_dir)
+    monkeypatch.setattr(T, "check_before_training", lambda cfgs, demo: ["new"] * len(cfgs))
     data = tmp_path / "mine" / "qa.json"
     data.parent.mkdir()
     data.write_text("[]")
@@ -123,80 +123,3 @@ def test_a_missing_or_wrong_input_file_is_one_line(flag, make, said, tmp_path):
     if make == "dir":
         path.mkdir()
     assert eval_error([str(tmp_path), flag, str(path)]).startswith(f"error: {flag} {path}: {said}")
-
-
-STAGE_DATA = {"1": "s1.json", "1.5": "s15.json", "2": "s2.json"}
-
-
-def fake_stage(seen: list):
-    """A stand-in for train_stage that writes what a finished stage leaves: its checkpoint's config.json
-    (with the settings) and a metrics.jsonl ending with the "done" row."""
-    import dataclasses
-
-    def train_stage(cfg, stage, *_):
-        seen.append(stage)
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            json.dump({"train_config": {**dataclasses.asdict(cfg), "stage": stage}}, f)
-        with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "w") as f:
-            f.write(json.dumps({"step": 1}) + "\n" + json.dumps({"stage": stage, "done": True}) + "\n")
-        return cfg.out_dir
-    return train_stage
-
-
-def test_the_same_command_again_continues_and_overwrite_starts_anew(monkeypatch, tmp_path, capsys):
-    seen = []
-    monkeypatch.setattr(T, "train_stage", fake_stage(seen))
-    monkeypatch.setattr(T, "demo_inputs", lambda overrides, root, n: dict(STAGE_DATA))
-    args = {"out_dir": str(tmp_path), "vision_model": "v", "llm": "l"}
-    T.run(dict(args))
-    assert seen == ["1", "1.5", "2"]
-    (tmp_path / "stage2" / "eval.json").write_text("{}")
-    capsys.readouterr()
-    T.run(dict(args, save_every=50, resume="auto"))  # finished stages are kept, not "resumed"
-    assert seen == ["1", "1.5", "2"]
-    out = capsys.readouterr().out
-    assert f"stage 1: kept {tmp_path / 'stage1'}: it finished earlier with these settings (--overwrite trains it " \
-           "anew)" in out and "stage 2: kept" in out
-    # stage 1.5 cut short (no "done" row, no saved state): it starts again, and stage 2 after it too, its
-    # earlier outputs (the evaluation included) removed
-    (tmp_path / "stage1.5" / "metrics.jsonl").write_text(json.dumps({"step": 1}) + "\n")
-    T.run(dict(args))
-    assert seen == ["1", "1.5", "2", "1.5", "2"]
-    assert not (tmp_path / "stage2" / "eval.json").exists()
-    assert "stage 2: removed the earlier run's config.json, eval.json, metrics.jsonl (stage 1.5 is trained anew)" \
-           in capsys.readouterr().out
-    # other settings: trained anew; interrupted in stage 1, the later stages' earlier models are already gone
-    monkeypatch.setattr(T, "train_stage", lambda cfg, stage, *_: (_ for _ in ()).throw(KeyboardInterrupt))
-    with pytest.raises(KeyboardInterrupt):
-        T.run(dict(args, max_steps=7))
-    assert not (tmp_path / "stage2" / "config.json").exists() and not (tmp_path / "stage1.5" / "config.json").exists()
-    monkeypatch.setattr(T, "train_stage", fake_stage(seen))
-    T.run(dict(args, max_steps=7))
-    assert seen[5:] == ["1", "1.5", "2"]
-    T.run(dict(args, max_steps=7, overwrite=True))
-    assert seen[8:] == ["1", "1.5", "2"]
-
-
-def test_an_interrupted_stage_with_a_saved_state_resumes(monkeypatch, tmp_path):
-    seen = []
-    monkeypatch.setattr(T, "train_stage", lambda cfg, stage, *_: seen.append((stage, cfg.resume)) or cfg.out_dir)
-    (tmp_path / "checkpoints" / "step-5").mkdir(parents=True)
-    saved_state = lambda d: os.path.join(d, "step-5") if os.path.isdir(d) else ""  # noqa: E731
-    monkeypatch.setattr(T, "latest_training_state", saved_state)
-    monkeypatch.setattr(RR, "latest_training_state", saved_state)
-    T.run({"stage": "2", "out_dir": str(tmp_path), "data": str(tmp_path / "d.json"), "image_folder": str(tmp_path),
-           "vision_model": "v", "llm": "l"})
-    assert seen == [("2", "auto")]
-
-
-def test_ctrl_c_is_one_line_that_says_the_same_command_continues(monkeypatch, tmp_path):
-    def interrupted(cfg, stage, *_):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(T, "train_stage", interrupted)
-    monkeypatch.setattr(T, "demo_inputs", lambda overrides, root, n: dict(STAGE_DATA))
-    with pytest.raises(SystemExit) as stop:
-        T.main(["--out-dir", str(tmp_path), "--vision-model", "v", "--llm", "l"])
-    assert str(stop.value.code) == (f"interrupted in stage 1 ({tmp_path / 'stage1'}): the same command continues "
-                                    "(finished stages are kept; the interrupted one resumes from its last saved "
-                                    "state with --save-every N, else it starts again)")
