@@ -50,6 +50,7 @@ from engineering.benchmarks import (
 from engineering.checkpoints import WEIGHT_FILES, default_device, export_llava_hf, load_checkpoint, read_config_json
 from engineering.flags import Range, out_of_range
 from engineering.pictures import draw_curves, read_curves
+from engineering.reporting import bars_wanted
 from shapes_world.shapes import DETAIL_PROMPT  # stage 1.5's prompt (LLaVA-ReCap's), for --visualize
 
 # -----------------------------------------------------------------------------
@@ -91,7 +92,7 @@ def generate_answers(model, tokenizer, image_processor, template, records, batch
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
                                          collate_fn=D.Collator(tokenizer.pad_token_id, padding_side="left"))
     outputs = {}
-    for batch in tqdm(loader, desc="eval", disable=not progress):
+    for batch in tqdm(loader, desc="eval", disable=not progress or not bars_wanted()):
         if batch["skipped"]:
             raise InputError("; ".join(f"record {rid}: {why}" for rid, why in batch["skipped"]))
         pixel_values = None if batch["pixel_values"] is None else batch["pixel_values"].to(device)

@@ -8,7 +8,11 @@ One stage of a paper recipe, on 8 GPUs:
     torchrun --nproc_per_node 8 train.py --recipe llava15-vicuna7b --stage 1.5 \\
         --init out/llava15/stage1 --data recap_cc3m.json --image-folder images/ --out-dir out/llava15/stage1.5
 Every TrainConfig field is a flag (--lr, --max-steps, --batch-size, ...) and overrides the recipe
-(both in engineering/config.py).
+(both in engineering/config.py); each stage's values come from the recipe: --show-settings prints them.
+A stage saves into OUT/stageS (OUT: --out-dir, else out/RECIPE; one --stage with --out-dir: that folder).
+The same command again keeps a finished stage and resumes an interrupted one; other settings are refused
+by name; nothing is removed without --overwrite, which moves the earlier outputs into OUT/stageS/previous/
+(README, "Nothing you trained is lost").
 Models that do not fit one GPU: add --fsdp. Surviving failures: --save-every N --resume auto (the
 paper recipes' default) under `torchrun --max-restarts K`, which restarts a group whose worker died.
 """
@@ -56,7 +60,7 @@ from engineering.flags import (
     parse_steps,
 )
 from engineering.memory_plan import check_memory_fits, print_plans
-from engineering.reporting import MetricsReporter, StageLog
+from engineering.reporting import MetricsReporter, StageLog, bars_wanted
 from engineering.reruns import check_resume, command_settings, plan_stage, start_anew
 from shapes_world.demo_base import demo_inputs, demo_records_per_image, make_demo_data
 from victor import IGNORE_INDEX, STAGES, VictorModel, check_stage
@@ -466,6 +470,9 @@ def main(argv=None):
         except (ValueError, FileNotFoundError) as e:
             refuse(f"--plan: {e}")
         sys.exit(0)
+    if not bars_wanted():  # transformers' loading bars too: a log gets lines, not redraws
+        import transformers
+        transformers.utils.logging.disable_progress_bar()
     t = time.time()
     try:
         if args.pop("show_settings", False):

@@ -40,7 +40,7 @@ class StageLog:
             self.metrics.writelines(kept)
             reporter.start(cfg.out_dir, stage, dataclasses.asdict(cfg))
         # off a terminal (a file, a pipe, a scheduler's log) no bar is redrawn: a plain line per logged row
-        self.plain = self.master and (not sys.stderr.isatty() or os.environ.get("TQDM_DISABLE", "") not in ("", "0"))
+        self.plain = self.master and not bars_wanted()
         self.bar = tqdm(range(first_step, total_steps), initial=first_step, total=total_steps,
                         desc=f"stage {stage}", disable=not self.master or self.plain, dynamic_ncols=True)
         self.t0, self.samples, self.logged_skips = time.time(), 0, skipped_before  # (a resumed run's skips: logged)
@@ -81,6 +81,11 @@ class StageLog:
         self.write(final_row)
         self.metrics.close()
         self.reporter.close()
+
+
+def bars_wanted() -> bool:
+    """Progress bars only on a terminal, and not under TQDM_DISABLE=1 (HF Trainer's and tqdm's convention)."""
+    return sys.stderr.isatty() and os.environ.get("TQDM_DISABLE", "") in ("", "0")
 
 
 def rows_up_to(path: str, step: int) -> list[str]:
