@@ -34,8 +34,11 @@ STAGE_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json
 STAGE_DIRS = ("snapshots", "checkpoints", "tensorboard")
 TRAINED = ("model.safetensors", "model.safetensors.index.json", "checkpoints", "snapshots")  # a model's weights
 PREVIOUS = "previous"  # OUT/previous: the outputs --overwrite moved aside
-# settings that do not change what a stage computes: they may differ for a kept stage and for a resume
-NOT_RESULT_SETTINGS = ("resume", "save_every", "report_to", "log_every", "overwrite", "num_workers")
+# settings that do not change what a stage computes: they may differ for a kept stage and for a resume. out_dir: a
+# run moved to another folder is the same run; batch_size, fsdp, gradient_checkpointing: how the same global batch
+# is computed (1 or N processes, any accumulation: the same loss and gradient, tests/test_reliability.py)
+NOT_RESULT_SETTINGS = ("resume", "save_every", "report_to", "log_every", "overwrite", "num_workers", "out_dir",
+                       "batch_size", "fsdp", "gradient_checkpointing")
 PATH_SETTINGS = ("out_dir", "data", "image_folder", "init", "vision_model", "llm")  # compared as real paths
 
 

@@ -335,7 +335,7 @@ def test_an_image_folder_with_parquet_is_refused_in_one_line(base, shards, tmp_p
         T.train_stage(cfg, "1.5")
     proc = forked.run(["train.py", *cli_flags(stage15(base, tmp_path / "cli", folder, image_folder=base.shapes))],
                       timeout=120)
-    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == (
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
         f"error: {folder}: parquet shards carry their images in their rows; an image folder ({base.shapes}) "
         "would go unused: drop --image-folder")
 

@@ -122,7 +122,7 @@ def test_world_size_without_plan_is_refused_in_one_line():
     proc = plan_cli("--recipe", "llava15-vicuna7b", "--stage", "2", "--world-size", "8")
     assert proc.returncode != 0 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [
-        "--world-size applies to --plan only (a run's world size is torchrun's --nproc_per_node x --nnodes)"]
+        "error: --world-size applies to --plan only (a run's world size is torchrun's --nproc_per_node x --nnodes)"]
     proc = plan_cli("--recipe", "demo", "--stage", "2", "--plan", "--llm", "no-such/model")
     assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1
     assert "no architecture for 'no-such/model' offline" in proc.stderr

@@ -72,7 +72,7 @@ def test_missing_package_is_one_line_on_the_command_line(tmp_path):
     env = dict(subprocess_env(), PYTHONPATH=os.pathsep.join([str(tmp_path / "stub"), MAIN]))
     proc = subprocess.run([sys.executable, "train.py", "--report-to", "wandb", "--out-dir", str(tmp_path / "x")],
                           cwd=MAIN, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == ("error: --report-to wandb needs the wandb package, which is not "
                                                     "installed: pip install wandb")
     assert "Traceback" not in proc.stderr and not (tmp_path / "x").exists()
