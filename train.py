@@ -76,13 +76,20 @@ def prepare_model(cfg: TrainConfig, stage: str, rank: int, world: int, device: t
     build = functools.partial(build_model, cfg, stage)  # build(settings=...): the same model on the meta device
     model, tokenizer, image_processor = build_model_once(build, rank) if fsdp else build()
     D.ensure_pad_token(tokenizer)
+    return (*ready_for_training(model, cfg, stage, world, device), tokenizer, image_processor)
+
+
+def ready_for_training(model: VictorModel, cfg: TrainConfig, stage: str, world: int, device: torch.device,
+                       **fsdp_options):
+    """What this stage trains, gradient checkpointing, and the wrapping for the processes: (model, train_model).
+    scripts/trace_step.py readies its model (fake tensors, a fake process group: fsdp_options) with this too."""
     model.set_trainable(stage, train_vision=cfg.vision_lr > 0)  # what this stage trains, before any wrapping
     if cfg.gradient_checkpointing:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.vision_lr > 0 and stage != "1":
             model.vision_tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model, train_model = wrap_for_processes(model, fsdp, computes_in_bf16(cfg, device), world, device)
-    return model, train_model, tokenizer, image_processor
+    fsdp, bf16 = uses_fsdp(cfg, world), computes_in_bf16(cfg, device)
+    return wrap_for_processes(model, fsdp, bf16, world, device, **fsdp_options)
 
 
 def make_loader(cfg: TrainConfig, stage: str, records, model: VictorModel, tokenizer, image_processor,
