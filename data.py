@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from engineering.records import IMAGE_PLACEHOLDER, ROLES, SampleError, image_errors, record_id, record_images
-from victor import IGNORE_INDEX, IMAGE_TOKEN_ID
+from victor import IGNORE_INDEX, IMAGE_TOKEN_ID, batch_layout
 
 # -----------------------------------------------------------------------------
 # Templates. Every template is a Jinja chat template, so one label-masking routine serves all.
@@ -244,6 +244,7 @@ class Collator:
     """Pad a list of samples into a batch; images of all samples are concatenated in order."""
     pad_token_id: int
     padding_side: str = "right"  # "left" for generation
+    image_token_id: int = IMAGE_TOKEN_ID  # the model's (VictorConfig.image_token_id): where batch_layout finds images
 
     def __call__(self, samples):
         skipped = [s["skipped"] for s in samples if "skipped" in s]
@@ -265,5 +266,6 @@ class Collator:
         image_keys = [(s.get("index", -1), k) for s in samples if s["pixel_values"] is not None
                       for k in range(len(s["pixel_values"]))]
         batch.update(input_ids=ids, labels=labels, attention_mask=mask, image_keys=image_keys,
-                     pixel_values=torch.cat(pixels) if pixels else None)
+                     pixel_values=torch.cat(pixels) if pixels else None,
+                     layout=batch_layout(ids, labels, self.image_token_id))  # on the host, for the forward
         return batch

@@ -80,13 +80,20 @@ def prepare_model(cfg: TrainConfig, stage: str, rank: int, world: int, device: t
     build = functools.partial(build_model, cfg, stage)  # build(settings=...): the same model on the meta device
     model, tokenizer, image_processor = build_model_once(build, rank) if fsdp else build()
     D.ensure_pad_token(tokenizer)
+    return (*ready_for_training(model, cfg, stage, world, device), tokenizer, image_processor)
+
+
+def ready_for_training(model: VictorModel, cfg: TrainConfig, stage: str, world: int, device: torch.device,
+                       **fsdp_options):
+    """What this stage trains, gradient checkpointing, and the wrapping for the processes: (model, train_model).
+    scripts/trace_step.py readies its model (fake tensors, a fake process group: fsdp_options) with this too."""
     model.set_trainable(stage, train_vision=cfg.vision_lr > 0)  # what this stage trains, before any wrapping
     if cfg.gradient_checkpointing:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.vision_lr > 0 and stage != "1":
             model.vision_tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model, train_model = wrap_for_processes(model, fsdp, computes_in_bf16(cfg, device), world, device)
-    return model, train_model, tokenizer, image_processor
+    fsdp, bf16 = uses_fsdp(cfg, world), computes_in_bf16(cfg, device)
+    return wrap_for_processes(model, fsdp, bf16, world, device, **fsdp_options)
 
 
 def make_loader(cfg: TrainConfig, stage: str, records, model: VictorModel, tokenizer, image_processor,
@@ -96,8 +103,9 @@ def make_loader(cfg: TrainConfig, stage: str, records, model: VictorModel, token
     dataset = D.LlavaDataset(records, cfg.image_folder, tokenizer, image_processor, template,
                              model.num_image_tokens, cfg.max_length, model.cfg.image_token_id)
     sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    collate = D.Collator(tokenizer.pad_token_id, image_token_id=model.cfg.image_token_id)
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-                                         collate_fn=D.Collator(tokenizer.pad_token_id),
+                                         collate_fn=collate,
                                          num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
     return loader, sampler
 
@@ -209,29 +217,40 @@ def global_target_counts(r: StageRun, micro: list[dict]) -> tuple[float, float]:
     return all_reduce_sum(n_label, r.device), all_reduce_sum(n_recon, r.device)
 
 
-def forward_backward(r: StageRun, b: dict, n_label: float, n_recon: float, sync: bool) -> tuple[float, float]:
-    """One micro-batch forward and backward; returns its share of the step's (LM, reconstruction) loss.
-    The processes reduce their gradients only on the step's last micro-batch (sync)."""
+def forward_backward(r: StageRun, b: dict, n_label: float, n_recon: float, sync: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One micro-batch forward and backward; returns its share of the step's (LM, reconstruction) loss, detached
+    (read by the loop: no device->host sync here). The processes reduce their gradients only on the step's last
+    micro-batch (sync)."""
     if r.fsdp:
         r.model.set_requires_gradient_sync(sync)
     context = r.train_model.no_sync() if (r.world > 1 and not r.fsdp and not sync) else contextlib.nullcontext()
     with context, torch.autocast(r.device.type, dtype=torch.bfloat16, enabled=computes_in_bf16(r.cfg, r.device)):
         out = r.train_model(input_ids=b["input_ids"].to(r.device), attention_mask=b["attention_mask"].to(r.device),
                             labels=b["labels"].to(r.device), stage=r.stage, selection_seeds=b["seeds"],
-                            pixel_values=None if b["pixel_values"] is None else b["pixel_values"].to(r.device))
+                            pixel_values=None if b["pixel_values"] is None else b["pixel_values"].to(r.device),
+                            layout={k: v.to(r.device) for k, v in b["layout"].items()})
         # normalise by the whole global batch, so that 1 or N processes and any accumulation
         # give the same loss and gradient: sum over tokens / global token count
         lm = out.lm_loss * (out.num_label_tokens / max(n_label, 1))
         recon = (out.recon_loss * (out.num_recon_tokens / max(n_recon, 1))
                  if out.recon_loss is not None else torch.zeros((), device=r.device))
         (r.world * (lm + recon)).backward()  # DDP / FSDP average gradients over processes
-    return lm.item(), recon.item()
+    return lm.detach(), recon.detach()
 
 
-def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float) -> float:
-    """Clip the trained parameters' gradients to a total norm of max_norm; returns the norm before."""
+def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float) -> torch.Tensor:
+    """Clip the trained parameters' gradients to a total norm of max_norm; returns the norm before (a tensor)."""
     norm = torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], max_norm)
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
+
+
+def step_compute(r: StageRun, micro: list[dict], n_label: float, n_recon: float) -> tuple[list, torch.Tensor]:
+    """One step's computation, the update aside: each micro-batch's forward and backward, then the clip.
+    Returns (each micro-batch's (LM, reconstruction) loss share, the gradient norm), as tensors: the loop reads
+    them, scripts/trace_step.py runs this very step on fake tensors (which hold no values to read)."""
+    losses = [forward_backward(r, b, n_label, n_recon, sync=i == r.grad_accum - 1) for i, b in enumerate(micro)]
+    return losses, clip_gradients(r.optimizer, r.cfg.grad_clip)
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, scheduler, update: bool):
@@ -256,9 +275,9 @@ def train_loop(r: StageRun, log: StageLog):
         if r.master and (warning := r.batches.high_skip_rate()):
             tqdm.write(f"{warning} (every one listed at the end and in skipped.json)")
         n_label, n_recon = global_target_counts(r, micro)
-        losses = [forward_backward(r, b, n_label, n_recon, sync=i == r.grad_accum - 1) for i, b in enumerate(micro)]
-        grad_norm = clip_gradients(r.optimizer, cfg.grad_clip)
-        lm, recon = (all_reduce_sum(sum(part), r.device) for part in zip(*losses))  # the same on every process
+        losses, grad_norm = step_compute(r, micro, n_label, n_recon)
+        grad_norm = float(grad_norm)
+        lm, recon = (all_reduce_sum(sum(x.item() for x in part), r.device) for part in zip(*losses))  # every process
         lr = r.optimizer.param_groups[0]["lr"]  # this step's (the scheduler then moves it on)
         finite = math.isfinite(lm + recon) and math.isfinite(grad_norm)
         optimizer_step(r.optimizer, r.scheduler, update=finite)

@@ -14,8 +14,7 @@ imports nothing of the project: training is train.py, data data.py, checkpoints 
 "The public code" is the authors' release, github.com/deepglint/Victor, its llava/model/llava_arch.py.
 
     from victor import VictorConfig, VictorModel
-    model = VictorModel(VictorConfig(vision_model="openai/clip-vit-large-patch14-336",
-                                     llm="lmsys/vicuna-7b-v1.5"))
+    model = VictorModel(VictorConfig(vision_model="openai/clip-vit-large-patch14-336", llm="lmsys/vicuna-7b-v1.5"))
     model.set_trainable("1.5")
     out = model(input_ids, attention_mask, labels=labels, pixel_values=pixels, stage="1.5")
     out.loss.backward()
@@ -162,7 +161,6 @@ def select_tokens_to_replace(num_images: int, num_tokens: int, replace_ratio: fl
                              generator: torch.Generator | None = None, seeds=None) -> torch.Tensor:
     """Step 2: choose uniformly at random which tokens to replace; bool [images, N]. seeds (one int per image):
     each image's choice a function of its seed alone (the same for 1 or N processes, and when resumed)."""
-    r = num_replaced(num_tokens, replace_ratio)
     if seeds is None:
         scores = torch.rand(num_images, num_tokens, device=device, generator=generator)
     else:
@@ -170,7 +168,7 @@ def select_tokens_to_replace(num_images: int, num_tokens: int, replace_ratio: fl
             raise ValueError(f"{len(seeds)} selection seeds for {num_images} images")
         scores = torch.stack([torch.rand(num_tokens, generator=torch.Generator().manual_seed(int(s)))
                               for s in seeds]).to(device)
-    chosen = scores.topk(r, dim=1).indices  # (I, R): a uniformly random R-subset per image
+    chosen = scores.topk(num_replaced(num_tokens, replace_ratio), dim=1).indices  # (I, R): a uniform R-subset
     return torch.zeros(num_images, num_tokens, dtype=torch.bool, device=device).scatter_(1, chosen, True)
 
 
@@ -183,22 +181,23 @@ def solve_assignment(cost: np.ndarray) -> np.ndarray:
 
 @torch.no_grad()
 def hungarian_match(tokens: torch.Tensor, token_pool: torch.Tensor, solver=solve_assignment) -> torch.Tensor:
-    """Step 3: give each selected token a distinct pool row, minimising the total Euclidean distance.
-    tokens [images, R, D], token_pool [P, D] -> pool row indices [images, R], one-to-one per image.
-    solver: any exact solver of the same problem (the default matcher's is faster: appendix)."""
-    n, r, d = tokens.shape
-    cost = torch.cdist(tokens.reshape(n * r, d).float(), token_pool.float())  # (I*R, P): one GEMM, float32
-    cost = cost.view(n, r, token_pool.shape[0]).cpu().numpy()  # [images, R, P]: one device->host copy per batch
-    with ThreadPoolExecutor(max(1, min(n, torch.get_num_threads()))) as ex:  # one problem per image, in parallel
-        cols = list(ex.map(solver, cost))
-    return torch.from_numpy(np.stack(cols)).to(tokens.device)
+    """Step 3: give each selected token a distinct pool row, minimising the total Euclidean distance. tokens
+    [images, R, D], token_pool [P, D] -> pool rows [images, R], one-to-one; solver: any exact one (appendix)."""
+    cost = torch.cdist(tokens.flatten(0, 1).float(), token_pool.float())  # (I*R, P): one GEMM, float32
+    return assign_on_host(cost.view(*tokens.shape[:2], -1), solver)
+
+
+def assign_on_host(cost: torch.Tensor, solver=solve_assignment) -> torch.Tensor:
+    """Step 3's assignment, one problem per image in parallel: cost [images, R, P] -> columns [images, R]."""
+    with ThreadPoolExecutor(max(1, min(len(cost), torch.get_num_threads()))) as ex:
+        cols = list(ex.map(solver, cost.cpu().numpy()))  # one device->host copy per batch
+    return torch.from_numpy(np.stack(cols)).to(cost.device)
 
 
 @torch.no_grad()
 def nearest_match(tokens: torch.Tensor, token_pool: torch.Tensor) -> torch.Tensor:
     """Step 3 as Croc does it: each selected token takes its nearest pool row (rows may repeat)."""
-    n, r, d = tokens.shape
-    return torch.cdist(tokens.reshape(n * r, d).float(), token_pool.float()).argmin(dim=1).view(n, r)
+    return torch.cdist(tokens.flatten(0, 1).float(), token_pool.float()).argmin(dim=1).view(tokens.shape[:2])
 
 
 def match_tokens_to_pool(tokens: torch.Tensor, token_pool: torch.Tensor, matcher: str) -> torch.Tensor:
@@ -209,12 +208,21 @@ def match_tokens_to_pool(tokens: torch.Tensor, token_pool: torch.Tensor, matcher
                            solve_assignment_reduced)
 
 
-def replace_with_pool_rows(embeds: torch.Tensor, replace_positions: torch.Tensor,
+def batch_layout(input_ids: torch.Tensor, labels: torch.Tensor | None, image_token_id: int = IMAGE_TOKEN_ID) -> dict:
+    """Where a batch's visual tokens sit and which positions predict a label, as flat indices into [B*T]. The
+    collator computes them on the host; gathering with them, the forward has no shape that depends on values:
+    no device->host sync per step, and it runs on fake tensors (scripts/trace_step.py)."""
+    predicts = None if labels is None else F.pad(labels[:, 1:] != IGNORE_INDEX, (0, 1))  # position t predicts t + 1
+    return {"image_index": (input_ids == image_token_id).flatten().nonzero().flatten(),
+            "label_index": None if labels is None else predicts.flatten().nonzero().flatten()}
+
+
+def replace_with_pool_rows(embeds: torch.Tensor, positions: torch.Tensor,
                            token_pool: torch.Tensor, pool_indices: torch.Tensor) -> torch.Tensor:
-    """Step 4: overwrite the replaced positions (bool [B, T], in pool_indices.flatten()'s order) of the LLM
-    input with their matched pool rows; the gradient flows into the rows used."""
-    rows = token_pool[pool_indices.flatten()].to(embeds.dtype)  # (I*R, D), in the order of the True positions
-    return embeds.masked_scatter(replace_positions.unsqueeze(-1), rows)
+    """Step 4: overwrite the replaced positions (flat, [I, R]) of the LLM input with their matched pool rows
+    (pool_indices [I, R]); the gradient flows into the rows used."""
+    rows = token_pool[pool_indices.flatten()].to(embeds.dtype)  # (I*R, D)
+    return embeds.flatten(0, 1).index_copy(0, positions.flatten(), rows).view_as(embeds)
 
 
 def mixed_attention_mask(attention_mask: torch.Tensor, labels: torch.Tensor, dtype: torch.dtype | None = None
@@ -232,11 +240,9 @@ def mixed_attention_mask(attention_mask: torch.Tensor, labels: torch.Tensor, dty
     if attention_mask is not None:
         allowed = allowed & attention_mask.bool()[:, None, :]
     # a padded query attends itself: no row without any position to attend
-    allowed = allowed | torch.eye(seq, dtype=torch.bool, device=labels.device)
-    allowed = allowed[:, None]
-    if dtype is None:
-        return allowed
-    return torch.zeros(allowed.shape, dtype=dtype, device=labels.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    allowed = (allowed | torch.eye(seq, dtype=torch.bool, device=labels.device))[:, None]
+    return allowed if dtype is None else torch.zeros(allowed.shape, dtype=dtype, device=labels.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min)
 
 
 def images_to_reconstruct(num_images: int, ratio: float, seeds=None, generator: torch.Generator | None = None,
@@ -270,16 +276,13 @@ def reconstruct_visual_tokens(recon_head: nn.Module, hidden_at_images: torch.Ten
     return (reconstruction_loss(predicted, target, beta) if target.numel() else None), predicted, target
 
 
-def lm_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module) -> tuple[torch.Tensor, int]:
-    """Step 7: next-token cross-entropy -> (mean loss, number of label tokens). Logits only where a label
-    exists: image and prompt positions never reach the vocabulary projection ([B, T, vocab] saved)."""
-    targets = labels[:, 1:]
-    where = targets != IGNORE_INDEX
-    n = int(where.sum())
-    if n == 0:  # nothing to predict: a zero that keeps the graph (and lm_head) connected
+def lm_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module, label_index) -> tuple[torch.Tensor, int]:
+    """Step 7: next-token cross-entropy -> (mean loss, number of label tokens). Logits only at the positions
+    that predict a label (label_index, flat): image and prompt positions never reach the vocabulary projection."""
+    if (n := label_index.numel()) == 0:  # nothing to predict: a zero that keeps the graph (and lm_head) connected
         return lm_head(hidden[:, -1]).float().sum() * 0.0, 0
-    logits = lm_head(hidden[:, :-1][where])
-    return F.cross_entropy(logits.float(), targets[where]), n
+    logits = lm_head(hidden.flatten(0, 1)[label_index])
+    return F.cross_entropy(logits.float(), labels.flatten()[label_index + 1]), n
 
 
 # -----------------------------------------------------------------------------
@@ -344,8 +347,7 @@ class VictorModel(nn.Module):
         self.cfg = cfg = VictorConfig.from_dict(copy.deepcopy(cfg.to_dict()))  # the caller's config stays as it was
         self.vision_tower, self.llm = build_base_models(cfg, load_weights)
         # record the resolved configs, so a saved full checkpoint can be rebuilt without the hub
-        cfg.vision_config = self.vision_tower.config.to_dict()
-        cfg.llm_config = self.llm.config.to_dict()
+        cfg.vision_config, cfg.llm_config = self.vision_tower.config.to_dict(), self.llm.config.to_dict()
         vconf = self.vision_tower.config
         self.drop_cls = (cfg.vision_feature_select == "patch" or
                          (cfg.vision_feature_select == "auto" and vconf.model_type.startswith("clip")))
@@ -397,9 +399,8 @@ class VictorModel(nn.Module):
     def set_trainable(self, stage: str, train_vision: bool = False):
         """requires_grad on what this stage trains (trainable_parts), off everywhere else."""
         self.requires_grad_(False)
-        for params in self.trainable_parts(stage, train_vision).values():
-            for p in params:
-                p.requires_grad_(True)
+        for p in sum(self.trainable_parts(stage, train_vision).values(), []):
+            p.requires_grad_(True)
 
     def param_groups(self, stage: str, lr: float, vision_lr: float = 0.0, pool_lr: float = 0.0,
                      weight_decay: float = 0.0) -> list[dict]:
@@ -428,22 +429,20 @@ class VictorModel(nn.Module):
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Vision features from the chosen layer: [images, N, vision_dim]."""
-        out = self.vision_tower(pixel_values=pixel_values, output_hidden_states=True)
-        feats = out.hidden_states[self.cfg.vision_feature_layer]
-        if self.drop_cls:
-            feats = feats[:, 1:]
+        feats = self.vision_tower(pixel_values=pixel_values, output_hidden_states=True).hidden_states
+        feats = feats[self.cfg.vision_feature_layer][:, int(self.drop_cls):]  # drop_cls: without CLS
         k = self.cfg.vision_feature_downsample
         if k > 1:  # average-pool k x k patches: fewer tokens for small demos
             g = math.isqrt(feats.shape[1])
             feats = F.avg_pool2d(feats.transpose(1, 2).unflatten(2, (g, g)), k).flatten(2).transpose(1, 2)
         return feats
 
-    def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None):
-        """Text embeddings with the projected visual tokens scattered into the image positions."""
+    def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, image_index=None):
+        """Text embeddings, the projected visual tokens at the image positions (image_index, flat: batch_layout's)."""
         image_positions = input_ids == self.cfg.image_token_id
-        embed = self.llm.get_input_embeddings()
-        embeds = embed(input_ids.masked_fill(image_positions, 0))  # placeholder ids are not in the vocab
-        n_slots = int(image_positions.sum())
+        embeds = self.llm.get_input_embeddings()(input_ids.masked_fill(image_positions, 0))  # placeholders: no vocab
+        image_index = image_positions.flatten().nonzero().flatten() if image_index is None else image_index
+        n_slots = image_index.numel()
         if pixel_values is None or pixel_values.shape[0] == 0:
             if n_slots:
                 raise ValueError(f"input_ids hold {n_slots} image tokens but no pixel_values were given")
@@ -453,50 +452,51 @@ class VictorModel(nn.Module):
         if n_slots != visual.shape[0] * visual.shape[1]:
             raise ValueError(f"input_ids hold {n_slots} image tokens, but {visual.shape[0]} images x "
                              f"{visual.shape[1]} tokens were encoded")
-        embeds = embeds.masked_scatter(image_positions.unsqueeze(-1), visual.to(embeds.dtype))
-        return embeds, image_positions, visual
+        embeds = embeds.flatten(0, 1).index_copy(0, image_index, visual.flatten(0, 1).to(embeds.dtype))
+        return embeds.view(input_ids.shape + embeds.shape[-1:]), image_positions, visual
 
     def forward(self, input_ids, attention_mask=None, labels=None, pixel_values=None, stage: str = "2",
-                generator: torch.Generator | None = None, selection_seeds=None) -> VictorOutput:
+                generator: torch.Generator | None = None, selection_seeds=None, layout=None) -> VictorOutput:
         """One training forward, the steps in the paper's order. stage "1.5" adds the configured
         replacement (2-4) and reconstruction (6); "1" and "2" do neither. generator / selection_seeds
-        (one int per image) drive stage 1.5's random draws."""
+        (one int per image) drive stage 1.5's random draws; layout: batch_layout's (derived if not given)."""
         check_stage(stage)
-        embeds, image_positions, visual = self.embed_inputs(input_ids, pixel_values)  # step 1: (B,T,D) (B,T) (I,N,D)
+        layout = layout or batch_layout(input_ids, labels, self.cfg.image_token_id)
+        image_index = layout["image_index"]  # (I*N,) flat positions
+        embeds, _, visual = self.embed_inputs(input_ids, pixel_values, image_index)  # step 1: (B,T,D) (I,N,D)
         hook = self.every_part_hook if self.training else None  # DDP / FSDP plumbing: distributed.py
-        if hook:
-            embeds = hook.before_llm(self, embeds, visual)
+        embeds = hook.before_llm(self, embeds, visual) if hook else embeds
         out = VictorOutput(loss=None, lm_loss=None)
         stage15 = stage == "1.5" and visual is not None
         if stage15 and self.replaces_tokens:
             n_img, n_tok, dim = visual.shape
             replaced = select_tokens_to_replace(n_img, n_tok, self.cfg.replace_ratio, visual.device,
                                                 generator, selection_seeds)  # step 2: (I, N) bool
-            selected = visual.detach()[replaced].view(n_img, -1, dim)  # (I, R, D)
+            which = (~replaced).byte().argsort(dim=1, stable=True)[:, :num_replaced(n_tok, self.cfg.replace_ratio)]
+            selected = visual.detach().gather(1, which.unsqueeze(-1).expand(-1, -1, dim))  # (I, R, D), ascending
             pool_indices = match_tokens_to_pool(selected, self.token_pool, self.cfg.matcher)  # step 3: (I, R)
-            replace_positions = image_positions.clone()
-            replace_positions[image_positions] = replaced.flatten()  # (B, T): the replaced tokens' positions
-            embeds = replace_with_pool_rows(embeds, replace_positions, self.token_pool, pool_indices)  # step 4
+            positions = image_index.view(n_img, n_tok).gather(1, which)  # (I, R): where the replaced tokens sit
+            embeds = replace_with_pool_rows(embeds, positions, self.token_pool, pool_indices)  # step 4
             out.replaced_mask, out.pool_indices = replaced, pool_indices
-        mask = attention_mask
-        if stage == "1.5" and self.cfg.stage15_attention == "mixed" and labels is not None:
-            mask = self.mixed_mask(attention_mask, labels)
+        mixed = stage == "1.5" and self.cfg.stage15_attention == "mixed" and labels is not None
+        mask = self.mixed_mask(attention_mask, labels) if mixed else attention_mask
         hidden = self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=mask,
                                         use_cache=False).last_hidden_state  # step 5: (B, T, D)
         if stage15 and self.reconstructs:  # step 6, on every image (ViCToR) or a share of them (VDEP)
-            chosen = images_to_reconstruct(visual.shape[0], self.cfg.recon_image_ratio, selection_seeds, generator,
-                                           visual.device)  # (I,) bool
-            at_images = hidden[image_positions].view(visual.shape)[chosen]  # (I', N, D)
+            at_images, targets = hidden.flatten(0, 1)[image_index].view(visual.shape), visual  # (I, N, D)
+            if self.cfg.recon_image_ratio < 1:  # VDEP's share of the images; with seeds, drawn on the host (no sync)
+                chosen = images_to_reconstruct(len(visual), self.cfg.recon_image_ratio, selection_seeds, generator,
+                                               visual.device if selection_seeds is None else None)
+                at_images, targets = (x[chosen.nonzero().flatten().to(x.device)] for x in (at_images, visual))
             loss, out.recon_predicted, out.recon_target = reconstruct_visual_tokens(
-                self.recon_head, at_images, visual[chosen], self.cfg.recon_target_offset, self.cfg.recon_beta)
+                self.recon_head, at_images, targets, self.cfg.recon_target_offset, self.cfg.recon_beta)
             if loss is not None:
                 out.recon_loss = self.cfg.recon_weight * loss
                 out.num_recon_tokens = out.recon_target.shape[0] * out.recon_target.shape[1]
-        out.lm_loss, out.num_label_tokens = (lm_loss(hidden, labels, self.llm.get_output_embeddings())
-                                             if labels is not None else (hidden.sum() * 0.0, 0))  # step 7
+        out.lm_loss, out.num_label_tokens = (hidden.sum() * 0.0, 0) if labels is None else lm_loss(  # step 7
+            hidden, labels, self.llm.get_output_embeddings(), layout["label_index"])
         out.loss = out.lm_loss if out.recon_loss is None else out.lm_loss + out.recon_loss
-        if hook:
-            out.loss = hook.after_loss(self, out)
+        out.loss = hook.after_loss(self, out) if hook else out.loss
         return out
 
     def mixed_mask(self, attention_mask, labels) -> torch.Tensor:

@@ -175,13 +175,16 @@ def end_processes():
 # The model for the processes: DDP, or FSDP2 with rank 0's weights broadcast into every shard
 
 
-def shard_with_fsdp(model: VictorModel, use_bf16: bool, device: torch.device) -> VictorModel:
+def shard_with_fsdp(model: VictorModel, use_bf16: bool, device: torch.device, mesh=None,
+                    broadcast_weights: bool = True) -> VictorModel:
     """FSDP2: every vision encoder layer and LLM decoder layer is its own unit, gathered just before
     it runs and freed after. The root unit holds the rest (embeddings, lm_head, projector, recon head
     and the token pool); it stays gathered through the forward, so matching sees the whole pool.
     Rank 0 holds the loaded model, the other ranks the same model on the meta device (build_model_once):
     after sharding, rank 0's weights are broadcast into every rank's shards, one tensor at a time, so no
-    other rank ever holds the whole model."""
+    other rank ever holds the whole model. mesh: fully_shard's (None: one over every process, made here; a fake
+    process group's must be made before fake tensors are); broadcast_weights False: there are none to share
+    (scripts/trace_step.py: fake tensors on every rank)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     rank = dist.get_rank()
@@ -193,8 +196,10 @@ def shard_with_fsdp(model: VictorModel, use_bf16: bool, device: torch.device) ->
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if use_bf16
           else MixedPrecisionPolicy())
     for layer in [*model.vision_tower.encoder.layers, *model.llm.get_decoder().layers]:
-        fully_shard(layer, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    if not broadcast_weights:
+        return model
     if rank != 0:
         model.to_empty(device=device)  # this rank's shards and buffers, uninitialised until the broadcast
     set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
@@ -217,14 +222,16 @@ def build_model_once(build, rank: int):
     return built if rank == 0 else build(settings=settings[0])
 
 
-def wrap_for_processes(model: VictorModel, fsdp: bool, use_bf16: bool, world: int, device: torch.device):
-    """(model, train_model): the model on its device, sharded in place under FSDP, or wrapped by DDP with
-    several processes. The loop calls train_model and reads and saves model. Every part runs in every step
-    (EveryPartInEveryStep): needed with several processes, and kept in one so that 1 and N processes update
-    alike (AdamW moves a parameter whose gradient is zero, and skips one that has none)."""
+def wrap_for_processes(model: VictorModel, fsdp: bool, use_bf16: bool, world: int, device: torch.device,
+                       **fsdp_options):
+    """(model, train_model): the model on its device, sharded in place under FSDP (fsdp_options: shard_with_fsdp's
+    mesh and broadcast_weights), or wrapped by DDP with several processes. The loop calls train_model and reads
+    and saves model. Every part runs in every step (EveryPartInEveryStep): needed with several processes, and
+    kept in one so that 1 and N processes update alike (AdamW moves a parameter whose gradient is zero, and
+    skips one that has none)."""
     model.every_part_hook = EveryPartInEveryStep()
     if fsdp:
-        model = shard_with_fsdp(model, use_bf16, device)
+        model = shard_with_fsdp(model, use_bf16, device, **fsdp_options)
         return model, model
     model.to(device)
     if world == 1:

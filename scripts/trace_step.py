@@ -1,0 +1,328 @@
+"""
+The real training step at full size on a CPU: what one GPU holds at its peak, by kind, and the FLOPs it runs.
+
+    python scripts/trace_step.py --recipe llava15-vicuna7b --stage 1.5 --world-size 8 --json out/trace.json
+    python scripts/trace_step.py --recipe siglip-qwen25-0.5b --stage 2 --world-size 1
+    python scripts/trace_step.py --recipe llava15-vicuna7b --stage 1.5 --world-size 8 --mode DDP
+    torchrun --nproc_per_node 2 scripts/trace_step.py --recipe demo --stage 1.5 --fsdp --real   # real tensors
+
+The model is the recipe's VictorModel built from its configs (no weights), readied by train.py's own code
+(ready_for_training: what the stage trains, gradient checkpointing, engineering/distributed.py's FSDP2 or
+DDP and its bf16 mixed precision) and trained for two steps by train.py's step (step_compute: forward and
+backward of each micro-batch, the clip; optimizer_step: fused AdamW), the second measured. It runs as rank
+0 of a fake process group of --world-size processes (collectives move nothing) under FakeTensorMode
+(tensors with shapes and no storage), so a 7B model's step takes a minute and no memory. What is measured:
+torch.distributed._tools' FSDPMemTracker (FSDP) or MemTracker (one process, DDP): every tensor alive at the
+peak, by kind; torch.utils.flop_counter.FlopCounterMode: the FLOPs of one step (recomputation included).
+Only step 3's assignment differs (scipy needs values): a fixed one-to-one assignment of the same shape
+(the same index tensor); its cost matrix is computed as in training. The batches are drawn from the
+stage's length distribution (STAGE_TEXT below: what it assumes and why), or --seq-len tokens each.
+
+With --real (for the tests): real tensors and, under torchrun, a real gloo process group, the same tracker
+on the same step (and the real assignment), to hold the fake trace to what is measured.
+The projection (--mfu, --gpu-tflops): step time and images/s at the assumed MFU on an H100, and step 3's
+matching measured on this CPU against it. What a trace cannot see: docs/training.md.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data as D  # noqa: E402
+import train as T  # noqa: E402
+import victor  # noqa: E402
+from engineering import memory_plan as MP  # noqa: E402
+from engineering.config import stage_config  # noqa: E402
+from engineering.distributed import setup_distributed, uses_fsdp  # noqa: E402
+from victor import IGNORE_INDEX, IMAGE_TOKEN_ID, VictorModel  # noqa: E402
+
+GIB = 2 ** 30
+H100 = ("H100 SXM, bf16 dense 989 TFLOP/s", 989e12)
+
+# Each stage's text per sample, in LLM tokens beside the image's visual tokens: (what the data is, text-only
+# share, lognormal median and sigma of the text tokens, share of them that are labels). No internet here: the
+# figures are assumed from the datasets as published, not measured on them.
+# - stage 1, LLaVA-Pretrain (LCS-558K, BLIP captions): one short caption (~10 words) after the image in the
+#   plain template: ~14 tokens, all labels but the image.
+# - stage 1.5, LLaVA-ReCap-CC3M (LLaVA-NeXT-34B's detailed captions): the system prompt, the detail prompt and
+#   a ~110-word caption (the figure scripts/bench_data_memory.py's ReCap-like records use), ~210 tokens, the
+#   caption's ~150 the labels.
+# - stage 2, LLaVA-665K (LLaVA-1.5's mix): 40K of its 665K are ShareGPT text-only conversations (6 %, long:
+#   median ~700 tokens here); the rest are multi-turn VQA / instruction conversations about one image,
+#   median ~180 text tokens with a long tail (sigma 0.8), ~60 % of them the assistant's answers (labels).
+STAGE_TEXT = {
+    "1": dict(data="LLaVA-558K BLIP captions", text_only=0.0, median=14, sigma=0.35, label_share=0.9),
+    "1.5": dict(data="LLaVA-ReCap-CC3M detailed captions", text_only=0.0, median=210, sigma=0.25, label_share=0.7),
+    "2": dict(data="LLaVA-665K multi-turn conversations", text_only=0.06, median=180, sigma=0.8, label_share=0.6,
+              text_only_median=700),
+}
+
+
+def sample_lengths(stage: str, n: int, rng: np.random.Generator) -> list[tuple[int, bool]]:
+    """n samples' (text tokens, has an image) from the stage's assumed distribution (STAGE_TEXT)."""
+    s = STAGE_TEXT[stage]
+    out = []
+    for _ in range(n):
+        text_only = rng.random() < s["text_only"]
+        median = s.get("text_only_median", s["median"]) if text_only else s["median"]
+        out.append((max(4, int(rng.lognormal(math.log(median), s["sigma"]))), not text_only))
+    return out
+
+
+def make_micro_batches(model: VictorModel, cfg, stage: str, count: int, seq_len: int | None, seed: int = 0):
+    """count micro-batches of cfg.batch_size samples as train.py's loader gives them (data.Collator, with its
+    layout and the selection seeds): random token ids, labels on the answer's share, blank images."""
+    rng = np.random.default_rng(seed)
+    vocab, n_img = model.llm.config.get_text_config().vocab_size, model.num_image_tokens
+    size = model.vision_tower.config.image_size
+    collate = D.Collator(0, image_token_id=model.cfg.image_token_id)
+    batches = []
+    for k in range(count):
+        if seq_len:
+            lengths = [(max(1, seq_len - n_img), True)] * cfg.batch_size
+        else:
+            lengths = sample_lengths(stage, cfg.batch_size, rng)
+        samples = []
+        for i, (text, image) in enumerate(lengths):
+            text = min(text, cfg.max_length - (n_img + 1 if image else 1))  # as the dataset cuts: max_length
+            answer = max(1, round(text * STAGE_TEXT[stage]["label_share"]))
+            ids = [1] + [IMAGE_TOKEN_ID] * (n_img if image else 0) + rng.integers(5, vocab, text).tolist()
+            labels = [IGNORE_INDEX] * (len(ids) - answer) + ids[len(ids) - answer:]
+            samples.append(dict(id=f"{k}-{i}", index=k * cfg.batch_size + i, input_ids=torch.tensor(ids),
+                                labels=torch.tensor(labels),
+                                pixel_values=torch.zeros(1, 3, size, size) if image else None))
+        b = collate(samples)
+        b["seeds"] = [1000 * k + i for i in range(len(b["image_keys"]))]
+        batches.append(b)
+    return batches
+
+
+def fixed_assignment(cost: torch.Tensor, solver=None) -> torch.Tensor:
+    """Under fake tensors: step 3's assignment as a fixed one-to-one one of the same shape (pool row r for the
+    r-th token of every image); the same index tensor as scipy's, so the same memory."""
+    return torch.arange(cost.shape[1], device=cost.device).expand(cost.shape[0], -1).contiguous()
+
+
+class NoHook:
+    def remove(self):
+        pass
+
+
+def as_fake(value, mode):
+    if isinstance(value, torch.Tensor):
+        return mode.from_tensor(value)
+    if isinstance(value, dict):
+        return {k: as_fake(v, mode) for k, v in value.items()}
+    return value
+
+
+def parts_of(snapshot: dict, fsdp: bool) -> dict:
+    """A tracker snapshot (one device's) as the JSON's parts, in bytes."""
+    by = {str(getattr(k, "value", k)): v for k, v in snapshot.items()}
+    get = lambda *names: sum(by.get(n, 0) for n in names)  # noqa: E731
+    return dict(params=get("Sharded Param", "Unsharded Param", "Parameter", "Buffer"),
+                grads=get("Sharded Grad", "Unsharded Grad", "Gradient"),
+                optimizer=get("OptState", "Optstate"), activations=get("Activation", "Input"),
+                temporaries=get("Temp"), communication=get("All Gather", "Reduce Scatter"),
+                total=by.get("Total", 0))
+
+
+def trace(recipe: str, stage: str, world: int, mode: str | None = None, seq_len: int | None = None,
+          real: bool = False, overrides: dict | None = None, max_micro: int = 2, steps: int = 2) -> dict:
+    """Run the stage's real step for `steps` steps as rank 0 of `world` processes (fake ones unless real), the
+    last one measured; returns the figures per GPU (bytes and FLOPs; main() prints them in GiB)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+    from torch.distributed._tools.mem_tracker import MemTracker
+    from torch.utils.flop_counter import FlopCounterMode
+    t0 = time.time()
+    values = dict(overrides or {})
+    if mode:
+        values["fsdp"] = mode == "FSDP"
+    values.setdefault("bf16", True)  # what a GPU computes in (train.py's default on CUDA)
+    cfg = stage_config(recipe, stage, values)
+    device = torch.device("cpu")
+    if real:
+        rank, world, _ = setup_distributed()  # torchrun's processes (gloo), or one
+    else:
+        import torch.distributed as dist
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        dist.init_process_group("fake", rank=0, world_size=world, store=FakeStore())
+        rank = 0
+    fsdp = uses_fsdp(cfg, world)
+    mesh = None
+    if fsdp:  # before any fake tensor: making a mesh under FakeTensorMode fails on a data-dependent op
+        from torch.distributed.device_mesh import init_device_mesh
+        mesh = init_device_mesh("cpu", (world,))
+    vcfg = MP.planned_model_settings(cfg, offline=True)
+    fake = None if real else FakeTensorMode(allow_non_fake_inputs=True)
+    in_mode = fake if fake else contextlib.nullcontext()
+    if real:
+        torch.manual_seed(0)
+        model = VictorModel(vcfg, load_weights=False)
+    else:  # built under fake tensors: shapes, no storage (no weights read: none exist here)
+        with fake:
+            model = VictorModel(vcfg, load_weights=False)
+        # already on its device: wrap_for_processes' model.to(device) would do nothing, but on fake tensors
+        # it tries to swap each parameter for itself, which fails
+        model.to = lambda *args, **kwargs: model
+    if cfg.global_batch_size % (cfg.batch_size * world):
+        raise SystemExit(f"error: global_batch_size {cfg.global_batch_size} is not a multiple of batch_size "
+                         f"{cfg.batch_size} x {world} processes (--overrides)")
+    grad_accum = cfg.global_batch_size // (cfg.batch_size * world)
+    micro_count = min(grad_accum, max_micro)
+    micro = make_micro_batches(model, cfg, stage, micro_count, seq_len)
+    saved_assign, forward_backward = victor.assign_on_host, T.forward_backward
+    if not real:  # the one part of the step that needs values; also DTensor's sharding propagation keeps to its
+        # own fake mode (else it runs global-shape ops in ours, which the tracker counts as if allocated)
+        import torch.distributed.tensor._sharding_prop as sharding_prop
+        victor.assign_on_host, saved_detect = fixed_assignment, sharding_prop.detect_fake_mode
+        sharding_prop.detect_fake_mode = lambda *args: None
+    try:
+        with in_mode:
+            model, train_model = T.ready_for_training(model, cfg, stage, world, device,
+                                                      **(dict(mesh=mesh, broadcast_weights=real) if fsdp else {}))
+            optimizer, scheduler = T.make_optimizer(cfg, model, stage, device, total_steps=100)
+        r = T.StageRun(cfg, stage, rank, world, device, model, train_model, None, None, optimizer, scheduler, None,
+                       0, 100, micro_count, set())
+        n_label, n_recon = T.global_target_counts(r, micro)  # on the host, as the loop does
+        with in_mode:
+            inputs = [as_fake(b, fake) for b in micro] if fake else micro
+            if fsdp:
+                tracker = FSDPMemTracker(model, optimizer)
+            else:
+                tracker = MemTracker()
+                tracker.track_external(model, optimizer)
+            if fsdp:
+                tracker.track_inputs(tuple(b["input_ids"] for b in inputs))
+            flops = FlopCounterMode(display=False)
+            model.train()
+
+            def tracked_forward_backward(*args, **kwargs):  # the tracker's module figures are per forward
+                tracker.reset_mod_stats()
+                return forward_backward(*args, **kwargs)
+            forward_backward, T.forward_backward = T.forward_backward, tracked_forward_backward
+            for step in range(steps):
+                with tracker:  # entering starts the peak from what is alive: this step's peak alone
+                    if not fsdp:  # MemTracker hooks every parameter's gradient, which fails on a frozen one
+                        tracker._param_to_grad_hook_handles.update(
+                            {p: (NoHook(), NoHook()) for p in model.parameters() if not p.requires_grad})
+                    with flops if step == 0 else contextlib.nullcontext():
+                        T.step_compute(r, inputs, n_label, n_recon)
+                    before_update = tracker.get_tracker_snapshot("current")[device]
+                    T.optimizer_step(optimizer, scheduler, update=True)
+                    peak = tracker.get_tracker_snapshot("peak")[device]
+                    after_update = tracker.get_tracker_snapshot("current")[device]
+    finally:
+        T.forward_backward = forward_backward
+        victor.assign_on_host = saved_assign
+        if not real:
+            sharding_prop.detect_fake_mode = saved_detect
+    plan = MP.memory_plan(cfg, stage, world)
+    positions = sum(b["input_ids"].numel() for b in micro)
+    padded = sum(int((b["attention_mask"] == 0).sum()) for b in micro)
+    images = sum(len(b["image_keys"]) for b in micro)
+    scale = grad_accum / micro_count  # the step's other micro-batches: the same work again
+    return dict(recipe=recipe, stage=stage, world=world, mode="FSDP" if fsdp else "DDP" if world > 1 else "one process",
+                real=real, batch=cfg.batch_size, grad_accum=grad_accum, micro_batches_traced=micro_count,
+                seq_lens=[int(b["input_ids"].shape[1]) for b in micro],
+                lengths=f"--seq-len {seq_len}" if seq_len else STAGE_TEXT[stage]["data"] + " (assumed distribution)",
+                assignment="scipy (real)" if real else "fixed one-to-one assignment of the same shape (fake tensors)",
+                gradient_checkpointing=cfg.gradient_checkpointing, bf16=cfg.bf16,
+                peak=peak.get("Total", 0), parts=parts_of(peak, fsdp),
+                states=dict(params=parts_of(after_update, fsdp)["params"], grads=parts_of(before_update, fsdp)["grads"],
+                            optimizer=parts_of(after_update, fsdp)["optimizer"]),
+                plan_total=plan[plan["mode"] if plan["mode"] != "one process" else "DDP"]["total"][-1],
+                flops_per_step=flops.get_total_flops() * scale, tokens_per_step=positions * scale,
+                images_per_step=images * scale, padding_share=padded / positions, seconds=time.time() - t0)
+
+
+def matching_ms(images: int, dim: int, pool_size: int = 2048, tokens: int = 576, repeats: int = 2) -> dict:
+    """Step 3 as the forward runs it (cdist + the default exact solver, victor.hungarian_match) for `images`
+    images of `tokens` visual tokens on this CPU, ms: an N(0, 1) pool and a pool near the tokens."""
+    import torch.nn.functional as F
+    from bench_matching import make_pool
+    gen = torch.Generator().manual_seed(0)
+    selected = F.normalize(torch.randn(images, victor.num_replaced(tokens, 0.75), dim, generator=gen), dim=-1)
+    out = {}
+    for kind in ("randn", "near"):
+        pool = make_pool(kind, selected, pool_size, gen)
+        victor.hungarian_match(selected[:1], pool)  # warm-up
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            victor.hungarian_match(selected, pool, victor.solve_assignment_reduced)
+            best = min(best, time.perf_counter() - t)
+        out[kind] = 1e3 * best
+    return out
+
+
+def project(result: dict, mfu: float, gpu: tuple[str, float], matching: dict | None) -> dict:
+    """Step time and images/s per GPU from the counted FLOPs at an assumed MFU (a projection, not a measurement)."""
+    step_s = result["flops_per_step"] / (mfu * gpu[1])
+    out = dict(step_s=step_s, images_per_s=result["images_per_step"] / step_s, mfu_assumed=mfu, gpu=gpu[0])
+    if matching:
+        ms = max(matching.values())
+        out.update(matching_ms=matching, matching_share=ms / 1e3 / step_s * (result["grad_accum"]))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", default="llava15-vicuna7b")
+    ap.add_argument("--stage", default="1.5", choices=("1", "1.5", "2"))
+    ap.add_argument("--world-size", type=int, default=8)
+    ap.add_argument("--mode", choices=("FSDP", "DDP"), help="default: the recipe's (--fsdp or not)")
+    ap.add_argument("--fsdp", action="store_true", help="shard (as --mode FSDP)")
+    ap.add_argument("--seq-len", type=int, help="every sample this many tokens (default: the stage's distribution)")
+    ap.add_argument("--real", action="store_true", help="real tensors (small models), under torchrun a gloo group")
+    ap.add_argument("--mfu", type=float, default=0.4, help="the MFU the projection assumes")
+    ap.add_argument("--matching", action="store_true", help="also time step 3 on this CPU for the per-GPU batch")
+    ap.add_argument("--overrides", type=json.loads, default={}, help="TrainConfig fields as JSON, e.g. "
+                    "'{\"global_batch_size\": 16}'")
+    ap.add_argument("--json", help="write the figures there")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    mode = "FSDP" if args.fsdp else args.mode
+    result = trace(args.recipe, args.stage, args.world_size, mode, args.seq_len, args.real, args.overrides)
+    if args.real and result["world"] > 1 and int(os.environ.get("RANK", 0)) != 0:
+        return
+    vision = MP.PAPER_MODELS.get(stage_config(args.recipe, args.stage, {}).vision_model or "", {})
+    dim_images = (MP.PAPER_MODELS.get(stage_config(args.recipe, args.stage, {}).llm, {}).get("hidden_size"),
+                  result["images_per_step"] / result["grad_accum"])
+    matching = (matching_ms(int(dim_images[1]), dim_images[0],
+                            tokens=(vision["image_size"] // vision["patch_size"]) ** 2)
+                if args.matching and args.stage == "1.5" and vision and dim_images[0] else None)
+    result["projected"] = project(result, args.mfu, H100, matching)
+    gib = {"peak_gib": result["peak"] / GIB, "parts_gib": {k: v / GIB for k, v in result["parts"].items()},
+           "plan_gib": result["plan_total"] / GIB}
+    result.update(gib)
+    print(f"{args.recipe} stage {args.stage}, {result['mode']} x {result['world']}: peak {gib['peak_gib']:.2f} GiB "
+          f"per GPU (plan {gib['plan_gib']:.2f}); " + ", ".join(f"{k} {v:.2f}" for k, v in gib["parts_gib"].items())
+          + f"; {result['flops_per_step'] / 1e12:.1f} TFLOP and {result['tokens_per_step']:.0f} positions per step "
+          f"(padding {100 * result['padding_share']:.1f} %), traced in {result['seconds']:.1f} s; "
+          f"{result['assignment']}")
+    p = result["projected"]
+    print(f"projected ({p['gpu']}, MFU {p['mfu_assumed']:.0%} assumed): {p['step_s']:.2f} s per step, "
+          f"{p['images_per_s']:.1f} images/s per GPU" + (f"; step 3 measured on this CPU {p['matching_ms']} ms per "
+                                                         f"micro-batch: {100 * p['matching_share']:.1f} % of the step"
+                                                         if matching else ""))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
