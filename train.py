@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 import data as D
 from engineering.batches import Batches, read_data, validate_data
-from engineering.checkpoints import build_model, check_init, is_hub_name, save_checkpoint
+from engineering.checkpoints import build_model, check_init, has_chat_template, is_hub_name, save_checkpoint
 from engineering.config import RECIPES, TrainConfig, check_command_line, stage_config
 from engineering.distributed import (
     ResumableSampler,
@@ -379,6 +379,10 @@ def check_before_training(cfgs: list[TrainConfig], demo_data: bool) -> list[str]
     for i, cfg in enumerate(cfgs):
         if cfg.template not in D.TEMPLATE_NAMES:
             raise UsageError(f"--template {cfg.template!r}: choose from {' | '.join(D.TEMPLATE_NAMES)}")
+        tokenizer_dir = cfg.init if i == 0 else cfgs[0].init or cfgs[0].llm
+        if cfg.template == "chat" and os.path.isdir(tokenizer_dir) and not has_chat_template(tokenizer_dir):
+            raise UsageError(f"--template chat: the tokenizer in {tokenizer_dir} has no chat template; choose "
+                             f"plain, vicuna_v1 or chatml")
         grad_accumulation(cfg, world)
         check_memory_fits(cfg, cfg.stage, world, device)
         if i == 0 and cfg.init:

@@ -661,6 +661,17 @@ def note_normalisation_change(init: str, new: VictorConfig):
               f"{init} was trained with {saved}: its projector learned the other")
 
 
+def has_chat_template(path: str) -> bool:
+    """Whether the tokenizer saved in path carries a chat template (its own file, or tokenizer_config.json's)."""
+    if os.path.isfile(os.path.join(path, "chat_template.jinja")):
+        return True
+    try:
+        with open(os.path.join(path, "tokenizer_config.json")) as f:
+            return bool(json.load(f).get("chat_template"))
+    except (OSError, ValueError):
+        return True  # not a local tokenizer folder: transformers says so when it loads
+
+
 def is_hub_name(name: str) -> bool:
     return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not os.path.exists(name)  # org/name
 

@@ -295,3 +295,16 @@ def test_export_refusal_names_variant_llava(model, tmp_path):
     from engineering.checkpoints import export_llava_hf
     with pytest.raises(ValueError, match=r"An exportable model trains without it: train.py --variant llava"):
         export_llava_hf(model, None, None, str(tmp_path / "x"))
+
+
+def test_template_chat_without_one_in_the_tokenizer_is_refused_first(base, trained, tmp_path, capsys):
+    import shutil
+    init = tmp_path / "init"
+    shutil.copytree(base.init, init)
+    (init / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((init / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (init / "tokenizer_config.json").write_text(json.dumps(config))
+    line = refused(cli_flags(stage2_values(base, trained[0], init=str(init), template="chat")), capsys, trained)
+    assert line == f"error: --template chat: the tokenizer in {init} has no chat template; choose plain, vicuna_v1 " \
+                   "or chatml"
