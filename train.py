@@ -36,7 +36,7 @@ from tqdm import tqdm
 import data as D
 from engineering.batches import Batches, read_data, validate_data
 from engineering.checkpoints import build_model, check_init, has_chat_template, is_hub_name, save_checkpoint
-from engineering.config import RECIPES, TrainConfig, check_command_line, stage_config
+from engineering.config import RECIPES, TrainConfig, add_method_flags, check_command_line, stage_config
 from engineering.distributed import (
     ResumableSampler,
     all_reduce_sum,
@@ -386,7 +386,7 @@ def check_before_training(cfgs: list[TrainConfig], demo_data: bool) -> list[str]
         grad_accumulation(cfg, world)
         check_memory_fits(cfg, cfg.stage, world, device)
         if i == 0 and cfg.init:
-            check_init(cfg.init)
+            check_init(cfg.init, cfg.model_overrides)
         for key in ("vision_model", "llm"):
             if not cfg.init and not os.path.isdir(getattr(cfg, key)) and not is_hub_name(getattr(cfg, key)):
                 raise UsageError(f"--{key.replace('_', '-')} {getattr(cfg, key)!r}: no such directory (nor a "
@@ -450,6 +450,7 @@ def parse_args(argv=None) -> dict:
                                  allow_abbrev=False)
     add_config_flags(ap, TrainConfig, recipe_fields={k for r in RECIPES.values() for st in r["stages"].values()
                                                      for k in st} | {"vision_model", "llm", "model_overrides"})
+    add_method_flags(ap)
     ap.add_argument("--show-settings", action="store_true", default=argparse.SUPPRESS,
                     help="print each stage's settings as this command line would run them (the recipe's "
                          "values per stage, then the flags given) and exit")

@@ -521,7 +521,7 @@ def config_with_overrides(cfg: VictorConfig, overrides: dict, projector_only: bo
             raise ValueError(f"model override {key}={value!r} cannot apply to {source}: its weights fix "
                              f"{key} ({getattr(cfg, key)!r})")
         if key == "pool_size" and not projector_only:
-            raise ValueError(f"model override pool_size={value} cannot apply to {source}: its token pool has "
+            raise ValueError(f"--pool-size {value} cannot apply to {source}: its token pool has "
                              f"{cfg.pool_size} trained rows (only a projector-only stage-1 checkpoint gets a "
                              f"fresh pool)")
     new = VictorConfig.from_dict({**cfg.to_dict(), **overrides})
@@ -676,9 +676,10 @@ def is_hub_name(name: str) -> bool:
     return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not os.path.exists(name)  # org/name
 
 
-def check_init(init: str):
+def check_init(init: str, overrides: dict | None = None):
     """--init names a checkpoint (a directory with a config.json victor can load, and its weights), or a hub
-    name: one line (UsageError) otherwise. Reads config.json alone: the checks before a run."""
+    name, and each model override can take effect on it (config_with_overrides): one line (UsageError)
+    otherwise. Reads config.json alone: the checks before a run."""
     if is_hub_name(init):
         return
     if not os.path.isdir(init):
@@ -698,6 +699,12 @@ def check_init(init: str):
     if not any(os.path.isfile(os.path.join(init, f)) for f in WEIGHT_FILES) and not os.path.isfile(
             os.path.join(init, "mm_projector.bin")):
         raise UsageError(f"--init {init}: no weights in it ({', '.join(WEIGHT_FILES)}): a stage that did not finish?")
+    if overrides and "victor" in meta:
+        try:
+            config_with_overrides(VictorConfig.from_dict(saved), overrides, meta.get("saved_parts") == "projector",
+                                  init)
+        except ValueError as e:
+            raise UsageError(f"--init {init}: {e}") from None
 
 
 def load_init_checkpoint(init: str, overrides: dict, given: dict):

@@ -29,6 +29,59 @@ from victor import STAGES, VARIANTS, VictorConfig
 # VictorConfig fields that only stage 1.5 reads: set for a run without stage 1.5, they get a note
 STAGE15_FIELDS = ("pool_size", "replace_ratio", "matcher", "recon_weight", "recon_beta", "recon_target_offset",
                   "recon_image_ratio", "stage15_attention")
+# The method's stage-1.5 fields (VictorConfig), each a train.py flag: its meaning (README's step table) and range.
+# Given, each goes into model_overrides; with --variant the flag wins over the preset.
+METHOD_FLAGS = {
+    "pool_size": ("rows of the visual token pool (step 3 gives each replaced token its own row)", AT_LEAST_1),
+    "replace_ratio": ("share of each image's visual tokens replaced by pool rows (step 2); 0: none",
+                      Range(0, 1, hi_open=True)),
+    "matcher": ("step 3's assignment: hungarian (scipy's linear_sum_assignment, exact) | hungarian_plain (the same, "
+                "without the faster exact solver) | nearest (Croc: each token its nearest row, rows may repeat)",
+                None),
+    "recon_weight": ("weight of the reconstruction loss against the LM loss (step 6); 0: none", NON_NEGATIVE),
+    "recon_beta": ("SmoothL1's beta of the reconstruction loss (step 6)", POSITIVE),
+    "recon_target_offset": ("image position i reconstructs visual token i + offset: 0 (ViCToR) | 1 (VDEP)", None),
+    "recon_image_ratio": ("share of images whose positions are reconstructed (VDEP's hybrid: 0.5)",
+                          Range(0, 1, lo_open=True)),
+    "stage15_attention": ("causal | mixed (Croc: bidirectional over the image before the first supervised token)",
+                          None),
+}
+METHOD_RANGES = {k: r for k, (_, r) in METHOD_FLAGS.items() if r is not None}
+
+
+def add_method_flags(ap):
+    """METHOD_FLAGS as --flags, typed from VictorConfig; a flag not given is absent from the parsed namespace."""
+    import argparse
+    declared = {f.name: f for f in dataclasses.fields(VictorConfig)}
+    group = ap.add_argument_group("the method (stage 1.5; each goes into --model-overrides)")
+    for name, (meaning, valid) in METHOD_FLAGS.items():
+        kind = {"int": int, "float": float}.get(declared[name].type, str)
+        group.add_argument("--" + name.replace("_", "-"), type=kind, default=argparse.SUPPRESS,
+                           metavar=declared[name].type.upper(),
+                           help=f"{meaning} (default: the recipe's or --variant's; without one "
+                                f"{declared[name].default!r}{'; ' + str(valid) if valid else ''})".replace("%", "%%"))
+
+
+def fold_method_flags(overrides: dict):
+    """The method's flags given (METHOD_FLAGS), moved into overrides' model_overrides; one given both ways
+    with two values is refused."""
+    given = {k: overrides.pop(k) for k in list(overrides) if k in METHOD_FLAGS}
+    if not given:
+        return
+    check_ranges(given, METHOD_RANGES)
+    model_overrides = dict(overrides.get("model_overrides", {}))
+    for key, value in given.items():
+        try:
+            VictorConfig.from_dict({"vision_model": "-", "llm": "-", key: value}).validate()
+        except ValueError as e:
+            raise UsageError(f"--{key.replace('_', '-')} {value}: {e}") from None
+        if key in model_overrides and model_overrides[key] != value:
+            raise UsageError(f"--{key.replace('_', '-')} {value} and --model-overrides {key} "
+                             f"{model_overrides[key]!r}: give one")
+        model_overrides[key] = value
+    overrides["model_overrides"] = model_overrides
+
+
 # the demo's base models, pretrained once and committed (shapes_world/demo_base.py builds and checks them)
 DEMO_BASE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "shapes_world", "base")
 
@@ -273,6 +326,7 @@ def check_command_line(overrides: dict) -> list[str]:
     """train.py's checks that need neither data nor models, before anything is built: ranges, the model
     settings, flags that contradict each other or do nothing here. Fills in --image-folder where the data
     file's folder is meant (said in a note). Returns the stages to run."""
+    fold_method_flags(overrides)
     given = dict(overrides)
     check_ranges(given, RANGES)
     recipe, stage, variant = given.get("recipe", "demo"), given.get("stage", "all"), given.get("variant", "")
