@@ -7,16 +7,57 @@ the built-in shapes world: shapes_world/.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
 
-from engineering.records import IMAGE_PLACEHOLDER, ROLES, SampleError, image_errors, record_id, record_images
 from victor import IGNORE_INDEX, IMAGE_TOKEN_ID, batch_layout
+
+# -----------------------------------------------------------------------------
+# A LLaVA-format record's vocabulary: the image placeholder, the roles, and the error of an unusable sample.
+
+IMAGE_PLACEHOLDER = "<image>"
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+class SampleError(Exception):
+    """A sample that cannot be used as it is (it is skipped and counted, or fails under --strict)."""
+
+
+def record_id(rec, index: int) -> str:
+    return str(rec.get("id", f"#{index}")) if isinstance(rec, dict) else f"#{index}"
+
+
+def record_images(rec: dict) -> list[str]:
+    img = rec.get("image")
+    if img is None:
+        return []
+    return list(img) if isinstance(img, list) else [img]
+
+
+@contextlib.contextmanager
+def image_errors(name: str, source=None):
+    """Open an image inside this: a missing, corrupt or truncated file, or a decompression bomb (more than
+    PIL's Image.MAX_IMAGE_PIXELS pixels; PIL only warns below twice that), becomes a SampleError naming it.
+    source: an in-memory file, whose repr PIL puts in its messages (it says nothing: left out)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    except FileNotFoundError:
+        raise SampleError(f"image not found: {name}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise SampleError(f"image too large (decompression bomb): {name}: {e}") from None
+    except (OSError, ValueError, SyntaxError) as e:  # PIL raises SyntaxError for some broken headers
+        message = str(e) if source is None else str(e).replace(repr(source), "").strip()
+        raise SampleError(f"image unreadable: {name}: {message}") from None
+
 
 # -----------------------------------------------------------------------------
 # Templates. Every template is a Jinja chat template, so one label-masking routine serves all.
@@ -53,6 +94,8 @@ CHATML_TEMPLATE = (
 
 
 TEMPLATE_NAMES = ("auto", "plain", "vicuna_v1", "chatml", "chat")
+# stage 1.5's prompt before each detailed caption: LLaVA-ReCap's, which the paper's stage 1.5 trains on
+DETAIL_PROMPT = "Please generate detailed descriptions of the given image."
 
 
 def resolve_template(name: str, tokenizer, stage: str = "2") -> str:

@@ -34,7 +34,6 @@ from tqdm import tqdm
 
 import data as D
 from engineering import pictures as P
-from engineering import records as RC
 from engineering.benchmarks import (
     OPTION_LETTERS,
     InputError,
@@ -51,7 +50,6 @@ from engineering.checkpoints import WEIGHT_FILES, default_device, export_llava_h
 from engineering.flags import Range, out_of_range
 from engineering.pictures import draw_curves, read_curves
 from engineering.reporting import bars_wanted
-from shapes_world.shapes import DETAIL_PROMPT  # stage 1.5's prompt (LLaVA-ReCap's), for --visualize
 
 # -----------------------------------------------------------------------------
 # Generating: one greedy, batched loop for every kind of item
@@ -67,7 +65,7 @@ class EvalDataset(D.LlavaDataset):
                 with Image.open(io.BytesIO(base64.b64decode(rec["image_b64"]))) as im:
                     return [D.to_rgb(im)]
             except (OSError, ValueError, Image.DecompressionBombError) as e:
-                raise RC.SampleError(f"the base64 image cannot be decoded: {e}") from None
+                raise D.SampleError(f"the base64 image cannot be decoded: {e}") from None
         if rec.get("image_path"):
             return [D.load_image(rec["image_path"])]
         return super().load_images(rec)
@@ -444,7 +442,7 @@ def visualize_pool(checkpoint_or_model, image_path: str, out_png: str | None = N
     template = D.resolve_template(template, tokenizer, stage="1.5" if stage == "1" else stage)
     image = D.load_image(image_path)
     pixel_values = D.preprocess_images([image], image_processor).to(device)
-    messages = [{"role": "user", "content": f"{D.IMAGE_PLACEHOLDER}\n{DETAIL_PROMPT}"}]
+    messages = [{"role": "user", "content": f"{D.IMAGE_PLACEHOLDER}\n{D.DETAIL_PROMPT}"}]
     ids, _ = D.tokenize_conversation(messages, tokenizer, template, model.num_image_tokens,
                                      image_token_id=model.cfg.image_token_id)
     rows, errors, replaced, assignment = P.pool_rows_and_errors(model, torch.tensor([ids], device=device), pixel_values,
@@ -615,7 +613,7 @@ def main(argv=None):
         if mode != "curves" and not os.path.isdir(args.checkpoint):
             raise InputError(f"{args.checkpoint}: no such checkpoint directory (run `python train.py` first)")
         return MODES[mode][1](args)
-    except (InputError, RC.SampleError, FileNotFoundError) as e:  # the user's to fix (SampleError: an image)
+    except (InputError, D.SampleError, FileNotFoundError) as e:  # the user's to fix (SampleError: an image)
         raise SystemExit(f"error: {e}") from None
     except KeyboardInterrupt:
         print(f"interrupted ({mode}): nothing was written for this run", file=sys.stderr)

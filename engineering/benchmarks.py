@@ -19,6 +19,7 @@ import os
 import sys
 from collections import defaultdict
 
+import data as D
 from engineering import records as RC
 
 
@@ -45,7 +46,7 @@ def _is_none(value) -> bool:
 
 def question_turns(text: str, has_image: bool) -> list[dict]:
     """The user's turn asking text, the image's placeholder before it when the turn carries the image."""
-    return [{"from": "human", "value": (f"{RC.IMAGE_PLACEHOLDER}\n" if has_image else "") + text}]
+    return [{"from": "human", "value": (f"{D.IMAGE_PLACEHOLDER}\n" if has_image else "") + text}]
 
 
 def read_rows(path: str) -> list:
@@ -67,10 +68,10 @@ def read_test_set(test_file: str, image_folder: str) -> list[dict]:
     for i, r in enumerate(records):
         answer, options = r["conversations"][-1]["value"].strip(), r.get("options") or []
         if not options and answer.lower() not in ("yes", "no"):
-            raise InputError(f"{test_file}: record {RC.record_id(r, i)}: no options, and the answer {answer!r} "
+            raise InputError(f"{test_file}: record {D.record_id(r, i)}: no options, and the answer {answer!r} "
                              f"is not yes/no")
-        items.append({**r, "id": RC.record_id(r, i), "conversations": r["conversations"][:-1],
-                      "image": [os.path.join(image_folder, p) for p in RC.record_images(r)],
+        items.append({**r, "id": D.record_id(r, i), "conversations": r["conversations"][:-1],
+                      "image": [os.path.join(image_folder, p) for p in D.record_images(r)],
                       "kind": "multiple_choice" if options else "yes_no", "options": options, "answer": answer,
                       "type": r.get("type", "all")})
     if len({it["id"] for it in items}) < len(items):

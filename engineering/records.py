@@ -16,14 +16,12 @@ are published: the same fields a row, the image as its bytes (Hugging Face datas
 """
 from __future__ import annotations
 
-import contextlib
 import glob
 import io
 import itertools
 import json
 import os
 import re
-import warnings
 from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -32,23 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image
 
-IMAGE_PLACEHOLDER = "<image>"
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-
-
-class SampleError(Exception):
-    """A sample that cannot be used as it is (it is skipped and counted, or fails under --strict)."""
-
-
-def record_id(rec, index: int) -> str:
-    return str(rec.get("id", f"#{index}")) if isinstance(rec, dict) else f"#{index}"
-
-
-def record_images(rec: dict) -> list[str]:
-    img = rec.get("image")
-    if img is None:
-        return []
-    return list(img) if isinstance(img, list) else [img]
+from data import IMAGE_PLACEHOLDER, ROLES, SampleError, image_errors, record_images
 
 
 def check_record(rec, n_images: int | None = None) -> str | None:
@@ -337,24 +319,6 @@ def row_images(cell) -> list[bytes]:
             raise SampleError(f"image {k} has no bytes" + (f" (only a path: {path})" if path else ""))
         images.append(data)
     return images
-
-
-@contextlib.contextmanager
-def image_errors(name: str, source=None):
-    """Open an image inside this: a missing, corrupt or truncated file, or a decompression bomb (more than
-    PIL's Image.MAX_IMAGE_PIXELS pixels; PIL only warns below twice that), becomes a SampleError naming it.
-    source: an in-memory file, whose repr PIL puts in its messages (it says nothing: left out)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            yield
-    except FileNotFoundError:
-        raise SampleError(f"image not found: {name}") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise SampleError(f"image too large (decompression bomb): {name}: {e}") from None
-    except (OSError, ValueError, SyntaxError) as e:  # PIL raises SyntaxError for some broken headers
-        message = str(e) if source is None else str(e).replace(repr(source), "").strip()
-        raise SampleError(f"image unreadable: {name}: {message}") from None
 
 
 def image_header_problem(data: bytes, name: str) -> str | None:

@@ -146,7 +146,7 @@ def measure_workers(RC, data: str, image_folder: str, batch_size: int = 256):
             rec = self.records[i]
             text = sum(len(turn["value"]) for turn in rec["conversations"])
             images = len(RC.record_images(rec)) + sum(len(b) for b in rec.get("image_bytes", []))
-            return RC.record_id(rec, i), text, images
+            return str(rec.get("id", i)), text, images
 
     records, _ = load(RC, data, image_folder)
     dataset = RecordAccess(records)

@@ -21,7 +21,7 @@ if __name__ == "__main__":  # run as a script: the repository's modules by their
     import sys
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data import CHATML_TEMPLATE, IMAGE_PLACEHOLDER  # noqa: E402
+from data import CHATML_TEMPLATE, DETAIL_PROMPT, IMAGE_PLACEHOLDER  # noqa: E402
 from engineering.benchmarks import MC_SUFFIX  # noqa: E402  (LLaVA's multiple-choice prompt, which the world's questions use)
 
 COLOURS = {"red": (215, 40, 40), "green": (40, 165, 60), "blue": (45, 85, 225), "yellow": (235, 205, 35)}
@@ -29,7 +29,6 @@ SHAPES = ("circle", "square", "triangle")
 SIZES = ("small", "large")
 CELLS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 NUMBERS = ("1", "2", "3")
-DETAIL_PROMPT = "Please generate detailed descriptions of the given image."
 LETTERS = "ABCD"
 
 

@@ -26,7 +26,6 @@ from conftest import read_metrics, train_says
 from engineering import batches as BA
 from engineering import distributed as DI
 from engineering import flags as FL
-from engineering import records as RC
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -95,12 +94,12 @@ def awkward_images(tmp_path_factory):
     ("corrupt", "image unreadable"), ("truncated-jpeg", "image unreadable"), ("truncated-png", "image unreadable"),
     ("bomb", "decompression bomb")])
 def test_unusable_images_raise_sample_error(awkward_images, name, why):
-    with pytest.raises(RC.SampleError, match=why):
+    with pytest.raises(D.SampleError, match=why):
         D.load_image(awkward_images[name])
 
 
 def test_missing_image_raises_sample_error(tmp_path):
-    with pytest.raises(RC.SampleError, match="image not found"):
+    with pytest.raises(D.SampleError, match="image not found"):
         D.load_image(str(tmp_path / "nope.png"))
 
 
@@ -110,7 +109,7 @@ def test_image_just_over_the_pixel_limit_is_a_bomb_too(awkward_images, monkeypat
     root = os.path.dirname(awkward_images["wide"])
     path = os.path.join(root, "rgb.png")
     noisy_rgb((40, 32)).save(path)
-    with pytest.raises(RC.SampleError, match="decompression bomb"):
+    with pytest.raises(D.SampleError, match="decompression bomb"):
         D.load_image(path)
 
 

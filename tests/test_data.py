@@ -377,12 +377,12 @@ def test_truncation_keeps_prefix_and_labels(qwen):
 def test_truncation_errors(qwen):
     full_ids, full_labels = D.tokenize_conversation(QWEN_CONV, qwen, qwen.chat_template, 4)
     last_img = max(i for i, t in enumerate(full_ids) if t == IMG)
-    with pytest.raises(RC.SampleError, match=f"tokens with images do not fit max_length={last_img}"):
+    with pytest.raises(D.SampleError, match=f"tokens with images do not fit max_length={last_img}"):
         D.tokenize_conversation(QWEN_CONV, qwen, qwen.chat_template, 4, max_length=last_img)
-    with pytest.raises(RC.SampleError, match="no answer tokens"):  # the images fit, the answers do not
+    with pytest.raises(D.SampleError, match="no answer tokens"):  # the images fit, the answers do not
         D.tokenize_conversation(QWEN_CONV, qwen, qwen.chat_template, 4, max_length=last_img + 1)
     first_label = next(i for i, lab in enumerate(full_labels) if lab != IGN)
-    with pytest.raises(RC.SampleError, match="no answer tokens"):  # nothing left to learn from
+    with pytest.raises(D.SampleError, match="no answer tokens"):  # nothing left to learn from
         D.tokenize_conversation(QWEN_CONV, qwen, qwen.chat_template, 4, max_length=first_label)
 
 
@@ -406,7 +406,7 @@ def test_load_records_json_and_jsonl_agree(tmp_path):
     a, bad_a = RC.load_records(str(p_json))
     b, bad_b = RC.load_records(str(p_jsonl))
     assert a == b == GOOD and bad_a == bad_b == []
-    assert [RC.record_images(r) for r in a] == [["x.png"], [], ["1.png", "2.png"]]
+    assert [D.record_images(r) for r in a] == [["x.png"], [], ["1.png", "2.png"]]
 
 
 def _conv(*turns):
@@ -668,7 +668,7 @@ def test_shapes_records_are_valid(shapes_runs, shapes_dir):
         records, bad = RC.load_records(files[0][key], strict=True)
         assert bad == [] and len(records) == count
         assert all(RC.check_record(r) is None for r in records)
-        assert all(os.path.isfile(os.path.join(a, p)) for r in records for p in RC.record_images(r))
+        assert all(os.path.isfile(os.path.join(a, p)) for r in records for p in D.record_images(r))
     # stage 2: one question per record, right after its image; an image's questions are of distinct kinds
     stage2, _ = RC.load_records(files[0]["stage2"])
     assert all(len(r["conversations"]) == 2 and r["conversations"][0]["value"].startswith(D.IMAGE_PLACEHOLDER + "\n")

@@ -46,7 +46,7 @@ def test_store_reads_records_exactly(tmp_path, fmt):
     assert [records[i] for i in range(len(records))] == list(records) == RECORDS
     assert records == RECORDS and records != RECORDS[:2] and records[-1] == RECORDS[-1]
     assert isinstance(records[1:], RC.RecordStore) and records[1:] == RECORDS[1:] and records[:0] == []
-    assert [RC.record_images(r) for r in records] == [["a.png"], [], ["1.png", "2.png"]]
+    assert [D.record_images(r) for r in records] == [["a.png"], [], ["1.png", "2.png"]]
     with pytest.raises(IndexError):
         records[len(RECORDS)]
     records[0]["id"] = "changed"  # each read is a fresh record, as parsed from the file
@@ -147,7 +147,7 @@ def _read_all(records, conn):
     before = _private_kib()
     for i in range(len(records)):
         rec = records[i]
-        RC.record_id(rec, i), D.to_messages(rec["conversations"]), RC.record_images(rec)
+        D.record_id(rec, i), D.to_messages(rec["conversations"]), D.record_images(rec)
     conn.send(_private_kib() - before)
 
 
