@@ -156,7 +156,8 @@ def planned_model_settings(cfg: TrainConfig, offline: bool) -> VictorConfig:
 def state_bytes(params: int, trained: int, shards: int) -> tuple[float, float, float]:
     """(weights, gradients, AdamW state) per GPU: fp32 weights of every parameter (the model is kept in
     fp32, frozen parts too), fp32 gradients and AdamW's two fp32 moments of the trained ones: 4 + 4 + 8
-    bytes. DDP holds them whole on every GPU (shards=1); FSDP splits all three over the processes."""
+    bytes. DDP holds them whole on every GPU (shards=1); FSDP splits all three over the processes (the
+    plan's exact figure, memory_plan's state_parts, counts rank 0's padded shard of each tensor)."""
     return 4 * params / shards, 4 * trained / shards, 8 * trained / shards
 
 
@@ -214,6 +215,11 @@ def memory_plan(cfg: TrainConfig, stage: str, world: int, offline: bool = True) 
     parts = {name: count([model.token_pool] if name == "token_pool" else getattr(model, name).parameters())
              for name in PLAN_PARTS}
     params, trained = (sum(c) for c in zip(*parts.values()))
+    # rank 0's FSDP2 shard of each parameter: ceil(rows / world) of its rows (dim 0 padded to the world size)
+    shard = {key: sum(math.ceil(p.shape[0] / world) * (p.numel() // max(1, p.shape[0])) if p.dim() else p.numel()
+                      for p in model.parameters() if key == "params" or id(p) in trained_ids)
+             for key in ("params", "trained")}
+    trained_tensors = len(trained_ids)  # AdamW keeps a step count (one fp32 scalar) per trained tensor
     layers = [count(layer.parameters())
               for layer in [*model.vision_tower.encoder.layers, *model.llm.get_decoder().layers]]
     root = (params - sum(n for n, _ in layers), trained - sum(t for _, t in layers))  # FSDP's root unit
@@ -227,10 +233,11 @@ def memory_plan(cfg: TrainConfig, stage: str, world: int, offline: bool = True) 
                 params=params, trained=trained, activations=activations,
                 mode="one process" if world == 1 else "FSDP" if cfg.fsdp else "DDP",
                 vision=model.vision_tower.config.model_type, llm=model.llm.config.model_type)
-    for mode, shards in (("DDP", 1), ("FSDP", world)):
-        states = sum(state_bytes(params, trained, shards))
+    for mode, (held, held_trained) in (("DDP", (params, trained)), ("FSDP", (shard["params"], shard["trained"]))):
+        state_parts = dict(params=4 * held, grads=4 * held_trained, optimizer=8 * held_trained + 4 * trained_tensors)
+        states = sum(state_parts.values())
         working = working_copy_bytes(mode, world, trained, root, max(layers), compute_bytes)
-        plan[mode] = dict(states=states, working=working,
+        plan[mode] = dict(states=states, state_parts=state_parts, working=working,
                           total=[states + working + a for a in activations[cfg.gradient_checkpointing]])
     return plan
 

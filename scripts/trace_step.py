@@ -95,9 +95,19 @@ def parts_of(snapshot: dict, fsdp: bool) -> dict:
     get = lambda *names: sum(by.get(n, 0) for n in names)  # noqa: E731
     return dict(params=get("Sharded Param", "Unsharded Param", "Parameter", "Buffer"),
                 grads=get("Sharded Grad", "Unsharded Grad", "Gradient"),
-                optimizer=get("OptState", "Optstate"), activations=get("Activation", "Input"),
+                optimizer=get("OptState", "Optstate"), activations=get("Activation", "Inputs", "Other"),
                 temporaries=get("Temp"), communication=get("All Gather", "Reduce Scatter"),
                 total=by.get("Total", 0))
+
+
+def held_states(before_update: dict, after_update: dict) -> dict:
+    """What the step keeps, in bytes: the weights (sharded ones under FSDP, buffers apart), the gradients as
+    the update reads them, the optimizer's state after it."""
+    by = lambda snap: {str(getattr(k, "value", k)): v for k, v in snap.items()}  # noqa: E731
+    before, after = by(before_update), by(after_update)
+    return dict(params=after.get("Sharded Param", after.get("Parameter", 0)), buffers=after.get("Buffer", 0),
+                grads=before.get("Sharded Grad", before.get("Gradient", 0)),
+                optimizer=after.get("OptState", after.get("Optstate", 0)))
 
 
 def trace(recipe: str, stage: str, world: int, mode: str | None = None, seq_len: int | None = None,
@@ -196,6 +206,7 @@ def trace(recipe: str, stage: str, world: int, mode: str | None = None, seq_len:
         victor.assign_on_host = saved_assign
         if not real:
             sharding_prop.detect_fake_mode = saved_detect
+            torch.distributed.destroy_process_group()
     parts = parts_of(peak, fsdp)
     if ddp_counted:
         buckets = 4 * sum(p.numel() for g in optimizer.param_groups for p in g["params"])
@@ -214,8 +225,7 @@ def trace(recipe: str, stage: str, world: int, mode: str | None = None, seq_len:
                 gradient_checkpointing=cfg.gradient_checkpointing, bf16=cfg.bf16,
                 ddp_buckets="counted (fp32 copy of the trained gradients), not traced" if ddp_counted else "",
                 peak=parts["total"], parts=parts,
-                states=dict(params=parts_of(after_update, fsdp)["params"], grads=parts_of(before_update, fsdp)["grads"],
-                            optimizer=parts_of(after_update, fsdp)["optimizer"]),
+                states=held_states(before_update, after_update),
                 plan_total=plan[plan["mode"] if plan["mode"] != "one process" else "DDP"]["total"][-1],
                 flops_per_step=flops.get_total_flops() * scale, tokens_per_step=positions * scale,
                 images_per_step=images * scale, padding_share=padded / positions, seconds=time.time() - t0)
