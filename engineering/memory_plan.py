@@ -8,9 +8,11 @@ CUDA run whose plan cannot fit its GPU before anything is loaded. A reader of th
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from engineering import checkpoints as C
@@ -54,6 +56,48 @@ PAPER_MODELS = {
         rope_theta=1000000.0, hidden_act="silu", tie_word_embeddings=False, bos_token_id=151643,
         eos_token_id=151645),
 }
+
+
+# Each stage's text per sample, in LLM tokens beside the image's visual tokens: (what the data is, text-only
+# share, lognormal median and sigma of the text tokens, share of them that are labels). No internet here: the
+# figures are assumed from the datasets as published, not measured on them.
+# - stage 1, LLaVA-Pretrain (LCS-558K, BLIP captions): one short caption (~10 words) after the image in the
+#   plain template: ~14 tokens, all labels but the image.
+# - stage 1.5, LLaVA-ReCap-CC3M (LLaVA-NeXT-34B's detailed captions): the system prompt, the detail prompt and
+#   a ~110-word caption (the figure scripts/bench_data_memory.py's ReCap-like records use), ~210 tokens, the
+#   caption's ~150 the labels.
+# - stage 2, LLaVA-665K (LLaVA-1.5's mix): 40K of its 665K are ShareGPT text-only conversations (6 %, long:
+#   median ~700 tokens here); the rest are multi-turn VQA / instruction conversations about one image,
+#   median ~180 text tokens with a long tail (sigma 0.8), ~60 % of them the assistant's answers (labels).
+STAGE_TEXT = {
+    "1": dict(data="LLaVA-558K BLIP captions", text_only=0.0, median=14, sigma=0.35, label_share=0.9),
+    "1.5": dict(data="LLaVA-ReCap-CC3M detailed captions", text_only=0.0, median=210, sigma=0.25, label_share=0.7),
+    "2": dict(data="LLaVA-665K multi-turn conversations", text_only=0.06, median=180, sigma=0.8, label_share=0.6,
+              text_only_median=700),
+}
+
+
+def sample_texts(stage: str, n: int, num_image_tokens: int, max_length: int, rng: np.random.Generator,
+                 seq_len: int | None = None) -> list[tuple[int, int, bool]]:
+    """n samples' (text tokens, label tokens, has an image) drawn from the stage's assumed distribution
+    (STAGE_TEXT), cut to max_length as the dataset cuts; seq_len: every sample that long, with an image."""
+    s, out = STAGE_TEXT[stage], []
+    for _ in range(n):
+        text_only = not seq_len and rng.random() < s["text_only"]
+        median = s.get("text_only_median", s["median"]) if text_only else s["median"]
+        text = seq_len - num_image_tokens - 1 if seq_len else max(4, int(rng.lognormal(math.log(median), s["sigma"])))
+        text = max(1, min(text, max_length - 1 - (0 if text_only else num_image_tokens)))  # the BOS token: 1
+        out.append((text, max(1, round(text * s["label_share"])), not text_only))
+    return out
+
+
+def assumed_batch(stage: str, batch: int, num_image_tokens: int, max_length: int, seq_len: int | None = None):
+    """The per-GPU batch the plan assumes (scripts/trace_step.py traces the same one, seed 0): its (padded
+    length, label tokens, images)."""
+    texts = sample_texts(stage, batch, num_image_tokens, max_length, np.random.default_rng(0), seq_len)
+    longest = max(1 + t + (num_image_tokens if image else 0) for t, _, image in texts)
+    return longest, sum(a for _, a, _ in texts), sum(image for _, _, image in texts)
+
 
 
 PLAN_PARTS = ("projector", "llm", "vision_tower", "token_pool", "recon_head")  # VictorModel's parts
@@ -112,7 +156,8 @@ def planned_model_settings(cfg: TrainConfig, offline: bool) -> VictorConfig:
 def state_bytes(params: int, trained: int, shards: int) -> tuple[float, float, float]:
     """(weights, gradients, AdamW state) per GPU: fp32 weights of every parameter (the model is kept in
     fp32, frozen parts too), fp32 gradients and AdamW's two fp32 moments of the trained ones: 4 + 4 + 8
-    bytes. DDP holds them whole on every GPU (shards=1); FSDP splits all three over the processes."""
+    bytes. DDP holds them whole on every GPU (shards=1); FSDP splits all three over the processes (the
+    plan's exact figure, memory_plan's state_parts, counts rank 0's padded shard of each tensor)."""
     return 4 * params / shards, 4 * trained / shards, 8 * trained / shards
 
 
@@ -170,6 +215,11 @@ def memory_plan(cfg: TrainConfig, stage: str, world: int, offline: bool = True) 
     parts = {name: count([model.token_pool] if name == "token_pool" else getattr(model, name).parameters())
              for name in PLAN_PARTS}
     params, trained = (sum(c) for c in zip(*parts.values()))
+    # rank 0's FSDP2 shard of each parameter: ceil(rows / world) of its rows (dim 0 padded to the world size)
+    shard = {key: sum(math.ceil(p.shape[0] / world) * (p.numel() // max(1, p.shape[0])) if p.dim() else p.numel()
+                      for p in model.parameters() if key == "params" or id(p) in trained_ids)
+             for key in ("params", "trained")}
+    trained_tensors = len(trained_ids)  # AdamW keeps a step count (one fp32 scalar) per trained tensor
     layers = [count(layer.parameters())
               for layer in [*model.vision_tower.encoder.layers, *model.llm.get_decoder().layers]]
     root = (params - sum(n for n, _ in layers), trained - sum(t for _, t in layers))  # FSDP's root unit
@@ -183,10 +233,11 @@ def memory_plan(cfg: TrainConfig, stage: str, world: int, offline: bool = True) 
                 params=params, trained=trained, activations=activations,
                 mode="one process" if world == 1 else "FSDP" if cfg.fsdp else "DDP",
                 vision=model.vision_tower.config.model_type, llm=model.llm.config.model_type)
-    for mode, shards in (("DDP", 1), ("FSDP", world)):
-        states = sum(state_bytes(params, trained, shards))
+    for mode, (held, held_trained) in (("DDP", (params, trained)), ("FSDP", (shard["params"], shard["trained"]))):
+        state_parts = dict(params=4 * held, grads=4 * held_trained, optimizer=8 * held_trained + 4 * trained_tensors)
+        states = sum(state_parts.values())
         working = working_copy_bytes(mode, world, trained, root, max(layers), compute_bytes)
-        plan[mode] = dict(states=states, working=working,
+        plan[mode] = dict(states=states, state_parts=state_parts, working=working,
                           total=[states + working + a for a in activations[cfg.gradient_checkpointing]])
     return plan
 

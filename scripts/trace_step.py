@@ -16,7 +16,7 @@ torch.distributed._tools' FSDPMemTracker (FSDP) or MemTracker (one process, DDP)
 peak, by kind; torch.utils.flop_counter.FlopCounterMode: the FLOPs of one step (recomputation included).
 Only step 3's assignment differs (scipy needs values): a fixed one-to-one assignment of the same shape
 (the same index tensor); its cost matrix is computed as in training. The batches are drawn from the
-stage's length distribution (STAGE_TEXT below: what it assumes and why), or --seq-len tokens each.
+stage's length distribution (memory_plan.STAGE_TEXT: what it assumes and why), or --seq-len tokens each.
 
 With --real (for the tests): real tensors and, under torchrun, a real gloo process group, the same tracker
 on the same step (and the real assignment), to hold the fake trace to what is measured.
@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import sys
 import time
@@ -48,36 +47,6 @@ from victor import IGNORE_INDEX, IMAGE_TOKEN_ID, VictorModel  # noqa: E402
 GIB = 2 ** 30
 H100 = ("H100 SXM, bf16 dense 989 TFLOP/s", 989e12)
 
-# Each stage's text per sample, in LLM tokens beside the image's visual tokens: (what the data is, text-only
-# share, lognormal median and sigma of the text tokens, share of them that are labels). No internet here: the
-# figures are assumed from the datasets as published, not measured on them.
-# - stage 1, LLaVA-Pretrain (LCS-558K, BLIP captions): one short caption (~10 words) after the image in the
-#   plain template: ~14 tokens, all labels but the image.
-# - stage 1.5, LLaVA-ReCap-CC3M (LLaVA-NeXT-34B's detailed captions): the system prompt, the detail prompt and
-#   a ~110-word caption (the figure scripts/bench_data_memory.py's ReCap-like records use), ~210 tokens, the
-#   caption's ~150 the labels.
-# - stage 2, LLaVA-665K (LLaVA-1.5's mix): 40K of its 665K are ShareGPT text-only conversations (6 %, long:
-#   median ~700 tokens here); the rest are multi-turn VQA / instruction conversations about one image,
-#   median ~180 text tokens with a long tail (sigma 0.8), ~60 % of them the assistant's answers (labels).
-STAGE_TEXT = {
-    "1": dict(data="LLaVA-558K BLIP captions", text_only=0.0, median=14, sigma=0.35, label_share=0.9),
-    "1.5": dict(data="LLaVA-ReCap-CC3M detailed captions", text_only=0.0, median=210, sigma=0.25, label_share=0.7),
-    "2": dict(data="LLaVA-665K multi-turn conversations", text_only=0.06, median=180, sigma=0.8, label_share=0.6,
-              text_only_median=700),
-}
-
-
-def sample_lengths(stage: str, n: int, rng: np.random.Generator) -> list[tuple[int, bool]]:
-    """n samples' (text tokens, has an image) from the stage's assumed distribution (STAGE_TEXT)."""
-    s = STAGE_TEXT[stage]
-    out = []
-    for _ in range(n):
-        text_only = rng.random() < s["text_only"]
-        median = s.get("text_only_median", s["median"]) if text_only else s["median"]
-        out.append((max(4, int(rng.lognormal(math.log(median), s["sigma"]))), not text_only))
-    return out
-
-
 def make_micro_batches(model: VictorModel, cfg, stage: str, count: int, seq_len: int | None, seed: int = 0):
     """count micro-batches of cfg.batch_size samples as train.py's loader gives them (data.Collator, with its
     layout and the selection seeds): random token ids, labels on the answer's share, blank images."""
@@ -87,14 +56,9 @@ def make_micro_batches(model: VictorModel, cfg, stage: str, count: int, seq_len:
     collate = D.Collator(0, image_token_id=model.cfg.image_token_id)
     batches = []
     for k in range(count):
-        if seq_len:
-            lengths = [(max(1, seq_len - n_img), True)] * cfg.batch_size
-        else:
-            lengths = sample_lengths(stage, cfg.batch_size, rng)
         samples = []
-        for i, (text, image) in enumerate(lengths):
-            text = min(text, cfg.max_length - (n_img + 1 if image else 1))  # as the dataset cuts: max_length
-            answer = max(1, round(text * STAGE_TEXT[stage]["label_share"]))
+        for i, (text, answer, image) in enumerate(MP.sample_texts(stage, cfg.batch_size, n_img, cfg.max_length,
+                                                                  rng, seq_len)):
             ids = [1] + [IMAGE_TOKEN_ID] * (n_img if image else 0) + rng.integers(5, vocab, text).tolist()
             labels = [IGNORE_INDEX] * (len(ids) - answer) + ids[len(ids) - answer:]
             samples.append(dict(id=f"{k}-{i}", index=k * cfg.batch_size + i, input_ids=torch.tensor(ids),
@@ -131,9 +95,19 @@ def parts_of(snapshot: dict, fsdp: bool) -> dict:
     get = lambda *names: sum(by.get(n, 0) for n in names)  # noqa: E731
     return dict(params=get("Sharded Param", "Unsharded Param", "Parameter", "Buffer"),
                 grads=get("Sharded Grad", "Unsharded Grad", "Gradient"),
-                optimizer=get("OptState", "Optstate"), activations=get("Activation", "Input"),
+                optimizer=get("OptState", "Optstate"), activations=get("Activation", "Inputs", "Other"),
                 temporaries=get("Temp"), communication=get("All Gather", "Reduce Scatter"),
                 total=by.get("Total", 0))
+
+
+def held_states(before_update: dict, after_update: dict) -> dict:
+    """What the step keeps, in bytes: the weights (sharded ones under FSDP, buffers apart), the gradients as
+    the update reads them, the optimizer's state after it."""
+    by = lambda snap: {str(getattr(k, "value", k)): v for k, v in snap.items()}  # noqa: E731
+    before, after = by(before_update), by(after_update)
+    return dict(params=after.get("Sharded Param", after.get("Parameter", 0)), buffers=after.get("Buffer", 0),
+                grads=before.get("Sharded Grad", before.get("Gradient", 0)),
+                optimizer=after.get("OptState", after.get("Optstate", 0)))
 
 
 def trace(recipe: str, stage: str, world: int, mode: str | None = None, seq_len: int | None = None,
@@ -161,6 +135,9 @@ def trace(recipe: str, stage: str, world: int, mode: str | None = None, seq_len:
         dist.init_process_group("fake", rank=0, world_size=world, store=FakeStore())
         rank = 0
     fsdp = uses_fsdp(cfg, world)
+    # DDP's reducer (C++) needs real storage for its gradient buckets: on fake tensors the step runs as one
+    # process, and the buckets (one fp32 copy of the trained gradients) are counted beside it
+    ddp_counted = not real and not fsdp and world > 1
     mesh = None
     if fsdp:  # before any fake tensor: making a mesh under FakeTensorMode fails on a data-dependent op
         from torch.distributed.device_mesh import init_device_mesh
@@ -191,11 +168,11 @@ def trace(recipe: str, stage: str, world: int, mode: str | None = None, seq_len:
         sharding_prop.detect_fake_mode = lambda *args: None
     try:
         with in_mode:
-            model, train_model = T.ready_for_training(model, cfg, stage, world, device,
+            model, train_model = T.ready_for_training(model, cfg, stage, 1 if ddp_counted else world, device,
                                                       **(dict(mesh=mesh, broadcast_weights=real) if fsdp else {}))
             optimizer, scheduler = T.make_optimizer(cfg, model, stage, device, total_steps=100)
-        r = T.StageRun(cfg, stage, rank, world, device, model, train_model, None, None, optimizer, scheduler, None,
-                       0, 100, micro_count, set())
+        r = T.StageRun(cfg, stage, rank, 1 if ddp_counted else world, device, model, train_model, None, None,
+                       optimizer, scheduler, None, 0, 100, micro_count, set())
         n_label, n_recon = T.global_target_counts(r, micro)  # on the host, as the loop does
         with in_mode:
             inputs = [as_fake(b, fake) for b in micro] if fake else micro
@@ -229,6 +206,12 @@ def trace(recipe: str, stage: str, world: int, mode: str | None = None, seq_len:
         victor.assign_on_host = saved_assign
         if not real:
             sharding_prop.detect_fake_mode = saved_detect
+            torch.distributed.destroy_process_group()
+    parts = parts_of(peak, fsdp)
+    if ddp_counted:
+        buckets = 4 * sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+        parts["communication"] += buckets
+        parts["total"] += buckets
     plan = MP.memory_plan(cfg, stage, world)
     positions = sum(b["input_ids"].numel() for b in micro)
     padded = sum(int((b["attention_mask"] == 0).sum()) for b in micro)
@@ -237,12 +220,12 @@ def trace(recipe: str, stage: str, world: int, mode: str | None = None, seq_len:
     return dict(recipe=recipe, stage=stage, world=world, mode="FSDP" if fsdp else "DDP" if world > 1 else "one process",
                 real=real, batch=cfg.batch_size, grad_accum=grad_accum, micro_batches_traced=micro_count,
                 seq_lens=[int(b["input_ids"].shape[1]) for b in micro],
-                lengths=f"--seq-len {seq_len}" if seq_len else STAGE_TEXT[stage]["data"] + " (assumed distribution)",
+                lengths=f"--seq-len {seq_len}" if seq_len else MP.STAGE_TEXT[stage]["data"] + " (assumed distribution)",
                 assignment="scipy (real)" if real else "fixed one-to-one assignment of the same shape (fake tensors)",
                 gradient_checkpointing=cfg.gradient_checkpointing, bf16=cfg.bf16,
-                peak=peak.get("Total", 0), parts=parts_of(peak, fsdp),
-                states=dict(params=parts_of(after_update, fsdp)["params"], grads=parts_of(before_update, fsdp)["grads"],
-                            optimizer=parts_of(after_update, fsdp)["optimizer"]),
+                ddp_buckets="counted (fp32 copy of the trained gradients), not traced" if ddp_counted else "",
+                peak=parts["total"], parts=parts,
+                states=held_states(before_update, after_update),
                 plan_total=plan[plan["mode"] if plan["mode"] != "one process" else "DDP"]["total"][-1],
                 flops_per_step=flops.get_total_flops() * scale, tokens_per_step=positions * scale,
                 images_per_step=images * scale, padding_share=padded / positions, seconds=time.time() - t0)
