@@ -109,3 +109,37 @@ def test_bench_quick_runs_the_clutter_arms(tmp_path):
     assert (light / "test.jsonl").read_bytes() == (out / "shapes" / "test.jsonl").read_bytes()
     a = np.asarray(SH.Image.open(light / "images" / "000000.png"))
     assert (a != np.asarray(SH.Image.open(out / "shapes" / "images" / "000000.png"))).any()
+
+
+def test_the_clutter_report_pairs_seeds_across_levels(tmp_path):
+    """report_clutter over the fourth world's records as both levels, one heavy victor run moved by +0.05
+    overall and +0.25 on colour: the interaction is exactly that move on that seed, 0 on the others."""
+    sys.path.insert(0, os.path.join(MAIN, "scripts"))
+    import report_clutter as R
+    light = os.path.join(MAIN, "docs", "ablation-fourth-world")
+    heavy = tmp_path / "heavy"
+    for arm in R.ARMS:
+        for s in (0, 1, 2):
+            src = os.path.join(light, "runs", arm, f"seed-{s}", "result.json")
+            dst = heavy / "runs" / arm / f"seed-{s}" / "result.json"
+            dst.parent.mkdir(parents=True)
+            r = json.loads(open(src).read())
+            if (arm, s) == ("victor", 1):
+                r["accuracy"] += 0.05
+                r["per_type"]["colour"] += 0.25
+            dst.write_text(json.dumps(r))
+    os.remove(heavy / "runs" / "captions" / "seed-2" / "result.json")  # seed 2 incomplete: left out
+    R.main(["--light", light, "--heavy", str(heavy)])
+    report = json.loads((heavy / "ablation.json").read_text())
+    assert report["seeds"] == [0, 1]
+    inter = report["interaction"]
+    assert inter["victor-llava"]["overall"]["per_seed"] == pytest.approx([0.0, 0.05])
+    assert inter["victor-captions"]["per_type"]["colour"]["per_seed"] == pytest.approx([0.0, 0.25])
+    assert inter["captions-llava"]["overall"]["per_seed"] == pytest.approx([0.0, 0.0])
+    assert inter["victor-llava"]["overall"]["ci95"][0] < 0.025 < inter["victor-llava"]["overall"]["ci95"][1]
+    for level in ("light", "heavy"):
+        acc = report["arms"][level]["victor"]["accuracy"]
+        assert set(acc) >= {"mean", "ci95", "per_seed"} and len(acc["per_seed"]) == 2
+        assert report["paired"][level]["vs_llava"]["victor"]["seeds"] == [0, 1]
+    assert "| victor - llava |" in (heavy / "ablation.md").read_text()
+    assert (heavy / "ablation.png").stat().st_size > 10_000
