@@ -106,21 +106,29 @@ QUICK = dict(train_images=160, test_images=40, curve_questions=20, stage1_steps=
              curve=[2], probe_fit=40, probe_test=20)
 
 
-def world(lengths: dict) -> dict:
+def world_spec(lengths: dict, world_opts: dict | None = None):
+    """The grid's ShapesSpec: the lengths' image counts, and world_opts' other fields (clutter, seed;
+    {} is the world every earlier grid ran on)."""
+    from shapes_world import shapes as SH
+    return SH.ShapesSpec(num_train_images=lengths["train_images"], num_test_images=lengths["test_images"],
+                         **(world_opts or {}))
+
+
+def world(lengths: dict, world_opts: dict | None = None) -> dict:
     """What every run of a grid shares and a finished run must have been made with: the shapes data, the
     committed base models (their files' sha256) and the demo recipe's stage settings."""
     from engineering import config as CF
     from shapes_world import demo_base as B
     from shapes_world import shapes as SH
-    spec = SH.ShapesSpec(num_train_images=lengths["train_images"], num_test_images=lengths["test_images"])
-    return {"shapes": spec.__dict__, "base_sha256": B.load_base_record()["sha256"], "recipe": CF.RECIPES["demo"]}
+    return {"shapes": SH.spec_record(world_spec(lengths, world_opts)), "base_sha256": B.load_base_record()["sha256"],
+            "recipe": CF.RECIPES["demo"]}
 
 
-def run_settings(arm: str | None, lengths: dict) -> dict:
+def run_settings(arm: str | None, lengths: dict, world_opts: dict | None = None) -> dict:
     """A run's settings, recorded in its result: a finished run is reused only when they are equal."""
     keep = ("stage1_steps",) if arm is None else tuple(lengths)
     return {"arm": None if arm is None else ARMS[arm], "lengths": {k: lengths[k] for k in keep},
-            "world": world(lengths)}
+            "world": world(lengths, world_opts)}
 
 
 def recorded_settings(path: str) -> dict | None:
@@ -139,7 +147,7 @@ def train(**overrides):
     return T.run({"recipe": "demo", **overrides})
 
 
-def run_stage1(out: str, seed: int, lengths: dict) -> dict:
+def run_stage1(out: str, seed: int, lengths: dict, world_opts: dict) -> dict:
     """The seed's stage-1 checkpoint from the grid's one pretrained base, shared by every arm of the seed."""
     seed_dir = os.path.join(out, "seeds", f"seed-{seed}")
     from shapes_world import demo_base as B
@@ -149,7 +157,7 @@ def run_stage1(out: str, seed: int, lengths: dict) -> dict:
     train(stage="1", out_dir=os.path.join(seed_dir, "stage1"), vision_model=vision_dir, llm=llm_dir, seed=seed,
           data=os.path.join(shapes, "stage1.json"), image_folder=shapes, max_steps=lengths["stage1_steps"])
     with open(os.path.join(seed_dir, "stage1.json"), "w") as f:
-        json.dump({"settings": run_settings(None, lengths)}, f, indent=1)
+        json.dump({"settings": run_settings(None, lengths, world_opts)}, f, indent=1)
     return {"stage1": os.path.join(seed_dir, "stage1")}
 
 
@@ -180,15 +188,15 @@ def hidden_at_images(model, tokenizer, image_processor, images, batch: int = 100
     return {k: np.concatenate(v) for k, v in layers.items()}
 
 
-def probe(checkpoint: str, lengths: dict) -> dict:
+def probe(checkpoint: str, lengths: dict, clutter: int = 0) -> dict:
     """The probe of the model leaving stage 1.5 (for llava: leaving stage 1), per layer: each image
-    position's hidden state -> the object of the grid cell its patch lies in."""
+    position's hidden state -> the object of the grid cell its patch lies in (images at the grid's clutter)."""
     from engineering.checkpoints import load_checkpoint
     from shapes_world import shapes as SH
     from shapes_world.demo_base import linear_probe, probe_images, token_cells
     model, tokenizer, image_processor = load_checkpoint(checkpoint)
-    fit_images, y_fit = probe_images(lengths["probe_fit"], 0)
-    test_images, y_test = probe_images(lengths["probe_test"], 1)
+    fit_images, y_fit = probe_images(lengths["probe_fit"], 0, clutter)
+    test_images, y_test = probe_images(lengths["probe_test"], 1, clutter)
     cells = token_cells(model.num_image_tokens, SH.ShapesSpec().grid)
     y_fit, y_test = y_fit[:, cells], y_test[:, cells]  # [images, N]: each token's cell's label
     h_fit = hidden_at_images(model, tokenizer, image_processor, fit_images)
@@ -212,7 +220,7 @@ def evaluate(checkpoint: str, out: str, limit: int = 0) -> dict:
             "correct": "".join("1" if p["correct"] else "0" for p in r["predictions"])}
 
 
-def run_arm(out: str, arm: str, seed: int, lengths: dict) -> dict:
+def run_arm(out: str, arm: str, seed: int, lengths: dict, world_opts: dict) -> dict:
     """One arm for one seed: stage 1.5 (unless llava) from the seed's stage 1, the probe, stage 2 with
     snapshots, the test set at every snapshot. Returns (and writes) its result."""
     t0 = time.time()
@@ -229,7 +237,7 @@ def run_arm(out: str, arm: str, seed: int, lengths: dict) -> dict:
         train(stage="1.5", init=stage1, out_dir=start, data=os.path.join(shapes, "stage1_5.json"),
               max_steps=lengths["stage15_steps"], **common)
     t_probe = time.time()
-    result = {"arm": arm, "seed": seed, "probe": probe(start, lengths)}
+    result = {"arm": arm, "seed": seed, "probe": probe(start, lengths, world_opts.get("clutter", 0))}
     t_stage2 = time.time()
     stage2 = os.path.join(run_dir, "stage2")
     train(stage="2", init=start, out_dir=stage2, data=os.path.join(shapes, "stage2.json"),
@@ -241,7 +249,7 @@ def run_arm(out: str, arm: str, seed: int, lengths: dict) -> dict:
     final = evaluate(stage2, out)
     curve[str(lengths["stage2_steps"])] = final["correct"][:n].count("1") / n
     result.update(accuracy=final["accuracy"], per_type=final["per_type"], correct=final["correct"], curve=curve,
-                  settings=run_settings(arm, lengths),
+                  settings=run_settings(arm, lengths, world_opts),
                   seconds={"stage1.5": t_probe - t0, "probe": t_stage2 - t_probe,
                            "stage2+eval": time.time() - t_stage2})
     for d in (os.path.join(stage2, "snapshots"), os.path.join(run_dir, "stage1.5", "checkpoints")):
@@ -305,9 +313,9 @@ def job_main(job: dict):
     import torch
     torch.set_num_threads(1)
     if job["kind"] == "stage1":
-        run_stage1(job["out"], job["seed"], job["lengths"])
+        run_stage1(job["out"], job["seed"], job["lengths"], job["world_opts"])
     else:
-        run_arm(job["out"], job["arm"], job["seed"], job["lengths"])
+        run_arm(job["out"], job["arm"], job["seed"], job["lengths"], job["world_opts"])
 
 
 # -----------------------------------------------------------------------------
@@ -526,6 +534,10 @@ def main(argv=None):
                          f"{OTHER_SEEDS} for the rest)")
     ap.add_argument("--quick", action="store_true", help="a few steps, seed 0 (unless --seeds), every arm")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
+    ap.add_argument("--clutter", type=int, default=0, metavar="LEVEL",
+                    help="the world's background clutter (shapes_world/shapes.py CLUTTER_LEVELS; 0: the world's own)")
+    ap.add_argument("--world-seed", type=int, default=0,
+                    help="the shapes data's seed (0: the grid's world; another: a development copy)")
     ap.add_argument("--out-dir", default=None, help="default: out/ablation, or out/ablation-quick with --quick")
     ap.add_argument("--job", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -536,45 +548,49 @@ def main(argv=None):
         ap.error(f"unknown arm(s) {unknown}; choose from {list(ARMS)}")
     if args.jobs < 1:
         ap.error("--jobs must be >= 1")
+    from shapes_world import shapes as SH
+    if args.clutter not in SH.CLUTTER_LEVELS:
+        ap.error(f"--clutter must be one of {sorted(SH.CLUTTER_LEVELS)}, got {args.clutter}")
     plan = grid_plan(args.arms, args.seeds, args.quick)
     lengths = QUICK if args.quick else FULL
+    # only the fields that differ from the world every earlier grid ran on: their records stay reusable
+    world_opts = {k: v for k, v in (("clutter", args.clutter), ("seed", args.world_seed)) if v != 0}
     out = os.path.abspath(args.out_dir or ("out/ablation-quick" if args.quick else "out/ablation"))
     t0 = time.time()
     from shapes_world import demo_base as B
-    from shapes_world import shapes as SH
-    SH.shapes_files(os.path.join(out, "shapes"), SH.ShapesSpec(num_train_images=lengths["train_images"],
-                                                             num_test_images=lengths["test_images"]))
+    SH.shapes_files(os.path.join(out, "shapes"), world_spec(lengths, world_opts))
     B.load_base_record()  # one base for every run: the committed one, every file as recorded
     seeds = sorted({s for ss in plan.values() for s in ss})
     print(f"ablation: {plan}, stage 1 {lengths['stage1_steps']}, stage 1.5 {lengths['stage15_steps']}, "
-          f"stage 2 {lengths['stage2_steps']} steps -> {out}", flush=True)
+          f"stage 2 {lengths['stage2_steps']} steps, world {world_opts or 'the default'} -> {out}", flush=True)
     # a finished run is reused only when it was made with these settings; otherwise it is redone
     todo = {"stage1": [], "arm": []}
     redo_seeds = set()  # seeds whose stage 1 is made anew: every arm of theirs is redone
     for s in seeds:
-        why = stale(os.path.join(out, "seeds", f"seed-{s}", "stage1.json"), run_settings(None, lengths))
+        why = stale(os.path.join(out, "seeds", f"seed-{s}", "stage1.json"), run_settings(None, lengths, world_opts))
         if why is not None:
-            todo["stage1"].append(dict(kind="stage1", seed=s, out=out, lengths=lengths))
+            todo["stage1"].append(dict(kind="stage1", seed=s, out=out, lengths=lengths, world_opts=world_opts))
             redo_seeds.add(s)
             if why:
                 print(f"  redoing stage 1 of seed {s}: {why}")
     for a, ss in plan.items():
         for s in ss:
-            why = stale(os.path.join(out, "runs", a, f"seed-{s}", "result.json"), run_settings(a, lengths))
+            why = stale(os.path.join(out, "runs", a, f"seed-{s}", "result.json"), run_settings(a, lengths, world_opts))
             if why is not None or s in redo_seeds:
-                todo["arm"].append(dict(kind="arm", arm=a, seed=s, out=out, lengths=lengths))
+                todo["arm"].append(dict(kind="arm", arm=a, seed=s, out=out, lengths=lengths, world_opts=world_opts))
                 if why or (why is None and s in redo_seeds):  # a finished run that is not reused
                     print(f"  redoing {a} seed {s}: {why or 'its stage 1 is redone'}")
     # a grid restored from its records (docs/ablation-third-world: results and stage-1 records, no checkpoints):
     # a seed's stage 1 is made again (deterministic, the same settings) where an arm still has to run from it
     for s in sorted({j["seed"] for j in todo["arm"]} - redo_seeds):
         if not os.path.isdir(os.path.join(out, "seeds", f"seed-{s}", "stage1")):
-            todo["stage1"].append(dict(kind="stage1", seed=s, out=out, lengths=lengths))
+            todo["stage1"].append(dict(kind="stage1", seed=s, out=out, lengths=lengths, world_opts=world_opts))
     # the arms that answer the question first, seed by seed: a grid cut short still has them paired
     todo["arm"].sort(key=lambda j: (j["arm"] not in CORE_ARMS, j["seed"], list(ARMS).index(j["arm"])))
     run_jobs(todo["stage1"], args.jobs, out)
     run_jobs(todo["arm"], args.jobs, out)
-    config = {"plan": plan, "jobs": args.jobs, "quick": args.quick, "wall_time_s": time.time() - t0,
+    config = {"plan": plan, "jobs": args.jobs, "quick": args.quick, "world_opts": world_opts,
+              "wall_time_s": time.time() - t0,
               "reused_runs": sum(len(ss) for ss in plan.values()) - len(todo["arm"]),
               "stage_recipe": "the demo recipe's stages 1.5 and 2 (train.RECIPES['demo']), max_steps as recorded"}
     report = aggregate(out, plan, config)

@@ -184,9 +184,9 @@ def pretrain_tower(vision, processor, steps: int, batch_size: int, lr: float, da
     return sum(losses[-20:]) / len(losses[-20:])
 
 
-def probe_images(n: int, offset: int):
-    """n fresh shapes images (PIL) and their 9 cell labels (cell_objects)."""
-    rng, spec = random.Random(PROBE_SEED + offset), SH.ShapesSpec()
+def probe_images(n: int, offset: int, clutter: int = 0):
+    """n fresh shapes images (PIL) at a clutter level and their 9 cell labels (cell_objects)."""
+    rng, spec = random.Random(PROBE_SEED + offset), SH.ShapesSpec(clutter=clutter)
     images, labels = [], []
     for _ in range(n):
         im, objects = SH.draw_shapes_image(rng, spec)
@@ -229,10 +229,11 @@ def _fit_probe(x_fit, y_fit, x_test, y_test, classes: int, steps: int) -> dict:
 
 
 @torch.no_grad()
-def tower_probe(vision, processor, fit: int, test: int) -> dict:
-    """A linear probe of every visual token's cell's object, at the layer victor reads (fresh images)."""
+def tower_probe(vision, processor, fit: int, test: int, clutter: int = 0) -> dict:
+    """A linear probe of every visual token's cell's object, at the layer victor reads (fresh images at a
+    clutter level)."""
     def features(n, offset):
-        images, labels = probe_images(n, offset)
+        images, labels = probe_images(n, offset, clutter)
         h = vision(pixel_values=pixels(images, processor), output_hidden_states=True).hidden_states[-2][:, 1:]
         cells = token_cells(h.shape[1], SH.ShapesSpec().grid)
         return h.flatten(0, 1).numpy(), labels[:, cells].reshape(-1)

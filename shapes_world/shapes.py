@@ -5,6 +5,14 @@ caption (stage 1), a detailed caption (stage 1.5) and questions of five types (s
 
 Make the shapes data by hand (train.py does it on first use):
     python shapes_world/shapes.py --out data/shapes
+    python shapes_world/shapes.py --out data/shapes-clutter3 --clutter 3    # the same scenes, heavier clutter
+
+Clutter levels (ShapesSpec.clutter, CLUTTER_LEVELS): 0 is the world's own light clutter (noisy grey, a
+few faint lines). Levels 1-5 add, rising, a blotchy texture to the background, distractor shapes in muted
+colours and sizes no object has, and grey lines; none of it comes within CLUTTER_MARGIN pixels of an
+object, and every object is drawn last, whole. The extra clutter has its own random stream (from the
+image's noise seed), so every level shows the same objects and asks the same questions with the same
+answers; level 0 is bitwise the data the world made before levels existed.
 """
 from __future__ import annotations
 
@@ -15,7 +23,7 @@ import random
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 if __name__ == "__main__":  # run as a script: the repository's modules by their names
     import sys
@@ -30,6 +38,15 @@ SIZES = ("small", "large")
 CELLS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 NUMBERS = ("1", "2", "3")
 LETTERS = "ABCD"
+# what each clutter level adds over level 0: the texture's amplitude (grey levels), how many distractor
+# shapes and how many extra lines
+CLUTTER_LEVELS = {0: None,
+                  1: dict(texture=12, distractors=4, lines=3),
+                  2: dict(texture=22, distractors=9, lines=6),
+                  3: dict(texture=32, distractors=15, lines=10),
+                  4: dict(texture=44, distractors=24, lines=16),
+                  5: dict(texture=56, distractors=36, lines=24)}
+CLUTTER_MARGIN = 2  # pixels of level-0 background kept around every object
 
 
 @dataclass
@@ -41,33 +58,109 @@ class ShapesSpec:
     num_test_images: int = 1000
     questions_per_image: int = 4  # stage 2: one record per question, of distinct kinds
     seed: int = 0
+    clutter: int = 0  # a key of CLUTTER_LEVELS: 0 the world's own light clutter, 1-5 heavier
+
+    def __post_init__(self):
+        if self.clutter not in CLUTTER_LEVELS:
+            raise ValueError(f"clutter must be one of {sorted(CLUTTER_LEVELS)}, got {self.clutter!r}")
 
 
-def draw_shapes_image(rng: random.Random, spec: ShapesSpec):
-    """One image: 1..max_objects shapes of distinct colours in distinct grid cells over clutter."""
+def spec_record(spec: ShapesSpec) -> dict:
+    """The spec as data files and run settings record it; clutter only when it is not 0, so a level-0
+    world's records are those made before clutter levels existed."""
+    record = dict(spec.__dict__)
+    if record["clutter"] == 0:
+        del record["clutter"]
+    return record
+
+
+def draw_shape(d: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, half: float, fill):
+    box = [cx - half, cy - half, cx + half, cy + half]
+    if shape == "circle":
+        d.ellipse(box, fill=fill)
+    elif shape == "square":
+        d.rectangle(box, fill=fill)
+    else:
+        d.polygon([(cx, cy - half), (cx - half, cy + half), (cx + half, cy + half)], fill=fill)
+
+
+def draw_scene(rng: random.Random, spec: ShapesSpec):
+    """One image and its geometry: (image, objects, masks), masks {"objects": [bool HxW per object],
+    "clutter": bool HxW, the pixels the level's extra clutter drew (none at level 0)}."""
     s, g = spec.image_size, spec.grid
     cell = s // g
     # cluttered background: noisy grey, a few faint lines and dots in muted colours
-    noise = np.random.default_rng(rng.getrandbits(63)).normal(128, 14, (s, s, 1))
+    noise_seed = rng.getrandbits(63)
+    noise = np.random.default_rng(noise_seed).normal(128, 14, (s, s, 1))
     im = Image.fromarray(np.repeat(noise.clip(0, 255).astype(np.uint8), 3, axis=2))
     d = ImageDraw.Draw(im)
     for _ in range(rng.randint(2, 5)):
         grey = tuple(rng.randint(90, 170) for _ in range(3))
         d.line([(rng.randrange(s), rng.randrange(s)), (rng.randrange(s), rng.randrange(s))], fill=grey, width=1)
     objects = random_objects(rng, spec)
+    placed = []
     for o in objects:
         c = CELLS.index(o["cell"])
         half = (cell * (0.42 if o["size"] == "large" else 0.27))
         cx = (c % g) * cell + cell / 2 + rng.uniform(-1.5, 1.5)
         cy = (c // g) * cell + cell / 2 + rng.uniform(-1.5, 1.5)
-        box = [cx - half, cy - half, cx + half, cy + half]
-        fill = COLOURS[o["colour"]]
-        if o["shape"] == "circle":
-            d.ellipse(box, fill=fill)
-        elif o["shape"] == "square":
-            d.rectangle(box, fill=fill)
-        else:
-            d.polygon([(cx, cy - half), (cx - half, cy + half), (cx + half, cy + half)], fill=fill)
+        placed.append((o, cx, cy, half))
+    object_masks = []
+    for o, cx, cy, half in placed:
+        mask = Image.new("L", (s, s), 0)
+        draw_shape(ImageDraw.Draw(mask), o["shape"], cx, cy, half, 255)
+        object_masks.append(np.asarray(mask) > 0)
+    clutter_mask = np.zeros((s, s), dtype=bool)
+    level = CLUTTER_LEVELS[spec.clutter]
+    if level:  # its own stream: the main one draws the same at every level
+        im, clutter_mask = add_clutter(im, object_masks, np.random.default_rng([noise_seed, spec.clutter]), level)
+        d = ImageDraw.Draw(im)
+    for o, cx, cy, half in placed:
+        draw_shape(d, o["shape"], cx, cy, half, COLOURS[o["colour"]])
+    return im, objects, {"objects": object_masks, "clutter": clutter_mask}
+
+
+def add_clutter(im: Image.Image, object_masks: list[np.ndarray], gen: np.random.Generator, level: dict):
+    """A clutter level's texture, distractors and lines over the background, none of it within
+    CLUTTER_MARGIN pixels of an object. Returns (image, the mask of pixels the distractors and lines drew)."""
+    s = im.size[0]
+    # texture: blotches of light and dark grey (coarse noise, upsampled smoothly), slightly tinted
+    coarse = (gen.normal(0, 1, (s // 12, s // 12)) * level["texture"]).astype(np.float32)
+    blotch = np.asarray(Image.fromarray(coarse).resize((s, s), Image.BICUBIC))
+    tint = gen.normal(0, 4, 3)
+    base = np.asarray(im).astype(np.float32) + blotch[..., None] + tint
+    layer = Image.new("RGB", (s, s))
+    drawn = Image.new("L", (s, s), 0)
+    d, dm = ImageDraw.Draw(layer), ImageDraw.Draw(drawn)
+
+    def muted():  # any hue at low saturation: a grey mixed with 25-50 % of a random colour
+        grey, hue, a = gen.uniform(70, 190), gen.uniform(0, 255, 3), gen.uniform(0.25, 0.5)
+        return tuple(int(v) for v in (1 - a) * grey + a * hue)
+
+    for _ in range(level["distractors"]):
+        shape = SHAPES[gen.integers(len(SHAPES))]
+        cx, cy, half = gen.uniform(0, s), gen.uniform(0, s), gen.uniform(1.5, 5.5)  # below a small object's 8.6
+        fill = muted()
+        draw_shape(d, shape, cx, cy, half, fill)
+        draw_shape(dm, shape, cx, cy, half, 255)
+    for _ in range(level["lines"]):
+        xy = [tuple(gen.uniform(0, s, 2)), tuple(gen.uniform(0, s, 2))]
+        width = int(gen.integers(1, 3))
+        fill = muted()
+        d.line(xy, fill=fill, width=width)
+        dm.line(xy, fill=255, width=width)
+    keep_out = np.zeros((s, s), dtype=bool)
+    for m in object_masks:
+        keep_out |= m
+    keep_out = np.asarray(Image.fromarray(keep_out).filter(ImageFilter.MaxFilter(2 * CLUTTER_MARGIN + 1))) > 0
+    mask = (np.asarray(drawn) > 0) & ~keep_out
+    out = np.where(mask[..., None], np.asarray(layer).astype(np.float32), base)
+    return Image.fromarray(out.clip(0, 255).round().astype(np.uint8)), mask
+
+
+def draw_shapes_image(rng: random.Random, spec: ShapesSpec):
+    """One image: 1..max_objects shapes of distinct colours in distinct grid cells over clutter."""
+    im, objects, _ = draw_scene(rng, spec)
     return im, objects
 
 
@@ -192,7 +285,7 @@ def make_shapes_dataset(root: str, spec: ShapesSpec | None = None) -> dict:
     with open(os.path.join(root, files["test"]), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in test)
     with open(os.path.join(root, "spec.json"), "w") as f:
-        json.dump(spec.__dict__, f)
+        json.dump(spec_record(spec), f)
     return {k: os.path.join(root, v) for k, v in files.items()}
 
 
@@ -202,7 +295,7 @@ def shapes_files(root: str, spec: ShapesSpec | None = None) -> dict:
     spec_file = os.path.join(root, "spec.json")
     if os.path.isfile(spec_file):
         with open(spec_file) as f:
-            if json.load(f) == spec.__dict__:
+            if json.load(f) == spec_record(spec):
                 return {k: os.path.join(root, v) for k, v in
                         (("stage1", "stage1.json"), ("stage1.5", "stage1_5.json"),
                          ("stage2", "stage2.json"), ("test", "test.jsonl"))}
@@ -237,6 +330,8 @@ if __name__ == "__main__":
                                  allow_abbrev=False)
     ap.add_argument("--out", default="data/shapes")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--clutter", type=int, default=0, choices=sorted(CLUTTER_LEVELS),
+                    help="background clutter level: 0 the world's own, 1-5 heavier (CLUTTER_LEVELS)")
     args = ap.parse_args()
-    paths = make_shapes_dataset(args.out, ShapesSpec(seed=args.seed))
+    paths = make_shapes_dataset(args.out, ShapesSpec(seed=args.seed, clutter=args.clutter))
     print("\n".join(f"{k}: {v}" for k, v in paths.items()))
