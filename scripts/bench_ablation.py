@@ -9,7 +9,7 @@ PRE-REGISTERED PLAN, FOURTH WORLD (committed before the first grid run on the ne
 stage-2 length was chosen from the llava arm alone on a development copy of the world generated from
 another seed, by a rule written down before those runs; docs/world.md). The earlier worlds' plans and
 results are kept in docs/ablation-third-world (plan: commit cba58cd; its base's LLM answered text-only
-questions 0.81, binding attributes to objects only partly), docs/ablation (second world) and
+questions 0.81, binding attributes to objects only partly), docs/ablation-second-world and
 docs/ablation-first-world.
   * World: the demo's. One base for every run, the committed one (shapes_world/base, each run records its
     files' sha256): a CLIP-class tower (patch 16: 36 visual tokens, 2 x 2 per grid cell) pretrained to tell

@@ -273,7 +273,7 @@ def make_shapes_dataset(root: str, spec: ShapesSpec | None = None) -> dict:
             {"from": "gpt", "value": detailed_caption(objects)}]})
         # questions_per_image questions of distinct kinds per image, one per record: each question
         # then sits right after its image, as in the test set (as 4-turn conversations the demo
-        # learned less in the same minutes: docs/demo_log.md)
+        # learned less in the same minutes: docs/ablation-first-world/demo_log.md)
         for t, kind in enumerate(rng.sample(QUESTION_KINDS, spec.questions_per_image)):
             q, a, _ = make_question(rng, objects, kind, multiple_choice=rng.random() < 0.5)
             stage2.append({"id": f"{rid}-q{t}", "image": name, "conversations": [
