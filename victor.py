@@ -108,7 +108,7 @@ def check_stage(stage: str):
 
 def num_replaced(num_tokens: int, replace_ratio: float) -> int:
     """How many of N visual tokens stage 1.5 replaces: N - floor(N * (1 - ratio)); 432 of 576."""
-    keep = math.floor(round(num_tokens * (1.0 - replace_ratio), 6))
+    keep = math.floor(round(num_tokens * (1.0 - replace_ratio), 6))  # round: 10 * (1 - 0.9) is 0.999..., not 1
     return num_tokens - keep
 
 
@@ -152,14 +152,14 @@ def build_projector(kind: str, vision_dim: int, llm_dim: int) -> nn.Module:
 
 
 def project_visual_tokens(projector: nn.Module, features: torch.Tensor, normalize: bool) -> torch.Tensor:
-    """Step 1: v = normalize(projector(vision_features)), [images, N, llm_dim]."""
+    """Step 1: v = normalize(projector(vision_features)), (I, N, D)."""
     v = projector(features)  # (I, N, vision_dim) -> (I, N, D)
     return F.normalize(v, dim=-1) if normalize else v
 
 
 def select_tokens_to_replace(num_images: int, num_tokens: int, replace_ratio: float, device=None,
                              generator: torch.Generator | None = None, seeds=None) -> torch.Tensor:
-    """Step 2: choose uniformly at random which tokens to replace; bool [images, N]. seeds (one int per image):
+    """Step 2: choose uniformly at random which tokens to replace; bool (I, N). seeds (one int per image):
     each image's choice a function of its seed alone (the same for 1 or N processes, and when resumed)."""
     if seeds is None:
         scores = torch.rand(num_images, num_tokens, device=device, generator=generator)
@@ -173,7 +173,7 @@ def select_tokens_to_replace(num_images: int, num_tokens: int, replace_ratio: fl
 
 
 def solve_assignment(cost: np.ndarray) -> np.ndarray:
-    """The assignment problem as the paper states it: cost [R, P] -> a distinct column (pool row) for each
+    """The assignment problem as the paper states it: cost (R, P) -> a distinct column (pool row) for each
     row (token), the least total cost. scipy's exact solver, imported when first used."""
     from scipy.optimize import linear_sum_assignment
     return linear_sum_assignment(cost)[1]
@@ -182,13 +182,13 @@ def solve_assignment(cost: np.ndarray) -> np.ndarray:
 @torch.no_grad()
 def hungarian_match(tokens: torch.Tensor, token_pool: torch.Tensor, solver=solve_assignment) -> torch.Tensor:
     """Step 3: give each selected token a distinct pool row, minimising the total Euclidean distance. tokens
-    [images, R, D], token_pool [P, D] -> pool rows [images, R], one-to-one; solver: any exact one (appendix)."""
+    (I, R, D), token_pool (P, D) -> pool rows (I, R), one-to-one; solver: scipy's, or any other exact one."""
     cost = torch.cdist(tokens.flatten(0, 1).float(), token_pool.float())  # (I*R, P): one GEMM, float32
     return assign_on_host(cost.view(*tokens.shape[:2], -1), solver)
 
 
 def assign_on_host(cost: torch.Tensor, solver=solve_assignment) -> torch.Tensor:
-    """Step 3's assignment, one problem per image in parallel: cost [images, R, P] -> columns [images, R]."""
+    """Step 3's assignment, one problem per image in parallel: cost (I, R, P) -> columns (I, R)."""
     with ThreadPoolExecutor(max(1, min(len(cost), torch.get_num_threads()))) as ex:
         cols = list(ex.map(solver, cost.cpu().numpy()))  # one device->host copy per batch
     return torch.from_numpy(np.stack(cols)).to(cost.device)
@@ -204,12 +204,12 @@ def match_tokens_to_pool(tokens: torch.Tensor, token_pool: torch.Tensor, matcher
     """Step 3 by the configured matcher: one-to-one Hungarian (ViCToR) or nearest row (Croc)."""
     if matcher == "nearest":
         return nearest_match(tokens, token_pool)
-    return hungarian_match(tokens, token_pool, solve_assignment if matcher == "hungarian_plain" else
-                           solve_assignment_reduced)
+    exact = solve_assignment_reduced if matcher == "hungarian" else solve_assignment  # the same optimum (appendix)
+    return hungarian_match(tokens, token_pool, exact)
 
 
 def batch_layout(input_ids: torch.Tensor, labels: torch.Tensor | None, image_token_id: int = IMAGE_TOKEN_ID) -> dict:
-    """Where a batch's visual tokens sit and which positions predict a label, as flat indices into [B*T]. The
+    """Where a batch's visual tokens sit and which positions predict a label, as flat indices into (B*T,). The
     collator computes them on the host; gathering with them, the forward has no shape that depends on values:
     no device->host sync per step, and it runs on fake tensors (scripts/trace_step.py)."""
     predicts = None if labels is None else F.pad(labels[:, 1:] != IGNORE_INDEX, (0, 1))  # position t predicts t + 1
@@ -219,8 +219,8 @@ def batch_layout(input_ids: torch.Tensor, labels: torch.Tensor | None, image_tok
 
 def replace_with_pool_rows(embeds: torch.Tensor, positions: torch.Tensor,
                            token_pool: torch.Tensor, pool_indices: torch.Tensor) -> torch.Tensor:
-    """Step 4: overwrite the replaced positions (flat, [I, R]) of the LLM input with their matched pool rows
-    (pool_indices [I, R]); the gradient flows into the rows used."""
+    """Step 4: overwrite the replaced positions (flat, (I, R)) of the LLM input with their matched pool rows
+    (pool_indices (I, R)); the gradient flows into the rows used."""
     rows = token_pool[pool_indices.flatten()].to(embeds.dtype)  # (I*R, D)
     return embeds.flatten(0, 1).index_copy(0, positions.flatten(), rows).view_as(embeds)
 
@@ -229,7 +229,7 @@ def mixed_attention_mask(attention_mask: torch.Tensor, labels: torch.Tensor, dty
                          ) -> torch.Tensor:
     """Step 5 as Croc does it in stage 1.5: the positions before a sample's first supervised token
     (system, image, prompt) attend to each other in both directions; from that token on attention
-    is causal; padding is never attended. -> [batch, 1, seq, seq], True (or 0.0 with dtype) = attend.
+    is causal; padding is never attended. -> (B, 1, T, T), True (or 0.0 with dtype) = attend.
     The last prefix position predicts the first supervised token and sees only the prefix: nothing leaks."""
     batch, seq = labels.shape
     pos = torch.arange(seq, device=labels.device)
@@ -247,7 +247,7 @@ def mixed_attention_mask(attention_mask: torch.Tensor, labels: torch.Tensor, dty
 
 def images_to_reconstruct(num_images: int, ratio: float, seeds=None, generator: torch.Generator | None = None,
                           device=None) -> torch.Tensor:
-    """Which images' positions step 6 supervises, bool [images]: all of them (ViCToR), or a random
+    """Which images' positions step 6 supervises, bool (I,): all of them (ViCToR), or a random
     share (VDEP's hybrid batches: the others are ordinary text-supervised samples). With seeds, each
     image's draw is a function of its seed alone, as in step 2."""
     if ratio >= 1.0:
@@ -269,8 +269,8 @@ def reconstruction_loss(predicted: torch.Tensor, target: torch.Tensor, beta: flo
 def reconstruct_visual_tokens(recon_head: nn.Module, hidden_at_images: torch.Tensor, visual: torch.Tensor,
                               offset: int, beta: float):
     """Step 6: the head reads the LLM's hidden state at each image position i and predicts visual token
-    i + offset (0: its own, ViCToR; 1: the next, VDEP). hidden_at_images, visual [I', N, D] ->
-    (reconstruction_loss, or None with nothing to reconstruct; prediction and target, [I', N - offset, D])."""
+    i + offset (0: its own, ViCToR; 1: the next, VDEP). hidden_at_images, visual (I', N, D) ->
+    (reconstruction_loss, or None with nothing to reconstruct; prediction and target, (I', N - offset, D))."""
     predicted = recon_head(hidden_at_images[:, :visual.shape[1] - offset])
     target = visual[:, offset:]
     return (reconstruction_loss(predicted, target, beta) if target.numel() else None), predicted, target
@@ -296,9 +296,9 @@ class VictorOutput:
     recon_loss: torch.Tensor | None = None
     num_label_tokens: int = 0
     num_recon_tokens: int = 0
-    replaced_mask: torch.Tensor | None = None  # bool [images, N]: which visual tokens were replaced
-    pool_indices: torch.Tensor | None = None  # long [images, R]: the pool row each one got
-    recon_predicted: torch.Tensor | None = None  # [images reconstructed, N - offset, D]: step 6's prediction
+    replaced_mask: torch.Tensor | None = None  # bool (I, N): which visual tokens were replaced
+    pool_indices: torch.Tensor | None = None  # long (I, R): the pool row each one got
+    recon_predicted: torch.Tensor | None = None  # (I reconstructed, N - offset, D): step 6's prediction
     recon_target: torch.Tensor | None = None  # ... and the visual tokens it is compared with
 
 
@@ -428,7 +428,7 @@ class VictorModel(nn.Module):
         return [p for p in tower.parameters() if id(p) not in skip]
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Vision features from the chosen layer: [images, N, vision_dim]."""
+        """Vision features from the chosen layer: (I, N, vision_dim)."""
         feats = self.vision_tower(pixel_values=pixel_values, output_hidden_states=True).hidden_states
         feats = feats[self.cfg.vision_feature_layer][:, int(self.drop_cls):]  # drop_cls: without CLS
         k = self.cfg.vision_feature_downsample
@@ -464,25 +464,25 @@ class VictorModel(nn.Module):
         layout = layout or batch_layout(input_ids, labels, self.cfg.image_token_id)
         image_index = layout["image_index"]  # (I*N,) flat positions
         embeds, _, visual = self.embed_inputs(input_ids, pixel_values, image_index)  # step 1: (B,T,D) (I,N,D)
-        hook = self.every_part_hook if self.training else None  # DDP / FSDP plumbing: distributed.py
-        embeds = hook.before_llm(self, embeds, visual) if hook else embeds
+        hook = self.every_part_hook if self.training else None  # not the method: DDP / FSDP plumbing (distributed.py)
+        embeds = hook.before_llm(self, embeds, visual) if hook else embeds  # (plumbing: a batch without images)
         out = VictorOutput(loss=None, lm_loss=None)
-        stage15 = stage == "1.5" and visual is not None
-        if stage15 and self.replaces_tokens:
+        stage15, images = stage == "1.5", visual is not None  # steps 2-4 and 6: stage 1.5's, on images
+        if stage15 and images and self.replaces_tokens:
             n_img, n_tok, dim = visual.shape
             replaced = select_tokens_to_replace(n_img, n_tok, self.cfg.replace_ratio, visual.device,
-                                                generator, selection_seeds)  # step 2: (I, N) bool
+                                                generator, selection_seeds)  # step 2: (I, N) bool, seeded per image
             which = (~replaced).byte().argsort(dim=1, stable=True)[:, :num_replaced(n_tok, self.cfg.replace_ratio)]
             selected = visual.detach().gather(1, which.unsqueeze(-1).expand(-1, -1, dim))  # (I, R, D), ascending
             pool_indices = match_tokens_to_pool(selected, self.token_pool, self.cfg.matcher)  # step 3: (I, R)
             positions = image_index.view(n_img, n_tok).gather(1, which)  # (I, R): where the replaced tokens sit
             embeds = replace_with_pool_rows(embeds, positions, self.token_pool, pool_indices)  # step 4
             out.replaced_mask, out.pool_indices = replaced, pool_indices
-        mixed = stage == "1.5" and self.cfg.stage15_attention == "mixed" and labels is not None
+        mixed = stage15 and self.cfg.stage15_attention == "mixed" and labels is not None
         mask = self.mixed_mask(attention_mask, labels) if mixed else attention_mask
         hidden = self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=mask,
                                         use_cache=False).last_hidden_state  # step 5: (B, T, D)
-        if stage15 and self.reconstructs:  # step 6, on every image (ViCToR) or a share of them (VDEP)
+        if stage15 and images and self.reconstructs:  # step 6, on every image (ViCToR) or a share of them (VDEP)
             at_images, targets = hidden.flatten(0, 1)[image_index].view(visual.shape), visual  # (I, N, D)
             if self.cfg.recon_image_ratio < 1:  # VDEP's share of the images; with seeds, drawn on the host (no sync)
                 chosen = images_to_reconstruct(len(visual), self.cfg.recon_image_ratio, selection_seeds, generator,
@@ -496,7 +496,7 @@ class VictorModel(nn.Module):
         out.lm_loss, out.num_label_tokens = (hidden.sum() * 0.0, 0) if labels is None else lm_loss(  # step 7
             hidden, labels, self.llm.get_output_embeddings(), layout["label_index"])
         out.loss = out.lm_loss if out.recon_loss is None else out.lm_loss + out.recon_loss
-        out.loss = hook.after_loss(self, out) if hook else out.loss
+        out.loss = hook.after_loss(self, out) if hook else out.loss  # (plumbing: unused trained parts, times zero)
         return out
 
     def mixed_mask(self, attention_mask, labels) -> torch.Tensor:
@@ -512,7 +512,7 @@ class VictorModel(nn.Module):
     def generate(self, input_ids, attention_mask, pixel_values=None, max_new_tokens: int = 32,
                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
                  eos_token_id=None, pad_token_id=None) -> torch.Tensor:
-        """Batched generation (left-padded input, KV cache), no replacement: the new tokens, [B, <= max_new]."""
+        """Batched generation (left-padded input, KV cache), no replacement: the new tokens, (B, <= max_new)."""
         sampling = dict(temperature=temperature, top_p=top_p) if do_sample else {}
         return self.llm.generate(inputs_embeds=self.embed_inputs(input_ids, pixel_values)[0], use_cache=True,
                                  attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
@@ -532,7 +532,7 @@ def solve_assignment_reduced(cost: np.ndarray) -> np.ndarray:
     r = cost.shape[0]
     if r == 0:
         return np.zeros(0, dtype=np.int64)
-    step = -(-r // 64)
+    step = -(-r // 64)  # ceil(R / 64): the check in (0) reads at most 64 rows
     cheapest = cost[::step].argmin(axis=1)  # (0) every row's cheapest column, or every step-th row's
     distinct = len(np.unique(cheapest))
     if step == 1 and distinct == r:
@@ -543,7 +543,7 @@ def solve_assignment_reduced(cost: np.ndarray) -> np.ndarray:
     bound = np.take(cost, fixed, axis=1).max(axis=1, keepdims=True)
     cand = np.flatnonzero((cost <= bound).any(axis=0))
     sub = np.take(cost, cand, axis=1).astype(np.float64)
-    if len(cand) > 1.3 * r:
+    if len(cand) > 1.3 * r:  # (b) pays off only when C is barely larger than R (docs/matching.md)
         return cand[linear_sum_assignment(sub)[1]]
     col_min = sub.min(axis=0)  # (b)
     square = np.vstack([sub - col_min, np.broadcast_to(-col_min, (len(cand) - r, len(cand)))])

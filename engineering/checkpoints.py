@@ -521,7 +521,7 @@ def config_with_overrides(cfg: VictorConfig, overrides: dict, projector_only: bo
             raise ValueError(f"model override {key}={value!r} cannot apply to {source}: its weights fix "
                              f"{key} ({getattr(cfg, key)!r})")
         if key == "pool_size" and not projector_only:
-            raise ValueError(f"--pool-size {value} cannot apply to {source}: its token pool has "
+            raise ValueError(f"pool_size {value} (--pool-size) cannot apply to {source}: its token pool has "
                              f"{cfg.pool_size} trained rows (only a projector-only stage-1 checkpoint gets a "
                              f"fresh pool)")
     new = VictorConfig.from_dict({**cfg.to_dict(), **overrides})

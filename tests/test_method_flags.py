@@ -50,8 +50,8 @@ def test_the_method_flags_take_effect(base, stage1_checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize("extra, said", [
-    (["--pool-size", "8"], "error: --init {init}: --pool-size 8 cannot apply to {init}: its token pool has 32 trained "
-                           "rows"),
+    (["--pool-size", "8"], "error: --init {init}: pool_size 8 (--pool-size) cannot apply to {init}: its token pool "
+                           "has 32 trained rows"),
     (["--replace-ratio", "1"], "error: --replace-ratio 1.0: must be in [0, 1)"),
     (["--pool-size", "8", "--model-overrides", '{"pool_size": 4}'], "error: --pool-size 8 and --model-overrides "
                                                                     "pool_size 4: give one"),
