@@ -34,9 +34,16 @@ import torch
 from tqdm import tqdm
 
 import data as D
-from engineering.batches import Batches, read_data, validate_data
-from engineering.checkpoints import build_model, check_init, has_chat_template, is_hub_name, save_checkpoint
-from engineering.config import RECIPES, TrainConfig, add_method_flags, check_command_line, stage_config
+from engineering.batches import Batches, validate_data
+from engineering.checkpoints import build_model, save_checkpoint
+from engineering.config import (
+    RECIPES,
+    TrainConfig,
+    add_method_flags,
+    check_command_line,
+    grad_accumulation,
+    stage_config,
+)
 from engineering.distributed import (
     ResumableSampler,
     all_reduce_sum,
@@ -61,7 +68,7 @@ from engineering.flags import (
 )
 from engineering.memory_plan import check_memory_fits, print_plans
 from engineering.reporting import MetricsReporter, StageLog, bars_wanted
-from engineering.reruns import check_resume, command_settings, plan_stage, start_anew
+from engineering.reruns import check_before_training, check_resume, command_settings, start_anew
 from shapes_world.demo_base import demo_inputs, demo_records_per_image, make_demo_data
 from victor import IGNORE_INDEX, STAGES, VictorModel, check_stage
 
@@ -165,14 +172,6 @@ class StageRun:
     @property
     def state_dir(self) -> str:
         return os.path.join(self.cfg.out_dir, "checkpoints")
-
-
-def grad_accumulation(cfg: TrainConfig, world: int) -> int:
-    """Micro-batches per process and step: global batch = batch size x accumulation x processes."""
-    if cfg.global_batch_size % (cfg.batch_size * world):
-        raise UsageError(f"global_batch_size {cfg.global_batch_size} is not a multiple of "
-                         f"batch_size {cfg.batch_size} x {world} processes")
-    return cfg.global_batch_size // (cfg.batch_size * world)
 
 
 def start_stage(cfg: TrainConfig, stage: str) -> StageRun:
@@ -372,43 +371,6 @@ def stage_configs(overrides: dict) -> tuple[list[TrainConfig], str]:
     return cfgs, out_root if demo_data else ""
 
 
-def check_before_training(cfgs: list[TrainConfig], demo_data: bool) -> list[str]:
-    """Every input of every stage, then what the rerun rule (engineering/reruns.py) does with each out-dir:
-    'keep', 'resume' or 'new'. All of it before anything on disk is touched: a mistake is one line."""
-    rank, world, device = setup_distributed()
-    for i, cfg in enumerate(cfgs):
-        if cfg.template not in D.TEMPLATE_NAMES:
-            raise UsageError(f"--template {cfg.template!r}: choose from {' | '.join(D.TEMPLATE_NAMES)}")
-        tokenizer_dir = cfg.init if i == 0 else cfgs[0].init or cfgs[0].llm
-        if cfg.template == "chat" and os.path.isdir(tokenizer_dir) and not has_chat_template(tokenizer_dir):
-            raise UsageError(f"--template chat: the tokenizer in {tokenizer_dir} has no chat template; choose "
-                             f"plain, vicuna_v1 or chatml")
-        grad_accumulation(cfg, world)
-        check_memory_fits(cfg, cfg.stage, world, device)
-        if i == 0 and cfg.init:
-            check_init(cfg.init, cfg.model_overrides)
-        for key in ("vision_model", "llm"):
-            if not cfg.init and not os.path.isdir(getattr(cfg, key)) and not is_hub_name(getattr(cfg, key)):
-                raise UsageError(f"--{key.replace('_', '-')} {getattr(cfg, key)!r}: no such directory (nor a "
-                                 f"hub name, org/name)")
-        if demo_data:
-            per_image = demo_records_per_image()[cfg.stage]
-            if cfg.demo_images * per_image < cfg.global_batch_size:
-                raise UsageError(f"--demo-images {cfg.demo_images}: stage {cfg.stage}'s global batch is "
-                                 f"{cfg.global_batch_size} samples ({per_image} per image), so at least "
-                                 f"{math.ceil(cfg.global_batch_size / per_image)} images are needed")
-        else:
-            records, _ = read_data(cfg)
-            if len(records) < cfg.global_batch_size:
-                raise UsageError(f"{cfg.data}: {len(records)} usable records are fewer than one global batch "
-                                 f"({cfg.global_batch_size})")
-    actions, earlier_trained_now = [], False
-    for cfg in cfgs:
-        actions.append(plan_stage(cfg, cfg.stage, cfg.overwrite, earlier_trained_now))
-        earlier_trained_now = earlier_trained_now or actions[-1] != "keep"
-    return actions
-
-
 def run(overrides: dict) -> list[str]:
     """Run one stage, or all three in a row (each initialised from the one before), by the rerun rule
     (README, "Nothing you trained is lost"): every input checked first; the same command again keeps a
@@ -416,7 +378,7 @@ def run(overrides: dict) -> list[str]:
     --overwrite, which moves the earlier outputs aside. Returns each stage's out-dir."""
     cfgs, demo_root = stage_configs(overrides)
     reporter = MetricsReporter(cfgs[0].report_to)  # a missing optional package fails before data or models
-    actions = check_before_training(cfgs, bool(demo_root))
+    actions = check_before_training(cfgs, demo_records_per_image() if demo_root else None)
     if demo_root:
         make_demo_data(demo_root, cfgs[0].demo_images)
     for cfg, action in zip(cfgs, actions):

@@ -350,3 +350,11 @@ def check_command_line(overrides: dict) -> list[str]:
             print(f"note: no --image-folder: the records' image paths are read relative to the data file's "
                   f"folder, {overrides['image_folder']}")
     return stages
+
+
+def grad_accumulation(cfg: TrainConfig, world: int) -> int:
+    """Micro-batches per process and step: global batch = batch size x accumulation x processes."""
+    if cfg.global_batch_size % (cfg.batch_size * world):
+        raise UsageError(f"global_batch_size {cfg.global_batch_size} is not a multiple of "
+                         f"batch_size {cfg.batch_size} x {world} processes")
+    return cfg.global_batch_size // (cfg.batch_size * world)

@@ -10,19 +10,25 @@ nothing a user trained is removed unless they ask (--overwrite).
   * --overwrite trains anew, and moves the earlier outputs aside into OUT/previous/ (one generation kept)
     when the stage starts, after every check has passed.
 
-plan_stage decides, before anything on disk is touched; start_anew acts. A reader of the method may skip
-this file.
+check_before_training checks every input and plan_stage decides, before anything on disk is touched;
+start_anew acts. A reader of the method may skip this file.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 from typing import TYPE_CHECKING
 
-from engineering.distributed import barrier, latest_training_state
+import data as D
+from engineering.batches import read_data
+from engineering.checkpoints import check_init, has_chat_template, is_hub_name
+from engineering.config import grad_accumulation
+from engineering.distributed import barrier, latest_training_state, setup_distributed
 from engineering.flags import UsageError
+from engineering.memory_plan import check_memory_fits
 
 if TYPE_CHECKING:
     from engineering.config import TrainConfig
@@ -139,6 +145,44 @@ def plan_stage(cfg: TrainConfig, stage: str, overwrite: bool, earlier_trained_no
         raise UsageError(f"stage {stage} in {out} holds an unfinished run with no state to resume from "
                          f"({', '.join(trained)}): {anew}")
     return "new"
+
+
+def check_before_training(cfgs: list[TrainConfig], demo_records: dict | None) -> list[str]:
+    """Every input of every stage train.py runs (cfgs), then what the rerun rule does with each out-dir:
+    'keep', 'resume' or 'new'. All of it before anything on disk is touched: a mistake is one line
+    (UsageError). demo_records: the demo data's records per image and stage, when it is to be generated."""
+    rank, world, device = setup_distributed()
+    for i, cfg in enumerate(cfgs):
+        if cfg.template not in D.TEMPLATE_NAMES:
+            raise UsageError(f"--template {cfg.template!r}: choose from {' | '.join(D.TEMPLATE_NAMES)}")
+        tokenizer_dir = cfg.init if i == 0 else cfgs[0].init or cfgs[0].llm
+        if cfg.template == "chat" and os.path.isdir(tokenizer_dir) and not has_chat_template(tokenizer_dir):
+            raise UsageError(f"--template chat: the tokenizer in {tokenizer_dir} has no chat template; choose "
+                             f"plain, vicuna_v1 or chatml")
+        grad_accumulation(cfg, world)
+        check_memory_fits(cfg, cfg.stage, world, device)
+        if i == 0 and cfg.init:
+            check_init(cfg.init, cfg.model_overrides)
+        for key in ("vision_model", "llm"):
+            if not cfg.init and not os.path.isdir(getattr(cfg, key)) and not is_hub_name(getattr(cfg, key)):
+                raise UsageError(f"--{key.replace('_', '-')} {getattr(cfg, key)!r}: no such directory (nor a "
+                                 f"hub name, org/name)")
+        if demo_records:
+            per_image = demo_records[cfg.stage]
+            if cfg.demo_images * per_image < cfg.global_batch_size:
+                raise UsageError(f"--demo-images {cfg.demo_images}: stage {cfg.stage}'s global batch is "
+                                 f"{cfg.global_batch_size} samples ({per_image} per image), so at least "
+                                 f"{math.ceil(cfg.global_batch_size / per_image)} images are needed")
+        else:
+            records, _ = read_data(cfg)
+            if len(records) < cfg.global_batch_size:
+                raise UsageError(f"{cfg.data}: {len(records)} usable records are fewer than one global batch "
+                                 f"({cfg.global_batch_size})")
+    actions, earlier_trained_now = [], False
+    for cfg in cfgs:
+        actions.append(plan_stage(cfg, cfg.stage, cfg.overwrite, earlier_trained_now))
+        earlier_trained_now = earlier_trained_now or actions[-1] != "keep"
+    return actions
 
 
 def check_resume(cfg: TrainConfig, stage: str, state: str):

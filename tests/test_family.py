@@ -508,7 +508,7 @@ def test_llava_variant_runs_stages_1_and_2(tmp_path, monkeypatch):
     monkeypatch.setattr(T, "train_stage", fake_train)
     stage_data = {"1": "s1.json", "1.5": "s15.json", "2": "s2.json"}
     monkeypatch.setattr(T, "demo_inputs", lambda overrides, root, n: stage_data)
-    monkeypatch.setattr(T, "check_before_training", lambda cfgs, demo: ["new"] * len(cfgs))
+    monkeypatch.setattr(T, "check_before_training", lambda cfgs, demo_records: ["new"] * len(cfgs))
     monkeypatch.setattr(T, "make_demo_data", lambda *a: None)
     out = str(tmp_path / "out")
     with pytest.raises(T.UsageError, match=r"^--data with --stage all would train every stage on one file; give "):

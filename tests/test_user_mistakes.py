@@ -37,7 +37,7 @@ def test_one_data_file_for_every_stage_is_refused(monkeypatch, tmp_path):
 def test_json_data_without_image_folder_reads_images_beside_the_data_file(monkeypatch, tmp_path, capsys):
     seen = []
     monkeypatch.setattr(T, "train_stage", lambda cfg, stage, *_: seen.append(cfg) or cfg.out_dir)
-    monkeypatch.setattr(T, "check_before_training", lambda cfgs, demo: ["new"] * len(cfgs))
+    monkeypatch.setattr(T, "check_before_training", lambda cfgs, demo_records: ["new"] * len(cfgs))
     data = tmp_path / "mine" / "qa.json"
     data.parent.mkdir()
     data.write_text("[]")
