@@ -305,6 +305,29 @@ def project(result: dict, mfu: float, gpu: tuple[str, float], matching: dict | N
     return out
 
 
+def table(folder: str) -> str:
+    """The markdown table of docs/training.md from the JSON files in folder (one per trace): each row's plan
+    (memory_plan, for the same batch) against its traced peak, and the parts of the peak."""
+    rows = ["| recipe | stage | mode | per-GPU batch x positions (padding) | plan GiB | traced peak GiB | plan - trace "
+            "| traced parts: weights / grads / AdamW / activations / temporaries / communication GiB | TFLOP per step "
+            "| trace s |", "|" + "---|" * 10]
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".json"):
+            continue
+        with open(os.path.join(folder, name)) as f:
+            r = json.load(f)
+        cfg = stage_config(r["recipe"], r["stage"], {"fsdp": r["mode"] == "FSDP", "bf16": True})
+        plan = MP.memory_plan(cfg, r["stage"], r["world"])["FSDP" if r["mode"] == "FSDP" else "DDP"]["assumed"]
+        parts = " / ".join(f"{r['parts'][k] / GIB:.2f}" for k in ("params", "grads", "optimizer", "activations",
+                                                                   "temporaries", "communication"))
+        mode = r["mode"] + (f" x {r['world']}" if r["world"] > 1 else "")
+        rows.append(f"| {r['recipe']} | {r['stage']} | {mode} | {r['batch']} x {r['seq_lens'][0]} "
+                    f"({100 * r['padding_share']:.0f} %) | {plan / GIB:.2f} | {r['peak'] / GIB:.2f} | "
+                    f"{100 * (plan / r['peak'] - 1):+.1f} % | {parts} | {r['flops_per_step'] / 1e12:.0f} | "
+                    f"{r['seconds']:.0f} |")
+    return "\n".join(rows)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default="llava15-vicuna7b")
@@ -319,8 +342,12 @@ def main():
     ap.add_argument("--overrides", type=json.loads, default={}, help="TrainConfig fields as JSON, e.g. "
                     "'{\"global_batch_size\": 16}'")
     ap.add_argument("--json", help="write the figures there")
+    ap.add_argument("--table", metavar="DIR", help="print docs/training.md's table from the JSON files in DIR")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.table:
+        print(table(args.table))
+        return
     mode = "FSDP" if args.fsdp else args.mode
     result = trace(args.recipe, args.stage, args.world_size, mode, args.seq_len, args.real, args.overrides)
     if args.real and result["world"] > 1 and int(os.environ.get("RANK", 0)) != 0:
