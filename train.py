@@ -421,6 +421,8 @@ def parse_args(argv=None) -> dict:
                     help="print what each GPU will hold for this command line (model configs only) and exit")
     ap.add_argument("--world-size", type=int, default=argparse.SUPPRESS,
                     help="with --plan: the number of processes (GPUs) to plan for (default 1)")
+    ap.add_argument("--gpu-memory", type=float, default=argparse.SUPPRESS,
+                    help="with --plan: each GPU's memory in GiB, for the verdict (default 80)")
     return vars(ap.parse_args(argv))
 
 
@@ -447,12 +449,14 @@ def main(argv=None):
     args = parse_args(argv)
     if args.get("stage", "all") not in (*STAGES, "all"):
         refuse(f"--stage must be one of 1, 1.5, 2, all (got {args['stage']!r})")
-    plan, plan_world = args.pop("plan", False), args.pop("world_size", None)
+    plan, plan_world, gpu_gib = args.pop("plan", False), args.pop("world_size", None), args.pop("gpu_memory", None)
     if plan_world is not None and not plan:
         refuse("--world-size applies to --plan only (a run's world size is torchrun's --nproc_per_node x --nnodes)")
+    if gpu_gib is not None and not plan:
+        refuse("--gpu-memory applies to --plan only (a run checks the memory of the GPU it runs on)")
     if plan:
         try:
-            print_plans(args, 1 if plan_world is None else plan_world)
+            print_plans(args, 1 if plan_world is None else plan_world, 80.0 if gpu_gib is None else gpu_gib)
         except (ValueError, FileNotFoundError) as e:
             refuse(f"--plan: {e}")
         sys.exit(0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -162,49 +163,57 @@ def state_bytes(params: int, trained: int, shards: int) -> tuple[float, float, f
 
 
 def working_copy_bytes(mode: str, world: int, trained: int, root: tuple, layer: tuple, compute_bytes: int) -> float:
-    """Transient copies beside the states, per GPU. DDP: its gradient buckets (a second copy of the
-    gradients, as gradient_as_bucket_view is off; none in one process) and, under bf16 autocast, the bf16
-    copies of the trained weights that autocast caches and backward keeps. FSDP: the gathered root unit
-    (embeddings, lm_head, projector, pool, head: kept through the forward) and two layers (the one running,
-    the one prefetched) in the compute dtype, and their unsharded fp32 gradients before the reduce-scatter.
+    """Transient copies beside the states at the step's peak, per GPU. DDP: its gradient buckets (a second
+    copy of the gradients, as gradient_as_bucket_view is off; none in one process) and, under bf16 autocast,
+    the bf16 copies of the trained weights that autocast caches and backward keeps. FSDP: the gathered root
+    unit (embeddings, lm_head, projector, pool, head: kept through the forward and the backward) and the one
+    layer being recomputed and differentiated, in the compute dtype; the all-gather buffer of the next layer
+    (prefetched) and the reduce-scatter input of the last one (its unsharded fp32 gradients).
     root and layer: (parameters, trained parameters)."""
     if mode == "FSDP":
-        return compute_bytes * (root[0] + 2 * layer[0]) + 4 * (root[1] + layer[1])
+        return compute_bytes * (root[0] + 2 * layer[0]) + 4 * layer[1]
     return (4 * trained if world > 1 else 0) + (2 * trained if compute_bytes == 2 else 0)
 
 
-def activation_bytes(model: VictorModel, batch: int, seq: int, vision_trained: bool, checkpointing: bool,
-                     compute_bytes: int) -> float:
-    """A rough figure for the activations backward keeps, per GPU, for `batch` sequences of `seq` tokens.
-    Per LLM decoder layer ~ batch x seq x (24 x hidden + 8 x intermediate) x compute_bytes / 2: in bf16, the
-    tensors of width hidden (the two norms' inputs with their float32 internals, q, k, v, the attention
-    output, the MLP input) and the four of width intermediate (gate, up, act(gate), their product); attention
-    scores are never stored (SDPA / flash-attention). A vision layer likewise with 4 x intermediate (fc1's
-    output and its activation) over each image's tokens, when the tower is trained (a frozen one keeps
-    nothing). With gradient checkpointing a layer keeps only its input (batch x seq x hidden x compute_bytes)
-    and one layer at a time is recomputed in full. The LM loss adds (compute_bytes + 8) x vocab bytes per
-    label token (the logits, their float32 copy and its gradient); image positions carry no labels. Where the
-    LLM is frozen (stage 1) this overestimates: a frozen layer need not keep its linear layers' inputs."""
+def activation_bytes(model: VictorModel, batch: int, seq: int, labels: int, images: int, vision_trained: bool,
+                     checkpointing: bool, compute_bytes: int, residual_bytes: int) -> float:
+    """The activations at the step's peak (the start of the backward), per GPU, for `batch` sequences of `seq`
+    positions, `labels` of them predicting a label, and `images` images. Per LLM decoder layer and position
+    (24 x hidden + 8 x intermediate) x compute_bytes / 2: in bf16, the tensors of width hidden (the two norms'
+    inputs with their float32 internals, q, k, v, the attention output, the MLP input) and the four of width
+    intermediate (gate, up, act(gate), their product); attention scores are never stored (SDPA /
+    flash-attention). With gradient checkpointing a layer keeps only its input (hidden x residual_bytes: the
+    residual stream is float32 under autocast, bf16 under FSDP's bf16 parameters) and one layer at a time is
+    recomputed in full. The LM loss: (compute_bytes + 12) x vocab per label (the logits, their float32 copy,
+    the log-softmax, its gradient); backward's first gradients of the hidden states, 2 x float32. A trained
+    vision tower likewise over its layers up to the feature layer (4 x intermediate: fc1's output and its
+    activation); a frozen one keeps nothing. Checked against scripts/trace_step.py (docs/training.md)."""
     def stack(layers, tokens, hidden, full_per_token):
-        full, kept = tokens * full_per_token * compute_bytes / 2, tokens * hidden * compute_bytes
-        return layers * kept + full if checkpointing else layers * full
+        full = tokens * full_per_token * compute_bytes / 2
+        return layers * tokens * hidden * residual_bytes + full if checkpointing else layers * full
     text = model.llm.config.get_text_config()
-    total = stack(text.num_hidden_layers, batch * seq, text.hidden_size,
-                  24 * text.hidden_size + 8 * text.intermediate_size)
-    total += batch * max(0, seq - model.num_image_tokens) * text.vocab_size * (compute_bytes + 8)
-    if vision_trained:
+    tokens = batch * seq
+    total = stack(text.num_hidden_layers, tokens, text.hidden_size, 24 * text.hidden_size + 8 * text.intermediate_size)
+    total += labels * text.vocab_size * (compute_bytes + 12) + 2 * tokens * text.hidden_size * 4
+    if vision_trained and images:
         v, k = model.vision_tower.config, model.cfg.vision_feature_layer
         used = k if k >= 0 else len(model.vision_tower.encoder.layers) + 1 + k  # the layers that reach the features
-        tokens = (v.image_size // v.patch_size) ** 2 + (1 if v.model_type.startswith("clip") else 0)  # CLIP's CLS
-        total += stack(used, batch * tokens, v.hidden_size, 24 * v.hidden_size + 4 * v.intermediate_size)
+        per_image = (v.image_size // v.patch_size) ** 2 + (1 if v.model_type.startswith("clip") else 0)  # CLIP's CLS
+        total += stack(used, images * per_image, v.hidden_size, 24 * v.hidden_size + 4 * v.intermediate_size)
     return total
 
 
-def memory_plan(cfg: TrainConfig, stage: str, world: int, offline: bool = True) -> dict:
+def memory_plan(cfg: TrainConfig, stage: str, world: int, offline: bool = True, model: VictorModel | None = None
+                ) -> dict:
     """What each GPU will hold in this run, in bytes, under DDP and under FSDP at this world size, from
-    the model built on the meta device (shapes only, no memory). format_plan prints it."""
-    with torch.device("meta"):
-        model = VictorModel(planned_model_settings(cfg, offline), load_weights=False)
+    the model built on the meta device (shapes only, no memory; or the given one). Each mode's figures: the
+    states (exact, part by part), the working copies, and the step's peak: the larger of the start of the
+    backward (no gradient yet but one layer's, the activations at their highest) and its end (every gradient,
+    the activations gone), at the batch the stage's data gives (assumed_batch: `assumed`) and at the range of
+    lengths from the visual tokens alone to max_length (`total`). format_plan prints it."""
+    if model is None:
+        with torch.device("meta"):
+            model = VictorModel(planned_model_settings(cfg, offline), load_weights=False)
     groups = model.param_groups(stage, cfg.lr, cfg.vision_lr, cfg.pool_lr, cfg.weight_decay)  # what it trains
     trained_ids = {id(p) for g in groups for p in g["params"]}
 
@@ -225,20 +234,31 @@ def memory_plan(cfg: TrainConfig, stage: str, world: int, offline: bool = True) 
     root = (params - sum(n for n, _ in layers), trained - sum(t for _, t in layers))  # FSDP's root unit
     compute_bytes = 4 if cfg.bf16 is False else 2  # what a GPU computes in: bf16 unless --no-bf16
     vision_trained = parts["vision_tower"][1] > 0
-    seqs = sorted({model.num_image_tokens, max(model.num_image_tokens, cfg.max_length)})
-    activations = {ckpt: [activation_bytes(model, cfg.batch_size, s, vision_trained, ckpt, compute_bytes)
-                          for s in seqs] for ckpt in (False, True)}
-    plan = dict(recipe=cfg.recipe, stage=stage, world=world, batch=cfg.batch_size, seqs=seqs,
+    n_img, batch = model.num_image_tokens, cfg.batch_size
+    seqs = sorted({n_img, max(n_img, cfg.max_length)})
+    assumed_len, assumed_labels, assumed_images = assumed_batch(stage, batch, n_img, cfg.max_length)
+    plan = dict(recipe=cfg.recipe, stage=stage, world=world, batch=batch, seqs=seqs,
                 checkpointing=cfg.gradient_checkpointing, compute_bytes=compute_bytes, parts=parts,
-                params=params, trained=trained, activations=activations,
-                mode="one process" if world == 1 else "FSDP" if cfg.fsdp else "DDP",
+                params=params, trained=trained, assumed_len=assumed_len, assumed_data=STAGE_TEXT[stage]["data"],
+                mode="one process" if world == 1 else "FSDP" if cfg.fsdp else "DDP", model=model,
                 vision=model.vision_tower.config.model_type, llm=model.llm.config.model_type)
+    plan["activations"] = {ckpt: [activation_bytes(model, batch, s, batch * (s - n_img), batch, vision_trained, ckpt,
+                                                   compute_bytes, compute_bytes) for s in seqs]
+                           for ckpt in (False, True)}
     for mode, (held, held_trained) in (("DDP", (params, trained)), ("FSDP", (shard["params"], shard["trained"]))):
         state_parts = dict(params=4 * held, grads=4 * held_trained, optimizer=8 * held_trained + 4 * trained_tensors)
         states = sum(state_parts.values())
         working = working_copy_bytes(mode, world, trained, root, max(layers), compute_bytes)
-        plan[mode] = dict(states=states, state_parts=state_parts, working=working,
-                          total=[states + working + a for a in activations[cfg.gradient_checkpointing]])
+        # at the start of the backward: no gradient yet, but (FSDP) the first layer's shard
+        first = states - state_parts["grads"] + (4 * max(layers)[1] / world if mode == "FSDP" else 0)
+        residual = compute_bytes if mode == "FSDP" or compute_bytes == 4 else 4  # autocast keeps it float32
+        acts = [activation_bytes(model, batch, seq, labels, images, vision_trained, cfg.gradient_checkpointing,
+                                 compute_bytes, residual)
+                for seq, labels, images in [*((s, batch * (s - n_img), batch) for s in seqs),
+                                            (assumed_len, assumed_labels, assumed_images)]]
+        peaks = [max(first + working + a, states + working) for a in acts]
+        plan[mode] = dict(states=states, state_parts=state_parts, working=working, total=peaks[:-1],
+                          assumed=peaks[-1])
     return plan
 
 
@@ -267,11 +287,15 @@ def format_plan(plan: dict) -> str:
                  + "|" + f" {num(plan['FSDP']['working'])}  (gathered units)".ljust(37) + "|")
     for ckpt in (False, True):
         acts = ", ".join(f"{a / size:.2f} at {s} tokens" for a, s in zip(plan["activations"][ckpt], plan["seqs"]))
-        lines.append(f"  activations (rough), {'with' if ckpt else 'without'} gradient checkpointing: {acts}")
+        lines.append(f"  activations, {'with' if ckpt else 'without'} gradient checkpointing, every text token a "
+                     f"label: {acts}")
     on = "on" if plan["checkpointing"] else "off"
-    lines.append(f"  in all per GPU, gradient checkpointing {on}: "
-                 + "; ".join(f"{mode} " + " to ".join(f"{t / size:.2f}" for t in plan[mode]["total"])
-                             for mode in ("DDP", "FSDP")))
+    lines.append(f"  at the step's peak per GPU, gradient checkpointing {on}, the batch the stage's data gives "
+                 f"({plan['assumed_data']}, assumed: {plan['assumed_len']} positions): "
+                 + "; ".join(f"{mode} {plan[mode]['assumed'] / size:.2f}" for mode in ("DDP", "FSDP"))
+                 + " (held to scripts/trace_step.py's trace: docs/training.md)")
+    lines.append(f"  the same at {plan['seqs'][-1]} positions (max_length, every sample): "
+                 + "; ".join(f"{mode} {plan[mode]['total'][-1] / size:.2f}" for mode in ("DDP", "FSDP")))
     how = {"one process": "one process: nothing to shard or replicate",
            "FSDP": f"FSDP over {w} processes (--fsdp)", "DDP": f"DDP over {w} processes (--no-fsdp)"}
     lines.append(f"  this run: {how[plan['mode']]}")
@@ -315,10 +339,47 @@ def check_memory_fits(cfg: TrainConfig, stage: str, world: int, device: torch.de
         raise UsageError(problem)
 
 
-def print_plans(args: dict, world: int):
-    """--plan: the memory plan of each stage this command line would run; nothing is built or loaded."""
+def plan_verdict(cfg: TrainConfig, stage: str, plan: dict, gpu_bytes: float) -> str:
+    """--plan's last line: whether this run, as configured (at the lengths the stage's data has), fits GPUs of
+    gpu_bytes at this world size; if not, what would (each change on its own, re-planned): FSDP, more GPUs, a
+    smaller per-GPU batch, gradient checkpointing."""
+    w, mode = plan["world"], "FSDP" if plan["mode"] == "FSDP" else "DDP"
+    need, gib = plan[mode]["assumed"], gpu_bytes / GIB
+    head = (f"verdict for {w} GPU{'s' * (w > 1)} of {gib:.0f} GiB: stage {stage}, {plan['mode']}"
+            f"{'' if w == 1 else f' over {w}'}, {need / GIB:.1f} GiB per GPU at {plan['assumed_len']} tokens "
+            f"({plan['assumed_data']})")
+    if need <= gpu_bytes:
+        worst = plan[mode]["total"][-1]
+        return (f"{head}: fits" + ("" if worst <= gpu_bytes else
+                                   f" (were every sample {plan['seqs'][-1]} tokens, max_length, it would need "
+                                   f"{worst / GIB:.1f} GiB)"))
+    model = plan["model"]
+    fixes = []
+    if mode == "DDP" and w > 1 and plan["FSDP"]["assumed"] <= gpu_bytes:
+        fixes.append(f"--fsdp ({plan['FSDP']['assumed'] / GIB:.1f} GiB)")
+    for more in (2 ** k for k in range(1, 11) if not fixes):
+        if more > w and (other := memory_plan(replace(cfg, fsdp=True), stage, more, model=model))["FSDP"][
+                "assumed"] <= gpu_bytes:
+            fixes.append(f"{more} GPUs with --fsdp ({other['FSDP']['assumed'] / GIB:.1f} GiB)")
+            break
+    for batch in range(cfg.batch_size - 1, 0, -1):
+        if (other := memory_plan(replace(cfg, batch_size=batch), stage, w, model=model))[mode]["assumed"] <= gpu_bytes:
+            fixes.append(f"--batch-size {batch} ({other[mode]['assumed'] / GIB:.1f} GiB; more accumulation)")
+            break
+    if not cfg.gradient_checkpointing and (other := memory_plan(replace(cfg, gradient_checkpointing=True), stage, w,
+                                                                model=model))[mode]["assumed"] <= gpu_bytes:
+        fixes.append(f"--gradient-checkpointing ({other[mode]['assumed'] / GIB:.1f} GiB)")
+    return f"{head}: does not fit; what would: " + ("; ".join(fixes) if fixes else
+                                                    "no one change does (combine them and --plan again)")
+
+
+def print_plans(args: dict, world: int, gpu_gib: float = 80.0):
+    """--plan: the memory plan of each stage this command line would run, each with its verdict for GPUs of
+    gpu_gib GiB at this world size; nothing is built or loaded."""
     if world < 1:
         raise UsageError(f"--world-size must be at least 1, got {world}")
+    if gpu_gib <= 0:
+        raise UsageError(f"--gpu-memory must be > 0 GiB, got {gpu_gib}")
     check_ranges(args, RANGES)
     recipe, stage, init = args.get("recipe", "demo"), args.get("stage", "all"), args.get("init", "")
     overrides = {k: v for k, v in args.items() if k not in ("recipe", "stage", "init", "out_dir")}
@@ -327,4 +388,7 @@ def print_plans(args: dict, world: int):
               f"(and --model-overrides / --variant), as the previous stage will build them")
         init = ""
     for s in stages_to_run(stage, overrides.get("variant", "")):
-        print(format_plan(memory_plan(stage_config(recipe, s, overrides, init), s, world)))
+        cfg = stage_config(recipe, s, overrides, init)
+        plan = memory_plan(cfg, s, world)
+        print(format_plan(plan))
+        print("  " + plan_verdict(cfg, s, plan, gpu_gib * GIB))

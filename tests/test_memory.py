@@ -79,9 +79,12 @@ def test_plan_7b_counts_by_hand():
 def test_plan_ddp_whole_fsdp_split_by_world_size():
     plans = {w: MP.memory_plan(T.stage_config("llava15-vicuna7b", "2", {}), "2", world=w) for w in (1, 2, 8)}
     params, trained = plans[1]["params"], plans[1]["trained"]
+    tensors = len([p for g in plans[1]["model"].param_groups("2", 1e-5, 2e-6) for p in g["params"]])
     for w, plan in plans.items():
-        assert plan["DDP"]["states"] == 4 * params + 12 * trained  # fp32 weights; fp32 grads + 2 AdamW moments
-        assert plan["FSDP"]["states"] * w == pytest.approx(plan["DDP"]["states"], rel=1e-12)
+        # fp32 weights; fp32 grads + 2 AdamW moments, and AdamW's fp32 step count per trained tensor
+        assert plan["DDP"]["states"] == 4 * params + 12 * trained + 4 * tensors
+        # FSDP: rank 0's shard, each tensor's rows padded to a multiple of the world size
+        assert plan["DDP"]["states"] <= plan["FSDP"]["states"] * w <= plan["DDP"]["states"] * (1 + 1e-4)
         assert plan["mode"] == ("one process" if w == 1 else "FSDP")
     assert plans[2]["DDP"]["working"] - plans[1]["DDP"]["working"] == 4 * trained  # DDP's gradient buckets
     assert plans[8]["FSDP"]["total"][0] < plans[2]["FSDP"]["total"][0] < plans[1]["DDP"]["total"][0]

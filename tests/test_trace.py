@@ -60,3 +60,36 @@ def test_fake_trace_agrees_with_the_real_step_within_10_percent(tmp_path, procs)
     assert real["peak"] == pytest.approx(fake["peak"], rel=0.10)
     assert real["states"] == fake["states"]  # what is held between steps: exactly
     assert real["flops_per_step"] == fake["flops_per_step"]
+
+
+# -----------------------------------------------------------------------------
+# --plan's verdict (issue 37, point 13): fits the given GPUs, or what would
+
+
+def verdict(recipe, stage, world, gpu_gib=80, **overrides):
+    cfg = stage_config(recipe, stage, overrides)
+    return MP.plan_verdict(cfg, stage, MP.memory_plan(cfg, stage, world), gpu_gib * MP.GIB)
+
+
+def test_verdict_names_what_would_fit():
+    alone = verdict("llava15-vicuna7b", "2", 1)  # the 7B stage 2 on one GPU: ~118 GiB
+    assert "one process" in alone and ": does not fit; what would: 2 GPUs with --fsdp (" in alone
+    ddp = verdict("siglip-qwen25-7b", "2", 8, fsdp=False)
+    assert ": does not fit; what would: --fsdp (" in ddp and "GPUs with" not in ddp  # the least change first
+    assert verdict("llava15-vicuna7b", "1.5", 8).endswith(": fits")
+    assert "fits" in verdict("siglip-qwen25-0.5b", "2", 1, gpu_gib=24)
+    no_ckpt = verdict("llava15-vicuna7b", "1.5", 8, gpu_gib=24, gradient_checkpointing=False)
+    assert "--gradient-checkpointing (" in no_ckpt and "--batch-size " in no_ckpt
+    assert "no one change does" in verdict("llava15-vicuna7b", "2", 8, gpu_gib=4)
+
+
+def test_plan_cli_ends_with_the_verdict_and_gpu_memory_needs_plan():
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = forked.run(["train.py", "--recipe", "siglip-qwen25-7b", "--stage", "1", "--plan", "--world-size", "8",
+                       "--gpu-memory", "40"], env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("  verdict for 8 GPUs of 40 GiB: stage 1, DDP over 8, ") and "does not fit" in last
+    proc = forked.run(["train.py", "--recipe", "demo", "--gpu-memory", "40"], env=env, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: --gpu-memory applies to --plan only (a run checks the memory of the GPU it runs on)"]
