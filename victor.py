@@ -89,14 +89,12 @@ class VictorConfig:
                               ("stage15_attention", ("causal", "mixed")), ("recon_target_offset", (0, 1))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
-        if not 0.0 <= self.replace_ratio < 1.0:
-            raise ValueError(f"replace_ratio must be in [0, 1), got {self.replace_ratio}")
-        if self.recon_weight < 0:
-            raise ValueError(f"recon_weight must be >= 0, got {self.recon_weight}")
-        if not 0.0 < self.recon_image_ratio <= 1.0:
-            raise ValueError(f"recon_image_ratio must be in (0, 1], got {self.recon_image_ratio}")
-        if self.vision_feature_downsample < 1:
-            raise ValueError("vision_feature_downsample must be >= 1")
+        for name, ok, valid in (("replace_ratio", 0.0 <= self.replace_ratio < 1.0, "in [0, 1)"),
+                                ("recon_weight", self.recon_weight >= 0, ">= 0"),
+                                ("recon_image_ratio", 0.0 < self.recon_image_ratio <= 1.0, "in (0, 1]"),
+                                ("vision_feature_downsample", self.vision_feature_downsample >= 1, ">= 1")):
+            if not ok:
+                raise ValueError(f"{name} must be {valid}, got {getattr(self, name)}")
         if self.image_token_id >= 0:
             raise ValueError("image_token_id must be negative (a placeholder outside the vocabulary)")
 
@@ -126,15 +124,13 @@ VARIANTS = {
     # and the prefix (system, image, prompt) attends bidirectionally in stage 1.5
     "croc": dict(replace_ratio=0.75, matcher="nearest", stage15_attention="mixed", recon_weight=10.0,
                  recon_target_offset=0, recon_image_ratio=1.0),
-    # VDEP (arXiv 2502.09093): nothing replaced; image position i reconstructs the projector's output for
-    # token i + 1 (its own token reaches it through the residual stream), on half the images. alpha is
-    # ViCToR's 10, so that the arms differ only in what defines them (the paper tunes alpha).
+    # VDEP (arXiv 2502.09093): nothing replaced; image position i reconstructs token i + 1 (its own reaches it
+    # through the residual stream), on half the images; alpha ViCToR's 10, so the arms differ only in what defines them
     "vdep": dict(replace_ratio=0.0, stage15_attention="causal", recon_weight=10.0, recon_target_offset=1,
                  recon_image_ratio=0.5),
     # the control: stage 1.5 on the same captions with the LM loss alone (no pool, no reconstruction)
     "captions": dict(replace_ratio=0.0, stage15_attention="causal", recon_weight=0.0),
-    # LLaVA-1.5: no stage 1.5 at all, and the projector's output fed to the LLM as it is (no L2
-    # normalisation), so that it exports to llava-hf (eval.py --export-llava-hf)
+    # LLaVA-1.5: no stage 1.5, and the projector's output fed to the LLM as it is (no L2 normalisation): it exports
     "llava": dict(normalize_visual_tokens=False),
 }
 
@@ -353,7 +349,8 @@ class VictorModel(nn.Module):
                          (cfg.vision_feature_select == "auto" and vconf.model_type.startswith("clip")))
         grid, k = vconf.image_size // vconf.patch_size, cfg.vision_feature_downsample
         # CLIP puts a CLS token before the patches; "patch" drops the first token (as llava-hf's "default")
-        num_features = grid ** 2 + int(vconf.model_type.startswith("clip")) - int(self.drop_cls)
+        self.tower_tokens = grid ** 2 + int(vconf.model_type.startswith("clip"))  # the tower's positions per image
+        num_features = self.tower_tokens - int(self.drop_cls)
         if k > 1 and (grid % k or num_features != grid ** 2):
             raise ValueError(f"vision_feature_downsample={k} pools the patch grid ({grid} x {grid}, divisible by "
                              f"{k}?) and needs exactly its {grid ** 2} patch tokens ({num_features} with "
@@ -411,18 +408,21 @@ class VictorModel(nn.Module):
                 for name, params in self.trainable_parts(stage, vision_lr > 0).items()]
 
     def num_reconstruction_targets(self, num_images: int, selection_seeds=None) -> int:
-        """How many visual tokens step 6 reconstructs for these images (with forward's selection_seeds): the
-        reconstruction loss is normalised by the global count."""
+        """How many visual tokens step 6 reconstructs for these images (forward's selection_seeds): a global count."""
         if not self.reconstructs or num_images == 0:
             return 0
         chosen = images_to_reconstruct(num_images, self.cfg.recon_image_ratio, selection_seeds)
         return int(chosen.sum()) * (self.num_image_tokens - self.cfg.recon_target_offset)
 
+    @property
+    def vision_layers_used(self) -> int:
+        """The tower's layers up to the feature layer (hidden_states[0] is the embedding output)."""
+        k = self.cfg.vision_feature_layer
+        return k if k >= 0 else len(self.vision_tower.encoder.layers) + 1 + k
+
     def vision_parameters_in_use(self) -> list[nn.Parameter]:
         """The tower's parameters up to the feature layer (those after it never get a gradient: not trained)."""
-        tower, layers = self.vision_tower, self.vision_tower.encoder.layers
-        k = self.cfg.vision_feature_layer
-        used = k if k >= 0 else len(layers) + 1 + k  # hidden_states[0] is the embedding output
+        tower, layers, used = self.vision_tower, self.vision_tower.encoder.layers, self.vision_layers_used
         unused = [*layers[used:], getattr(tower, "post_layernorm", None), getattr(tower, "head", None)]
         skip = {id(p) for m in unused if m is not None for p in m.parameters()}
         return [p for p in tower.parameters() if id(p) not in skip]

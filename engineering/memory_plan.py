@@ -196,10 +196,9 @@ def activation_bytes(model: VictorModel, batch: int, seq: int, labels: int, imag
     total = stack(text.num_hidden_layers, tokens, text.hidden_size, 24 * text.hidden_size + 8 * text.intermediate_size)
     total += labels * text.vocab_size * (compute_bytes + 12) + 2 * tokens * text.hidden_size * 4
     if vision_trained and images:
-        v, k = model.vision_tower.config, model.cfg.vision_feature_layer
-        used = k if k >= 0 else len(model.vision_tower.encoder.layers) + 1 + k  # the layers that reach the features
-        per_image = (v.image_size // v.patch_size) ** 2 + (1 if v.model_type.startswith("clip") else 0)  # CLIP's CLS
-        total += stack(used, images * per_image, v.hidden_size, 24 * v.hidden_size + 4 * v.intermediate_size)
+        v = model.vision_tower.config  # the layers that reach the features, over the tower's positions (CLS too)
+        total += stack(model.vision_layers_used, images * model.tower_tokens, v.hidden_size,
+                       24 * v.hidden_size + 4 * v.intermediate_size)
     return total
 
 

@@ -61,7 +61,7 @@ def test_plan_reads_init_checkpoints_and_local_base_models(base):
     from_dirs = MP.memory_plan(T.TrainConfig(recipe="custom", vision_model=base.vision, llm=base.llm,
                                             model_overrides={"pool_size": 32}, vision_lr=1e-4), "1.5", world=1)
     assert from_init["parts"] == from_dirs["parts"] == real
-    with pytest.raises(ValueError, match="pool_size 64 \(--pool-size\) cannot apply"):  # refused as the run refuses it
+    with pytest.raises(ValueError, match=r"pool_size 64 \(--pool-size\) cannot apply"):  # refused as the run refuses it
         MP.memory_plan(T.TrainConfig(init=base.init, model_overrides={"pool_size": 64}), "1.5", world=1)
 
 
