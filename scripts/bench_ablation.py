@@ -1,9 +1,43 @@
 """
 The ablation: what does stage 1.5 buy? Arms x seeds on the built-in shapes world, one command.
 
-    python scripts/bench_ablation.py                      # the pre-registered grid below (~4 h on 2 cores)
+    python scripts/bench_ablation.py                      # the fourth world's pre-registered grid (~4 h on 2 cores)
     python scripts/bench_ablation.py --arms llava captions victor --seeds 0 1 2
     python scripts/bench_ablation.py --quick              # every arm, a few steps, seed 0 (~2 min): a smoke run
+
+PRE-REGISTERED PLAN, CLUTTER WORLD (issue 39; committed before the first clutter-grid run. The heavy level
+was chosen from the llava arm alone on the development world, seed 7, by the rule in
+docs/ablation-clutter/README.md, committed before those runs (cbfd17c): llava's development accuracy
+0.921 / 0.888 / 0.837 at levels 2 / 3 / 4, the lowest at <= 0.850 is level 4; level 0 gave 0.974; the
+base tower's probe falls from 0.9996 to 0.858 at level 4). The fourth world's plan below is kept as
+the record of its grid, whose runs are this grid's light level.)
+  * Question: ViCToR's premise (arXiv 2410.14332, abstract): visual representations are sensitive to
+    background clutter, language is not, and stage 1.5 closes that gap. Does victor's gain over llava
+    (and over captions) grow with clutter?
+  * World: the fourth world's (seed 0, 4000 training images, the 5000 test questions, the committed base
+    unchanged: it was pretrained at clutter level 0), with clutter level 4 in every image the three
+    stages, the probe and the test see (shapes_world/shapes.py CLUTTER_LEVELS). The clutter has its own
+    random stream: the scenes, captions, questions and answers are the fourth world's, only the pixels
+    around the objects differ.
+  * Arms llava, captions, victor on seeds 0-7, with the fourth world's stage recipes and lengths (FULL):
+        python scripts/bench_ablation.py --arms llava captions victor --seeds 0 1 2 3 4 5 6 7 \
+            --clutter 4 --jobs 2 --out-dir out/ablation-clutter
+    run seed by seed (a grid cut short holds complete paired seeds), in as many sittings as it takes
+    (runs reused by their recorded settings). victor-recon0 only once those 24 runs are done, reported
+    apart from the question.
+  * Light level: clutter 0, the fourth world's runs of these arms and seeds (docs/ablation-fourth-world),
+    reused because the code paths they ran are unchanged at level 0; shown by re-running llava seed 0 at
+    level 0 and matching its result.json (accuracy, per type, every question's correctness, curve, probe,
+    settings). If it does not match, the light level is run again with this code before any interaction
+    is reported.
+  * Comparison: per level, paired per seed as in the fourth world. The question's measure, per seed:
+    the interaction (victor - llava) at level 4 minus (victor - llava) at level 0; likewise victor -
+    captions (captions - llava reported too). Mean and 95 % t-interval over the seeds complete at both
+    levels. Rule: the gain grows with clutter when the interval excludes 0 above it, shrinks when it
+    excludes 0 below, else within noise. Target half-width <= 0.02; if not reached, the half-width
+    reached is reported. Per type and the probes: reported, not tested.
+  * Report: python scripts/report_clutter.py --collect out/ablation-clutter -> docs/ablation-clutter/
+    (ablation.json, ablation.md, ablation.png; complete seeds only). Whatever comes out is reported.
 
 PRE-REGISTERED PLAN, FOURTH WORLD (committed before the first grid run on the new committed base; the
 stage-2 length was chosen from the llava arm alone on a development copy of the world generated from
