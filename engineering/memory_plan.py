@@ -235,6 +235,7 @@ def memory_plan(cfg: TrainConfig, stage: str, world: int, offline: bool = True, 
     compute_bytes = 4 if cfg.bf16 is False else 2  # what a GPU computes in: bf16 unless --no-bf16
     vision_trained = parts["vision_tower"][1] > 0
     n_img, batch = model.num_image_tokens, cfg.batch_size
+    accumulation = max(1, cfg.global_batch_size // (batch * world))
     seqs = sorted({n_img, max(n_img, cfg.max_length)})
     assumed_len, assumed_labels, assumed_images = assumed_batch(stage, batch, n_img, cfg.max_length)
     plan = dict(recipe=cfg.recipe, stage=stage, world=world, batch=batch, seqs=seqs,
@@ -249,8 +250,12 @@ def memory_plan(cfg: TrainConfig, stage: str, world: int, offline: bool = True, 
         state_parts = dict(params=4 * held, grads=4 * held_trained, optimizer=8 * held_trained + 4 * trained_tensors)
         states = sum(state_parts.values())
         working = working_copy_bytes(mode, world, trained, root, max(layers), compute_bytes)
-        # at the start of the backward: no gradient yet, but (FSDP) the first layer's shard
-        first = states - state_parts["grads"] + (4 * max(layers)[1] / world if mode == "FSDP" else 0)
+        # at the start of the backward: no gradient yet, but (FSDP) the first layer's shard; with accumulation
+        # (a later micro-batch), the gradients so far: whole, or under FSDP unsharded (no reduction until the last)
+        if accumulation == 1:
+            first = states - state_parts["grads"] + (4 * max(layers)[1] / world if mode == "FSDP" else 0)
+        else:
+            first = states + (4 * trained - state_parts["grads"] if mode == "FSDP" else 0)
         residual = compute_bytes if mode == "FSDP" or compute_bytes == 4 else 4  # autocast keeps it float32
         acts = [activation_bytes(model, batch, seq, labels, images, vision_trained, cfg.gradient_checkpointing,
                                  compute_bytes, residual)

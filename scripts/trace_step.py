@@ -163,9 +163,12 @@ def trace(recipe: str, stage: str, world: int, mode: str | None = None, seq_len:
     if real:
         torch.manual_seed(0)
         model = VictorModel(vcfg, load_weights=False)
-    else:  # built under fake tensors: shapes, no storage (no weights read: none exist here)
-        with fake:
+    else:  # built on the meta device (no weights: none exist here), then given fake storage
+        with torch.device("meta"):
             model = VictorModel(vcfg, load_weights=False)
+        with fake:
+            model.to_empty(device=device)
+            model.llm.tie_weights()  # to_empty gives each use of a tied weight its own tensor: one again
         # already on its device: wrap_for_processes' model.to(device) would do nothing, but on fake tensors
         # it tries to swap each parameter for itself, which fails
         model.to = lambda *args, **kwargs: model

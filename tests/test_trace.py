@@ -35,9 +35,14 @@ def test_tiny_recipe_traced_holds_the_plans_states_exactly(world):
     assert result["seconds"] < 60
 
 
-def test_one_process_trace_holds_the_plans_states_exactly():
-    result = trace_step.trace("demo", "2", 1)
-    plan = MP.memory_plan(stage_config("demo", "2", {"bf16": True}), "2", 1)
+@pytest.mark.parametrize("tied", [False, True])
+def test_one_process_trace_holds_the_plans_states_exactly(tied):
+    """tied: the LLM's embeddings and LM head one tensor (as Qwen2.5-0.5B's), counted once by both."""
+    with open(f"{MAIN}/shapes_world/base/llm/config.json") as f:
+        llm = {**json.load(f), "tie_word_embeddings": tied}
+    overrides = {"model_overrides": {"llm_config": llm, "pool_size": 128}}
+    result = trace_step.trace("demo", "2", 1, overrides=overrides)
+    plan = MP.memory_plan(stage_config("demo", "2", {**overrides, "bf16": True}), "2", 1)
     for part in ("params", "grads", "optimizer"):
         assert result["states"][part] == plan["DDP"]["state_parts"][part], part
 
