@@ -184,8 +184,9 @@ def activation_bytes(model: VictorModel, batch: int, seq: int, labels: int, imag
     intermediate (gate, up, act(gate), their product); attention scores are never stored (SDPA /
     flash-attention). With gradient checkpointing a layer keeps only its input (hidden x residual_bytes: the
     residual stream is float32 under autocast, bf16 under FSDP's bf16 parameters) and one layer at a time is
-    recomputed in full. The LM loss: (compute_bytes + 12) x vocab per label (the logits, their float32 copy,
-    the log-softmax, its gradient); backward's first gradients of the hidden states, 2 x float32. A trained
+    recomputed in full. The LM loss, once backward starts: (compute_bytes + 8) x vocab per label (the
+    log-softmax the loss kept and its gradient in float32, that gradient in the compute dtype); backward's
+    first gradients of the hidden states, 2 x float32. A trained
     vision tower likewise over its layers up to the feature layer (4 x intermediate: fc1's output and its
     activation); a frozen one keeps nothing. Checked against scripts/trace_step.py (docs/training.md)."""
     def stack(layers, tokens, hidden, full_per_token):
@@ -194,7 +195,7 @@ def activation_bytes(model: VictorModel, batch: int, seq: int, labels: int, imag
     text = model.llm.config.get_text_config()
     tokens = batch * seq
     total = stack(text.num_hidden_layers, tokens, text.hidden_size, 24 * text.hidden_size + 8 * text.intermediate_size)
-    total += labels * text.vocab_size * (compute_bytes + 12) + 2 * tokens * text.hidden_size * 4
+    total += labels * text.vocab_size * (compute_bytes + 8) + 2 * tokens * text.hidden_size * 4
     if vision_trained and images:
         v, k = model.vision_tower.config, model.cfg.vision_feature_layer
         used = k if k >= 0 else len(model.vision_tower.encoder.layers) + 1 + k  # the layers that reach the features
