@@ -11,7 +11,8 @@ One module per concern:
     records.py      data files: JSON / JSONL record stores, parquet shards, the validation pass
     batches.py      the loader, the batches a step takes, skipped-record accounting and its report
     distributed.py  torchrun: processes, DDP / FSDP2, all-reduce, resumable training states
-    memory_plan.py  what each GPU will hold (train.py --plan; refused before a run that cannot fit)
+    memory_plan.py  what each GPU will hold (train.py --plan and its verdict; refused before a run that cannot
+                    fit), held to scripts/trace_step.py's trace of the real step
     reporting.py    metrics.jsonl, the progress bar (plain lines off a terminal), --report-to tensorboard / wandb
     reruns.py       the rerun rule: what the same command does with an out-dir; nothing trained is lost
     benchmarks.py   reading public benchmarks (MME, POPE, MMBench TSV) and their scores

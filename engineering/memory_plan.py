@@ -184,8 +184,9 @@ def activation_bytes(model: VictorModel, batch: int, seq: int, labels: int, imag
     intermediate (gate, up, act(gate), their product); attention scores are never stored (SDPA /
     flash-attention). With gradient checkpointing a layer keeps only its input (hidden x residual_bytes: the
     residual stream is float32 under autocast, bf16 under FSDP's bf16 parameters) and one layer at a time is
-    recomputed in full. The LM loss: (compute_bytes + 12) x vocab per label (the logits, their float32 copy,
-    the log-softmax, its gradient); backward's first gradients of the hidden states, 2 x float32. A trained
+    recomputed in full. The LM loss, once backward starts: (compute_bytes + 8) x vocab per label (the
+    log-softmax the loss kept and its gradient in float32, that gradient in the compute dtype); backward's
+    first gradients of the hidden states, 2 x float32. A trained
     vision tower likewise over its layers up to the feature layer (4 x intermediate: fc1's output and its
     activation); a frozen one keeps nothing. Checked against scripts/trace_step.py (docs/training.md)."""
     def stack(layers, tokens, hidden, full_per_token):
@@ -194,7 +195,7 @@ def activation_bytes(model: VictorModel, batch: int, seq: int, labels: int, imag
     text = model.llm.config.get_text_config()
     tokens = batch * seq
     total = stack(text.num_hidden_layers, tokens, text.hidden_size, 24 * text.hidden_size + 8 * text.intermediate_size)
-    total += labels * text.vocab_size * (compute_bytes + 12) + 2 * tokens * text.hidden_size * 4
+    total += labels * text.vocab_size * (compute_bytes + 8) + 2 * tokens * text.hidden_size * 4
     if vision_trained and images:
         v = model.vision_tower.config  # the layers that reach the features, over the tower's positions (CLS too)
         total += stack(model.vision_layers_used, images * model.tower_tokens, v.hidden_size,
@@ -234,6 +235,7 @@ def memory_plan(cfg: TrainConfig, stage: str, world: int, offline: bool = True, 
     compute_bytes = 4 if cfg.bf16 is False else 2  # what a GPU computes in: bf16 unless --no-bf16
     vision_trained = parts["vision_tower"][1] > 0
     n_img, batch = model.num_image_tokens, cfg.batch_size
+    accumulation = max(1, cfg.global_batch_size // (batch * world))
     seqs = sorted({n_img, max(n_img, cfg.max_length)})
     assumed_len, assumed_labels, assumed_images = assumed_batch(stage, batch, n_img, cfg.max_length)
     plan = dict(recipe=cfg.recipe, stage=stage, world=world, batch=batch, seqs=seqs,
@@ -248,8 +250,12 @@ def memory_plan(cfg: TrainConfig, stage: str, world: int, offline: bool = True, 
         state_parts = dict(params=4 * held, grads=4 * held_trained, optimizer=8 * held_trained + 4 * trained_tensors)
         states = sum(state_parts.values())
         working = working_copy_bytes(mode, world, trained, root, max(layers), compute_bytes)
-        # at the start of the backward: no gradient yet, but (FSDP) the first layer's shard
-        first = states - state_parts["grads"] + (4 * max(layers)[1] / world if mode == "FSDP" else 0)
+        # at the start of the backward: no gradient yet, but (FSDP) the first layer's shard; with accumulation
+        # (a later micro-batch), the gradients so far: whole, or under FSDP unsharded (no reduction until the last)
+        if accumulation == 1:
+            first = states - state_parts["grads"] + (4 * max(layers)[1] / world if mode == "FSDP" else 0)
+        else:
+            first = states + (4 * trained - state_parts["grads"] if mode == "FSDP" else 0)
         residual = compute_bytes if mode == "FSDP" or compute_bytes == 4 else 4  # autocast keeps it float32
         acts = [activation_bytes(model, batch, seq, labels, images, vision_trained, cfg.gradient_checkpointing,
                                  compute_bytes, residual)

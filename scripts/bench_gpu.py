@@ -15,7 +15,9 @@ pool 2048. Training steps as train.py takes them: fp32 master weights, bf16 auto
 - peak GPU memory of each stage against train.py --plan's figure (memory_plan.memory_plan) for this model and batch;
 - Hungarian matching in ms per image at 432 tokens x 2048 rows x width 4096 (the 7B recipe's sizes), and how
   many synchronising device->host copies one batch makes (torch.cuda.set_sync_debug_mode: expected 1);
-- generate throughput (bf16 weights, KV cache, greedy).
+- generate throughput (bf16 weights, KV cache, greedy);
+- the one-GPU recipe's stage-1.5 step traced (scripts/trace_step.py) with real CUDA tensors: the tracker's peak
+  against torch.cuda.max_memory_allocated(), and the fake trace of the same run that --plan is held to.
 Without CUDA it refuses with one line. (--device cpu --tiny runs the same code on a tiny model: the test.)
 """
 import argparse
@@ -251,7 +253,26 @@ def run(args) -> list[tuple[str, str]]:
     rate = time_generate(model, batch, 16, new_tokens, device)
     rows.append((f"generate, {kernels[-1]}", f"{rate:,.0f} new tokens/s ({b} sequences, {new_tokens} new tokens, "
                                              f"bf16 weights)"))
+    del model, batch  # the allocator's peak below is the traced step's alone
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    rows.append(trace_against_allocator(args.tiny))
     return rows
+
+
+def trace_against_allocator(tiny: bool) -> tuple[str, str]:
+    """scripts/trace_step.py on this device: the one-GPU recipe's stage 1.5 step (the demo's models with --tiny)
+    on real tensors, its tracker's peak against torch.cuda.max_memory_allocated, and the fake trace of the same
+    run (what --plan is held to on a CPU)."""
+    import trace_step
+    recipe = "demo" if tiny else "siglip-qwen25-0.5b"
+    real, fake = trace_step.trace(recipe, "1.5", 1, real=True), trace_step.trace(recipe, "1.5", 1)
+    cuda = real["cuda_max_memory_allocated"]
+    said = (f"tracker {real['peak'] / MP.GIB:.3f} GiB on real tensors, {fake['peak'] / MP.GIB:.3f} GiB traced on "
+            f"fake ones")
+    return (f"trace, {recipe} stage 1.5", said + (f"; torch.cuda.max_memory_allocated {cuda / MP.GIB:.2f} GiB "
+                                                  f"(tracker / allocator {real['peak'] / cuda:.2f})" if cuda else
+                                                  "; max_memory_allocated n/a on the cpu"))
 
 
 def format_rows(rows: list[tuple[str, str]]) -> str:

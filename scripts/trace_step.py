@@ -110,6 +110,11 @@ def parts_of(snapshot: dict, fsdp: bool) -> dict:
                 total=by.get("Total", 0))
 
 
+def on(device: torch.device, snapshot: dict) -> dict:
+    """A tracker snapshot's entry for this device (cuda and cuda:0 alike)."""
+    return next(v for k, v in snapshot.items() if k.type == device.type and (k.index or 0) == (device.index or 0))
+
+
 def held_states(before_update: dict, after_update: dict) -> dict:
     """What the step keeps, in bytes: the weights (sharded ones under FSDP, buffers apart), the gradients as
     the update reads them, the optimizer's state after it."""
@@ -136,7 +141,7 @@ def trace(recipe: str, stage: str, world: int, mode: str | None = None, seq_len:
     cfg = stage_config(recipe, stage, values)
     device = torch.device("cpu")
     if real:
-        rank, world, _ = setup_distributed()  # torchrun's processes (gloo), or one
+        rank, world, device = setup_distributed()  # torchrun's processes (gloo; NCCL on GPUs), or one
     else:
         import torch.distributed as dist
         from torch.testing._internal.distributed.fake_pg import FakeStore
@@ -158,9 +163,12 @@ def trace(recipe: str, stage: str, world: int, mode: str | None = None, seq_len:
     if real:
         torch.manual_seed(0)
         model = VictorModel(vcfg, load_weights=False)
-    else:  # built under fake tensors: shapes, no storage (no weights read: none exist here)
-        with fake:
+    else:  # built on the meta device (no weights: none exist here), then given fake storage
+        with torch.device("meta"):
             model = VictorModel(vcfg, load_weights=False)
+        with fake:
+            model.to_empty(device=device)
+            model.llm.tie_weights()  # to_empty gives each use of a tied weight its own tensor: one again
         # already on its device: wrap_for_processes' model.to(device) would do nothing, but on fake tensors
         # it tries to swap each parameter for itself, which fails
         model.to = lambda *args, **kwargs: model
@@ -202,16 +210,19 @@ def trace(recipe: str, stage: str, world: int, mode: str | None = None, seq_len:
                 return forward_backward(*args, **kwargs)
             forward_backward, T.forward_backward = T.forward_backward, tracked_forward_backward
             for step in range(steps):
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
                 with tracker:  # entering starts the peak from what is alive: this step's peak alone
                     if not fsdp:  # MemTracker hooks every parameter's gradient, which fails on a frozen one
                         tracker._param_to_grad_hook_handles.update(
                             {p: (NoHook(), NoHook()) for p in model.parameters() if not p.requires_grad})
                     with flops if step == 0 else contextlib.nullcontext():
                         T.step_compute(r, inputs, n_label, n_recon)
-                    before_update = tracker.get_tracker_snapshot("current")[device]
+                    before_update = on(device, tracker.get_tracker_snapshot("current"))
                     T.optimizer_step(optimizer, scheduler, update=True)
-                    peak = tracker.get_tracker_snapshot("peak")[device]
-                    after_update = tracker.get_tracker_snapshot("current")[device]
+                    peak = on(device, tracker.get_tracker_snapshot("peak"))
+                    after_update = on(device, tracker.get_tracker_snapshot("current"))
+                cuda_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     finally:
         T.forward_backward = forward_backward
         victor.assign_on_host = saved_assign
@@ -240,7 +251,8 @@ def trace(recipe: str, stage: str, world: int, mode: str | None = None, seq_len:
                 plan_total=plan["FSDP" if fsdp else "DDP"]["assumed"] if not seq_len else
                 plan["FSDP" if fsdp else "DDP"]["total"][-1] if seq_len == cfg.max_length else None,
                 flops_per_step=flops.get_total_flops() * scale, tokens_per_step=positions * scale,
-                images_per_step=images * scale, padding_share=padded / positions, seconds=time.time() - t0)
+                images_per_step=images * scale, padding_share=padded / positions, seconds=time.time() - t0,
+                cuda_max_memory_allocated=cuda_peak)
 
 
 def matching_ms(images: int, dim: int, pool_size: int = 2048, tokens: int = 576, repeats: int = 2) -> dict:

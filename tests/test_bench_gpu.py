@@ -26,9 +26,10 @@ def test_tiny_run_on_cpu_prints_the_table():
     values = {k.strip(): v for k, v in (line.split(" | ", 1) for line in proc.stdout.strip().splitlines())}
     assert {"device", "model", "batch", "peak bf16", "stage 2 step, sdpa", "stage 1.5 step, sdpa",
             "stage 2 peak memory", "stage 1.5 peak memory", "stage 1.5 / stage 2, sdpa",
-            "matching 12 x 32 x 32", "generate, sdpa", "wall time"} == set(values)
+            "matching 12 x 32 x 32", "generate, sdpa", "trace, demo stage 1.5", "wall time"} == set(values)
     assert "tokens/s" in values["stage 1.5 step, sdpa"] and "MFU" in values["stage 1.5 step, sdpa"]
     assert "MFU n/a" not in values["stage 1.5 step, sdpa"]  # --peak-tflops took effect
     assert "planned" in values["stage 2 peak memory"] and "ms per image" in values["matching 12 x 32 x 32"]
     assert float(values["stage 1.5 / stage 2, sdpa"]) > 0
     assert "new tokens/s" in values["generate, sdpa"]
+    assert "on real tensors" in values["trace, demo stage 1.5"] and "n/a on the cpu" in values["trace, demo stage 1.5"]
