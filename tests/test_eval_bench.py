@@ -305,8 +305,7 @@ def bad_bench(tmp_path, change):
      "missing required column"),
     (lambda ck, tmp: [ck, "--test-file", str(tmp / "t.jsonl"), "--image-folder", str(tmp)], "image not found"),
     (lambda ck, tmp: [ck, "--visualize", str(tmp / "none.png")], "none.png"),
-    (lambda ck, tmp: ["--curves", str(tmp / "none.jsonl")], "none.jsonl"),
-], ids=["no bench file", "no checkpoint", "bad row", "no answer column", "no test image", "no image", "no metrics"])
+], ids=["no bench file", "no checkpoint", "bad row", "no answer column", "no test image", "no image"])
 def test_command_line_mistakes_are_one_line(ckpt, tmp_path, argv, said):
     """A missing or malformed file is one line (SystemExit with a message: no traceback) naming it."""
     (tmp_path / "t.jsonl").write_text(json.dumps({"id": "a", "image": "missing.png", "conversations": [
