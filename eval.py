@@ -24,7 +24,6 @@ import io
 import json
 import os
 import sys
-from collections import defaultdict
 
 import torch
 from PIL import Image
@@ -35,18 +34,14 @@ from engineering import pictures as P
 from engineering import records as RC
 from engineering.benchmarks import (
     InputError,
-    circular_accuracy,
-    extract_answer,
-    extract_yes_no,
     format_table,
     load_bench,
-    mean,
-    mme_scores,
-    pope_metrics,
     question_turns,
     read_question_file,
     read_test_set,
+    score,
     short_uuid,
+    words_outside_vocabulary,
 )
 from engineering.checkpoints import (
     default_device,
@@ -130,16 +125,6 @@ def answer_items(checkpoint: str, items: list[dict], batch_size: int, max_new_to
     return generate_answers(model, tokenizer, image_processor, template, items, batch_size, max_new_tokens, device)
 
 
-def words_outside_vocabulary(tokenizer, text: str) -> list[str]:
-    """The pieces of text that the tokenizer can only read as its unknown token (a word-level vocabulary,
-    like the shapes world's; a byte-level BPE has none)."""
-    if tokenizer.unk_token_id is None:
-        return []
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    return list(dict.fromkeys(text[a:b] for t, (a, b) in zip(enc["input_ids"], enc["offset_mapping"])
-                              if t == tokenizer.unk_token_id))
-
-
 def single_turn_note(checkpoint: str) -> str:
     """A note for a follow-up question to a model trained on one question per image (the demo's stage 2)."""
     trained = read_config_json(checkpoint).get("train_config") or {}
@@ -174,54 +159,6 @@ class Conversation:
                                   self.max_new_tokens, self.device, self.sampling, progress=False)["question"]
         self.turns = turns + [{"from": "gpt", "value": answer}]
         return answer
-
-
-# -----------------------------------------------------------------------------
-# Scoring by kind: multiple choice and yes/no -> accuracies (+ POPE, MMBench circular, MME: benchmarks.py);
-# open answers -> LLaVA's answers file
-
-
-def chance_of(item: dict) -> float:
-    return 1.0 / len(item["options"]) if item.get("options") else 0.5
-
-
-def _grouped(items: list[dict], predictions: list[dict], key: str, chance: bool) -> dict:
-    groups = defaultdict(list)
-    for it, p in zip(items, predictions):
-        if key in it:
-            groups[it[key]].append((p["correct"], chance_of(it)))
-    return {k: {"accuracy": mean(c for c, _ in v), **({"chance": mean(h for _, h in v)} if chance else {}),
-                "n": len(v)} for k, v in sorted(groups.items())}
-
-
-def score(items: list[dict], outputs: dict, group: str, fields: tuple[str, ...], chance: bool = False) -> dict:
-    """Multiple-choice and yes/no items: each prediction (with the item's `fields`), accuracy overall,
-    per `group` and per l2-category (beside chance if asked); POPE's metrics over the yes/no items;
-    MMBench's circular accuracy and MME's score where the file calls for them."""
-    predictions = []
-    for it in items:
-        out = outputs[it["id"]]
-        pred = extract_answer(out, it["options"])
-        truth = extract_answer(it["answer"], it["options"])  # a letter, an option's text, or yes/no
-        predictions.append({**{k: it[k] for k in fields if k in it}, "output": out, "prediction": pred,
-                            "answer": it["answer"], "correct": pred != "" and pred == truth})
-    results = {"num_questions": len(items), "accuracy": mean(p["correct"] for p in predictions)}
-    if chance:
-        results["chance"] = mean(map(chance_of, items))
-    results[f"per_{group}"] = _grouped(items, predictions, group, chance)
-    if any("l2-category" in it for it in items):
-        results["per_l2_category"] = _grouped(items, predictions, "l2-category", chance)
-    yes_no = [(it, p) for it, p in zip(items, predictions) if it["kind"] == "yes_no"]
-    if yes_no:
-        results["pope"] = pope_metrics([p["prediction"] for _, p in yes_no],
-                                       [extract_yes_no(it["answer"]) for it, _ in yes_no])
-    kinds = {it["kind"] for it in items}
-    if kinds == {"multiple_choice"} and (circular := circular_accuracy(predictions)):
-        results["circular"] = circular
-    if kinds == {"yes_no"} and (mme := mme_scores(items, predictions)):
-        results["mme"] = mme
-    results["predictions"] = predictions
-    return results
 
 
 # -----------------------------------------------------------------------------
@@ -264,10 +201,6 @@ def answer_question_file(checkpoint: str, question_file: str, image_folder: str,
     with open(answers_file, "w") as f:
         f.writelines(json.dumps(a) + "\n" for a in answers)
     return answers
-
-
-
-
 
 
 # -----------------------------------------------------------------------------
@@ -324,52 +257,26 @@ def question_file_main(args) -> list[dict]:
     return answers
 
 
-def image_paths(path: str, limit: int) -> list[str]:
-    """--visualize PATH: one image, or the first `limit` images of a folder (sorted by name)."""
-    if os.path.isfile(path):
-        return [path]
-    if not os.path.isdir(path):
-        raise InputError(f"--visualize {path}: no such image or folder")
-    names = sorted(n for n in os.listdir(path) if n.lower().endswith((".png", ".jpg", ".jpeg", ".webp", ".bmp")))
-    if not names:
-        raise InputError(f"--visualize {path}: no .png/.jpg/.jpeg/.webp/.bmp image in the folder")
-    return [os.path.join(path, n) for n in names[:limit]]
-
-
-def visualize(checkpoint: str, path: str, out_png: str, seed: int = 0, limit: int = 64, device=None,
-              dtype: torch.dtype | None = None):
-    """The pictures of what a checkpoint's pool learned, from the training's own stage-1.5 forward
-    (engineering/pictures.py): over a folder's images, the patches each often-used pool row replaced;
-    on one image, the tokens replaced and how well each was reconstructed. Returns the PIL image."""
-    paths = image_paths(path, limit)
-    P.check_pool_trained(checkpoint)  # a pool that never trained is refused: its rows are random
-    model, tokenizer, image_processor = load_model(checkpoint, default_device(device), dtype)
-    trained = read_config_json(checkpoint).get("train_config", {})
+def visualize_main(args) -> str:
+    """--visualize: what the pool learned, from the training's own stage-1.5 forward (engineering/pictures.py):
+    over a folder's images, the patches each often-used pool row replaced; on one image, the tokens replaced and
+    how well each was reconstructed. A pool that never trained is refused: its rows are the random ones."""
+    paths = P.image_paths(args.visualize, args.limit or 64)
+    P.check_pool_trained(args.checkpoint)
+    model, tokenizer, image_processor = load_model(args.checkpoint, default_device(args.device), run_dtype(args))
+    trained = read_config_json(args.checkpoint).get("train_config", {})
     template = D.resolve_template(trained.get("template", "auto"), tokenizer, stage="1.5")
     messages = [{"role": "user", "content": f"{D.IMAGE_PLACEHOLDER}\n{DETAIL_PROMPT}"}]  # stage 1.5's prompt
     ids, _ = D.tokenize_conversation(messages, tokenizer, template, model.num_image_tokens,
                                      image_token_id=model.cfg.image_token_id)
-    input_ids = torch.tensor([ids], device=next(model.parameters()).device)
-    pixels = (D.preprocess_images([D.load_image(p) for p in paths[k:k + 16]], image_processor).to(input_ids.device)
-              for k in range(0, len(paths), 16))
-    name = f"{os.path.basename(os.path.normpath(checkpoint))} (stage {trained.get('stage', '?')})"
-    if os.path.isdir(path):
-        vocab = P.pool_vocabulary(model, input_ids, pixels, image_processor, seed)
-        return P.draw_vocabulary(vocab, f"{name}: the pool as a visual vocabulary, step 2 and 3 as in training "
-                                 f"(seed {seed}), over the first {len(paths)} images of {path}", out_png)
-    generator = torch.Generator(device=input_ids.device).manual_seed(seed)
-    pixel_values = next(pixels)
-    out = P.stage15_forward(model, input_ids, pixel_values, generator)
-    image = P.seen_images(pixel_values, image_processor)[0]
-    return P.draw_tokens(image, out["replaced"][0], out["rows"][0], out["cosine"][0], f"{name}: "
-                         f"{os.path.basename(path)}, a stage-1.5 forward as in training (seed {seed})", out_png)
-
-
-def visualize_main(args) -> str:
-    stem = "vocabulary" if os.path.isdir(args.visualize) else os.path.splitext(os.path.basename(args.visualize))[0]
+    folder = os.path.isdir(args.visualize)
+    stem = "vocabulary" if folder else os.path.splitext(os.path.basename(args.visualize))[0]
     out = args.out_png or os.path.join(args.checkpoint, f"pool_{stem}.png")
-    picture = visualize(args.checkpoint, args.visualize, out, args.seed, args.limit or 64, args.device,
-                        run_dtype(args))
+
+    def load(some: list[str]):  # the images as training prepares them
+        return D.preprocess_images([D.load_image(p) for p in some], image_processor)
+    name = f"{os.path.basename(os.path.normpath(args.checkpoint))} (stage {trained.get('stage', '?')})"
+    picture = P.draw_checkpoint(model, ids, paths, load, image_processor, args.seed, out, name, folder)
     print(f"wrote {out} ({picture.size[0]}x{picture.size[1]})")
     return out
 
@@ -463,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--image-folder", default="")
     ap.add_argument("--out", default="", help="results JSON (default: CHECKPOINT/eval.json)")
     ap.add_argument("--batch-size", type=int, default=32, help=f"questions per batch ({RANGES['batch_size']})")
-    ap.add_argument("--limit", type=int, default=0, help=f"the first N questions only; 0: all ({RANGES['limit']})")
+    ap.add_argument("--limit", type=int, default=0, help=f"the first N questions only; 0: all; --visualize FOLDER: "
+                                                             f"the first N images, 0: 64 ({RANGES['limit']})")
     ap.add_argument("--device", default=None)
     ap.add_argument("--bf16", action="store_true",
                     help="the model's weights and computation in bfloat16 (half the memory; default: float32)")

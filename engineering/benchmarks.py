@@ -7,9 +7,9 @@ The files eval.py evaluates, read into items, and the scores particular to a ben
     python eval.py CKPT --question-file q.jsonl --image-folder imgs --answers-file a.jsonl  # read_question_file
 
 Readers turn each format into items (LLaVA prompt records plus what scoring needs); eval.py answers them
-and scores them by kind (eval.score), calling here for the answer a free text gives (extract_answer),
-POPE's precision/recall/F1, MMBench's circular accuracy and MME's perception/cognition score, and the
-table printed (format_table). File formats and leaderboard rules, not the method: a reader of the method
+and score scores them by kind: the answer a free text gives (extract_answer), accuracy per group beside
+chance, POPE's precision/recall/F1, MMBench's circular accuracy and MME's perception/cognition score; then
+the table printed (format_table). File formats and leaderboard rules, not the method: a reader of the method
 may skip this file.
 """
 from __future__ import annotations
@@ -252,7 +252,65 @@ def mme_scores(items: list[dict], predictions: list[dict]) -> dict | None:
 
 
 # -----------------------------------------------------------------------------
-# Reading a free answer, and the results as printed
+# Scoring by kind: multiple choice and yes/no -> accuracies (+ POPE, MMBench circular, MME: above);
+# open answers -> LLaVA's answers file (eval.answer_question_file)
+
+
+def chance_of(item: dict) -> float:
+    return 1.0 / len(item["options"]) if item.get("options") else 0.5
+
+
+def _grouped(items: list[dict], predictions: list[dict], key: str, chance: bool) -> dict:
+    groups = defaultdict(list)
+    for it, p in zip(items, predictions):
+        if key in it:
+            groups[it[key]].append((p["correct"], chance_of(it)))
+    return {k: {"accuracy": mean(c for c, _ in v), **({"chance": mean(h for _, h in v)} if chance else {}),
+                "n": len(v)} for k, v in sorted(groups.items())}
+
+
+def score(items: list[dict], outputs: dict, group: str, fields: tuple[str, ...], chance: bool = False) -> dict:
+    """Multiple-choice and yes/no items: each prediction (with the item's `fields`), accuracy overall,
+    per `group` and per l2-category (beside chance if asked); POPE's metrics over the yes/no items;
+    MMBench's circular accuracy and MME's score where the file calls for them."""
+    predictions = []
+    for it in items:
+        out = outputs[it["id"]]
+        pred = extract_answer(out, it["options"])
+        truth = extract_answer(it["answer"], it["options"])  # a letter, an option's text, or yes/no
+        predictions.append({**{k: it[k] for k in fields if k in it}, "output": out, "prediction": pred,
+                            "answer": it["answer"], "correct": pred != "" and pred == truth})
+    results = {"num_questions": len(items), "accuracy": mean(p["correct"] for p in predictions)}
+    if chance:
+        results["chance"] = mean(map(chance_of, items))
+    results[f"per_{group}"] = _grouped(items, predictions, group, chance)
+    if any("l2-category" in it for it in items):
+        results["per_l2_category"] = _grouped(items, predictions, "l2-category", chance)
+    yes_no = [(it, p) for it, p in zip(items, predictions) if it["kind"] == "yes_no"]
+    if yes_no:
+        results["pope"] = pope_metrics([p["prediction"] for _, p in yes_no],
+                                       [extract_yes_no(it["answer"]) for it, _ in yes_no])
+    kinds = {it["kind"] for it in items}
+    if kinds == {"multiple_choice"} and (circular := circular_accuracy(predictions)):
+        results["circular"] = circular
+    if kinds == {"yes_no"} and (mme := mme_scores(items, predictions)):
+        results["mme"] = mme
+    results["predictions"] = predictions
+    return results
+
+
+# -----------------------------------------------------------------------------
+# Reading a question and a free answer, and the results as printed
+
+
+def words_outside_vocabulary(tokenizer, text: str) -> list[str]:
+    """The pieces of text that the tokenizer can only read as its unknown token (a word-level vocabulary,
+    like the shapes world's; a byte-level BPE has none)."""
+    if tokenizer.unk_token_id is None:
+        return []
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return list(dict.fromkeys(text[a:b] for t, (a, b) in zip(enc["input_ids"], enc["offset_mapping"])
+                              if t == tokenizer.unk_token_id))
 
 
 def extract_yes_no(text: str) -> str:

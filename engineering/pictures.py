@@ -260,6 +260,39 @@ def draw_tokens(image: np.ndarray, replaced: np.ndarray, rows: np.ndarray, cosin
     return _picture(fig, out_png)
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def image_paths(path: str, limit: int) -> list[str]:
+    """--visualize PATH: one image, or the first `limit` images of a folder (sorted by name)."""
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise InputError(f"--visualize {path}: no such image or folder")
+    names = sorted(n for n in os.listdir(path) if n.lower().endswith(IMAGE_SUFFIXES))
+    if not names:
+        raise InputError(f"--visualize {path}: no {'/'.join(IMAGE_SUFFIXES)} image in the folder")
+    return [os.path.join(path, n) for n in names[:limit]]
+
+
+def draw_checkpoint(model, prompt_ids: list[int], paths: list[str], load_pixels, image_processor, seed: int,
+                    out_png: str, name: str, vocabulary: bool, batch: int = 16) -> Image.Image:
+    """eval.py --visualize: the training's stage-1.5 forward behind stage 1.5's prompt (prompt_ids), on the
+    images at paths (load_pixels: paths -> pixel_values, as training prepares them). vocabulary: the pool as a
+    visual vocabulary over all of them (draw_vocabulary); else the first image's tokens (draw_tokens)."""
+    input_ids = torch.tensor([prompt_ids], device=next(model.parameters()).device)
+    pixels = (load_pixels(paths[k:k + batch]).to(input_ids.device) for k in range(0, len(paths), batch))
+    where = os.path.dirname(paths[0]) if vocabulary else os.path.basename(paths[0])
+    if vocabulary:
+        vocab = pool_vocabulary(model, input_ids, pixels, image_processor, seed)
+        return draw_vocabulary(vocab, f"{name}: the pool as a visual vocabulary, steps 2 and 3 as in training "
+                               f"(seed {seed}), over the first {len(paths)} images of {where}", out_png)
+    pixel_values = next(pixels)
+    out = stage15_forward(model, input_ids, pixel_values, torch.Generator(input_ids.device).manual_seed(seed))
+    return draw_tokens(seen_images(pixel_values, image_processor)[0], out["replaced"][0], out["rows"][0],
+                       out["cosine"][0], f"{name}: {where}, a stage-1.5 forward as in training (seed {seed})", out_png)
+
+
 # -----------------------------------------------------------------------------
 # Training curves (scripts/plot_curves.py): one panel per stage, each on its own step axis
 
