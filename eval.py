@@ -6,15 +6,15 @@ Evaluate a victor checkpoint (victor's own, the original LLaVA code's or llava-h
     python eval.py CKPT --bench MMStar.tsv --out mmstar.json   # VLMEvalKit TSV, multiple choice: accuracy
     python eval.py CKPT --bench POPE.tsv             # yes/no: POPE's precision/recall/F1 (and MME's score)
     python eval.py CKPT --question-file q.jsonl --image-folder imgs --answers-file answers.jsonl  # LLaVA format
-    python eval.py out/demo/stage1.5 --visualize IMAGE.png   # pool row per patch + reconstruction error
-    python eval.py --curves out/demo/stage1.5/metrics.jsonl out/demo/stage2/metrics.jsonl  # training curves
-    python eval.py CKPT --export-llava-hf OUT        # a transformers LlavaForConditionalGeneration directory
+    python eval.py CKPT --visualize out/demo/shapes/images   # the pool as a visual vocabulary (64 images)
+    python eval.py CKPT --visualize IMAGE.png        # one image: tokens replaced, how well each reconstructed
     python eval.py CKPT --image IMAGE.png --ask "What is left of the red circle?"   # one answer
     python eval.py CKPT --image IMAGE.png --ask      # a conversation about the image, until an empty line
 
 Every evaluation takes one path: a reader (benchmarks.py) turns its file into items (prompt records plus what
 scoring needs), generate_answers answers them, and score (or the answers file) takes each item by its kind.
-The pictures (--visualize, --curves) are drawn in pictures.py.
+The pictures (--visualize) are drawn in engineering/pictures.py. Not evaluation, so elsewhere:
+scripts/export_llava_hf.py (a llava-hf directory) and scripts/plot_curves.py (training curves).
 """
 from __future__ import annotations
 
@@ -23,10 +23,7 @@ import base64
 import io
 import json
 import os
-import re
-import secrets
 import sys
-from collections import defaultdict
 
 import torch
 from PIL import Image
@@ -35,20 +32,24 @@ from tqdm import tqdm
 import data as D
 from engineering import pictures as P
 from engineering.benchmarks import (
-    OPTION_LETTERS,
     InputError,
-    circular_accuracy,
+    format_table,
     load_bench,
-    mean,
-    mme_scores,
-    pope_metrics,
     question_turns,
     read_question_file,
     read_test_set,
+    score,
+    short_uuid,
+    words_outside_vocabulary,
 )
-from engineering.checkpoints import WEIGHT_FILES, default_device, export_llava_hf, load_checkpoint, read_config_json
+from engineering.checkpoints import (
+    default_device,
+    load_checkpoint,
+    read_config_json,
+    why_it_cannot_answer,
+    why_not_a_checkpoint,
+)
 from engineering.flags import Range, out_of_range
-from engineering.pictures import draw_curves, read_curves
 from engineering.reporting import bars_wanted
 
 # -----------------------------------------------------------------------------
@@ -122,28 +123,6 @@ def answer_items(checkpoint: str, items: list[dict], batch_size: int, max_new_to
     return generate_answers(model, tokenizer, image_processor, template, items, batch_size, max_new_tokens, device)
 
 
-def why_it_cannot_answer(checkpoint: str) -> str | None:
-    """Why a checkpoint cannot answer questions, or None: a stage-1 checkpoint holds a projector alone
-    (victor's saved_parts "projector", LLaVA's mm_projector.bin without the model's weights), and its
-    LLM was never taught to take an image and a question."""
-    if read_config_json(checkpoint).get("saved_parts") == "projector" or (
-            os.path.isfile(os.path.join(checkpoint, "mm_projector.bin"))
-            and not any(os.path.isfile(os.path.join(checkpoint, n)) for n in WEIGHT_FILES)):
-        return (f"{checkpoint} is a stage-1 checkpoint (a projector alone, trained to caption): it cannot "
-                f"answer questions; ask a stage-1.5 or stage-2 checkpoint")
-    return None
-
-
-def words_outside_vocabulary(tokenizer, text: str) -> list[str]:
-    """The pieces of text that the tokenizer can only read as its unknown token (a word-level vocabulary,
-    like the shapes world's; a byte-level BPE has none)."""
-    if tokenizer.unk_token_id is None:
-        return []
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    return list(dict.fromkeys(text[a:b] for t, (a, b) in zip(enc["input_ids"], enc["offset_mapping"])
-                              if t == tokenizer.unk_token_id))
-
-
 def single_turn_note(checkpoint: str) -> str:
     """A note for a follow-up question to a model trained on one question per image (the demo's stage 2)."""
     trained = read_config_json(checkpoint).get("train_config") or {}
@@ -178,88 +157,6 @@ class Conversation:
                                   self.max_new_tokens, self.device, self.sampling, progress=False)["question"]
         self.turns = turns + [{"from": "gpt", "value": answer}]
         return answer
-
-
-# -----------------------------------------------------------------------------
-# Scoring by kind: multiple choice and yes/no -> accuracies (+ POPE, MMBench circular, MME: benchmarks.py);
-# open answers -> LLaVA's answers file
-
-
-def extract_yes_no(text: str) -> str:
-    """yes / no from a free answer ("Yes, there is" -> yes, "There is not" -> no), "" when neither."""
-    words = re.findall(r"[a-z]+", text.lower())
-    if words and words[0] in ("yes", "no"):
-        return words[0]
-    if "no" in words or "not" in words:
-        return "no"
-    return "yes" if "yes" in words else ""
-
-
-def extract_answer(text: str, options: list[str] | None) -> str:
-    """The model's answer: an option letter for multiple choice, else yes/no (extract_yes_no)."""
-    text = text.strip()
-    if not options:
-        return extract_yes_no(text)
-    letters = OPTION_LETTERS[:len(options)]
-    m = re.match(rf"^\(?([{letters}])\b", text)  # "B", "(B)", "B. text", "B)"
-    if m:
-        return m.group(1)
-    # "The answer is B", "Answer: (B)", "the correct option is B."
-    m = re.search(rf"(?i:answer|option|choice)\W{{0,3}}(?:(?i:is)\W{{1,3}})?\(?([{letters}])\b", text)
-    if m:
-        return m.group(1)
-    for letter, opt in zip(letters, options):  # the option's text alone
-        if text.lower().rstrip(" .") == opt.lower():
-            return letter
-    return ""
-
-
-def chance_of(item: dict) -> float:
-    return 1.0 / len(item["options"]) if item.get("options") else 0.5
-
-
-def _grouped(items: list[dict], predictions: list[dict], key: str, chance: bool) -> dict:
-    groups = defaultdict(list)
-    for it, p in zip(items, predictions):
-        if key in it:
-            groups[it[key]].append((p["correct"], chance_of(it)))
-    return {k: {"accuracy": mean(c for c, _ in v), **({"chance": mean(h for _, h in v)} if chance else {}),
-                "n": len(v)} for k, v in sorted(groups.items())}
-
-
-def score(items: list[dict], outputs: dict, group: str, fields: tuple[str, ...], chance: bool = False) -> dict:
-    """Multiple-choice and yes/no items: each prediction (with the item's `fields`), accuracy overall,
-    per `group` and per l2-category (beside chance if asked); POPE's metrics over the yes/no items;
-    MMBench's circular accuracy and MME's score where the file calls for them."""
-    predictions = []
-    for it in items:
-        out = outputs[it["id"]]
-        pred = extract_answer(out, it["options"])
-        truth = extract_answer(it["answer"], it["options"])  # a letter, an option's text, or yes/no
-        predictions.append({**{k: it[k] for k in fields if k in it}, "output": out, "prediction": pred,
-                            "answer": it["answer"], "correct": pred != "" and pred == truth})
-    results = {"num_questions": len(items), "accuracy": mean(p["correct"] for p in predictions)}
-    if chance:
-        results["chance"] = mean(map(chance_of, items))
-    results[f"per_{group}"] = _grouped(items, predictions, group, chance)
-    if any("l2-category" in it for it in items):
-        results["per_l2_category"] = _grouped(items, predictions, "l2-category", chance)
-    yes_no = [(it, p) for it, p in zip(items, predictions) if it["kind"] == "yes_no"]
-    if yes_no:
-        results["pope"] = pope_metrics([p["prediction"] for _, p in yes_no],
-                                       [extract_yes_no(it["answer"]) for it, _ in yes_no])
-    kinds = {it["kind"] for it in items}
-    if kinds == {"multiple_choice"} and (circular := circular_accuracy(predictions)):
-        results["circular"] = circular
-    if kinds == {"yes_no"} and (mme := mme_scores(items, predictions)):
-        results["mme"] = mme
-    results["predictions"] = predictions
-    return results
-
-
-def short_uuid() -> str:
-    """A random id like shortuuid's (22 characters of base 57), as in LLaVA's answer files."""
-    return "".join(secrets.choice("23456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz") for _ in range(22))
 
 
 # -----------------------------------------------------------------------------
@@ -304,33 +201,6 @@ def answer_question_file(checkpoint: str, question_file: str, image_folder: str,
     return answers
 
 
-def format_table(results: dict) -> str:
-    """The results as printed: accuracy per type or category (beside chance where known), overall,
-    then the leaderboards' scores."""
-    def row(name, t):
-        return f"{name[:28]:<28} {t['n']:>6} {t['accuracy']:>9.3f}" + (f" {t['chance']:>7.3f}" if "chance" in t else "")
-
-    group = "type" if "per_type" in results else "category"
-    rows = [f"{group:<28} {'n':>6} {'accuracy':>9}" + (f" {'chance':>7}" if "chance" in results else "")]
-    rows += [row(k, t) for k, t in results[f"per_{group}"].items()]
-    rows += [row("l2: " + k, t) for k, t in results.get("per_l2_category", {}).items()]
-    rows.append(row("overall", {**results, "n": results["num_questions"]}))
-    if "circular" in results:
-        rows.append(row("circular (MMBench)", results["circular"]))
-    if results.get("pope", {}).get("n"):
-        m = results["pope"]
-        rows.append(f"yes/no (n={m['n']}): accuracy {m['accuracy']:.3f}  precision {m['precision']:.3f}  "
-                    f"recall {m['recall']:.3f}  F1 {m['f1']:.3f}  yes-ratio {m['yes_ratio']:.3f}")
-    if "mme" in results:
-        m = results["mme"]
-        missing = f"  (sub-tasks missing: {', '.join(m['missing'])})" if m["missing"] else ""
-        rows.append(f"MME score: perception {m['perception']:.2f}  cognition {m['cognition']:.2f}  "
-                    f"total {m['total']:.2f}{missing}")
-    return "\n".join(rows)
-
-
-
-
 # -----------------------------------------------------------------------------
 # Command line: one function per mode; a mistake in the files or flags is one line, without a traceback
 
@@ -347,20 +217,11 @@ def run_dtype(args) -> torch.dtype | None:
     return torch.bfloat16 if args.bf16 else None
 
 
-def not_a_checkpoint(path: str):
-    """One line when a directory given as CHECKPOINT holds no checkpoint (an out-dir, say), naming those under it."""
-    if not os.path.isdir(path) or os.path.isfile(os.path.join(path, "config.json")):
-        return
-    found = sorted(os.path.relpath(d, path) for d, _, files in os.walk(path) if "config.json" in files
-                   and any(f in files for f in WEIGHT_FILES) and os.sep + "checkpoints" + os.sep not in d + os.sep)
-    raise InputError(f"{path} is not a checkpoint (no config.json)" +
-                     (f"; checkpoints under it: {', '.join(found[:8])}" if found else ""))
-
-
 def shapes_main(args) -> dict:
     test_file, folder = args.test_file, args.image_folder
     if not test_file:  # the shapes test set beside the demo run that made the checkpoint
-        not_a_checkpoint(args.checkpoint)
+        if why := why_not_a_checkpoint(args.checkpoint):
+            raise InputError(why)
         folder = folder or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "shapes")
         test_file = os.path.join(folder, "test.jsonl")
         if not os.path.isfile(test_file):
@@ -394,88 +255,26 @@ def question_file_main(args) -> list[dict]:
     return answers
 
 
-def export_main(args) -> str:
-    """The checkpoint (any format load_checkpoint reads) as a llava-hf directory."""
-    out = args.export_llava_hf
-    if os.path.isdir(out) and os.path.isdir(args.checkpoint) and os.path.samefile(out, args.checkpoint):
-        raise InputError(f"--export-llava-hf {out}: that is the checkpoint being read; give another directory")
-    if os.path.isdir(out) and os.listdir(out) and not args.overwrite:
-        raise InputError(f"--export-llava-hf {out}: the directory is not empty; give a new or empty one, or add "
-                         "--overwrite to write into it")
-    try:
-        model, tokenizer, image_processor = load_checkpoint(args.checkpoint)
-    except ValueError as e:  # not a checkpoint: the reason, in one line
-        raise InputError(str(e)) from None
-    try:
-        out = export_llava_hf(model, tokenizer, image_processor, args.export_llava_hf)
-    except ValueError as e:  # where llava-hf would compute something else: the reason, no directory
-        raise InputError(f"{args.checkpoint}: {e}") from None
-    print(f"wrote a LlavaForConditionalGeneration directory to {out} (transformers, vLLM and lmms-eval load it)")
-    return out
-
-
-def visualize_pool(checkpoint_or_model, image_path: str, out_png: str | None = None, tokenizer=None,
-                   image_processor=None, template: str | None = None, seed: int = 0, device: str | None = None,
-                   panel: int = 384, assignment: str = "hungarian", dtype: torch.dtype | None = None):
-    """Draw, for one image, the pool row step 3's matching gives each visual token (all N at once)
-    and the per-patch reconstruction error of a stage-1.5 forward (replacement drawn with a fixed
-    torch.Generator seeded with `seed`, as in training). Writes out_png if given; returns the PIL image.
-
-    checkpoint_or_model: a checkpoint directory, or a VictorModel (then give tokenizer and
-    image_processor; template defaults to "auto" for stage 1.5). assignment: "hungarian" (one-to-one,
-    as in training: every patch of the image gets a distinct row) or "nearest" (each token's nearest
-    row, so similar regions can share a row and a colour). dtype: as eval.answer_items' (a checkpoint only).
-    """
-    if assignment not in ("hungarian", "nearest"):
-        raise ValueError(f"assignment must be 'hungarian' or 'nearest', got {assignment!r}")
-    if isinstance(checkpoint_or_model, str):
-        model, tok, proc = load_model(checkpoint_or_model, default_device(device), dtype)
-        tokenizer, image_processor = tokenizer or tok, image_processor or proc
-        trained = read_config_json(checkpoint_or_model).get("train_config", {})
-        template, stage = template or trained.get("template", "auto"), trained.get("stage", "1.5")
-        name = os.path.basename(os.path.normpath(checkpoint_or_model))
-    else:
-        if tokenizer is None or image_processor is None:
-            raise ValueError("visualize_pool(model, ...) needs tokenizer= and image_processor=")
-        model, template, stage, name = checkpoint_or_model, template or "auto", "1.5", "model"
-    device = next(model.parameters()).device
-    template = D.resolve_template(template, tokenizer, stage="1.5" if stage == "1" else stage)
-    image = D.load_image(image_path)
-    pixel_values = D.preprocess_images([image], image_processor).to(device)
-    messages = [{"role": "user", "content": f"{D.IMAGE_PLACEHOLDER}\n{D.DETAIL_PROMPT}"}]
+def visualize_main(args) -> str:
+    """--visualize: what the pool learned, from the training's own stage-1.5 forward (engineering/pictures.py):
+    over a folder's images, the patches each often-used pool row replaced; on one image, the tokens replaced and
+    how well each was reconstructed. A pool that never trained is refused: its rows are the random ones."""
+    paths = P.image_paths(args.visualize, args.limit or 64)
+    P.check_pool_trained(args.checkpoint)
+    model, tokenizer, image_processor = load_model(args.checkpoint, default_device(args.device), run_dtype(args))
+    trained = read_config_json(args.checkpoint).get("train_config", {})
+    template = D.resolve_template(trained.get("template", "auto"), tokenizer, stage="1.5")
+    messages = [{"role": "user", "content": f"{D.IMAGE_PLACEHOLDER}\n{D.DETAIL_PROMPT}"}]  # stage 1.5's prompt
     ids, _ = D.tokenize_conversation(messages, tokenizer, template, model.num_image_tokens,
                                      image_token_id=model.cfg.image_token_id)
-    rows, errors, replaced, assignment = P.pool_rows_and_errors(model, torch.tensor([ids], device=device), pixel_values,
-                                                              seed, assignment)
-    fill = tuple(int(255 * m) for m in image_processor.image_mean)
-    title = (f"checkpoint {name} (stage {stage}): {os.path.basename(image_path)}, "
-             f"pool {model.token_pool.shape[0]} rows, {assignment} match, replacement seed {seed}")
-    picture = P.draw_pool_picture(D.expand_to_square(image, fill), rows, errors, replaced, panel=panel, title=title)
-    if out_png:
-        os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
-        picture.save(out_png)
-    return picture
+    folder = os.path.isdir(args.visualize)
+    stem = "vocabulary" if folder else os.path.splitext(os.path.basename(args.visualize))[0]
+    out = args.out_png or os.path.join(args.checkpoint, f"pool_{stem}.png")
 
-
-def pictures_main(args) -> str:
-    """--visualize / --curves: a PNG instead of an evaluation."""
-    if args.visualize:
-        stem = os.path.splitext(os.path.basename(args.visualize))[0]
-        out = args.out_png or os.path.join(args.checkpoint, f"pool_{stem}.png")
-        picture = visualize_pool(args.checkpoint, args.visualize, out, seed=args.seed, device=args.device,
-                                 assignment=args.pool_assign, dtype=run_dtype(args))
-    else:
-        out = args.out_png or os.path.join(os.path.dirname(args.curves[0]), "curves.png")  # as given, like --visualize
-        for path in args.curves:
-            if not os.path.isfile(path):
-                raise InputError(f"--curves {path}: " + ("a directory; give a metrics.jsonl file (a stage's "
-                                 "OUT/metrics.jsonl)" if os.path.isdir(path) else "no such file; give a "
-                                 "metrics.jsonl file (a stage's OUT/metrics.jsonl)"))
-        try:
-            series = read_curves(args.curves)
-        except ValueError as e:  # a file that is not a metrics.jsonl (read_curves raises nothing else)
-            raise InputError(str(e)) from None
-        picture = draw_curves(series, "training curves: " + ", ".join(args.curves), out)
+    def load(some: list[str]):  # the images as training prepares them
+        return D.preprocess_images([D.load_image(p) for p in some], image_processor)
+    name = f"{os.path.basename(os.path.normpath(args.checkpoint))} (stage {trained.get('stage', '?')})"
+    picture = P.draw_checkpoint(model, ids, paths, load, image_processor, args.seed, out, name, folder)
     print(f"wrote {out} ({picture.size[0]}x{picture.size[1]})")
     return out
 
@@ -537,9 +336,7 @@ ASK_INTERACTIVELY = ""  # --ask without a question
 EVAL_FLAGS = {"image_folder", "batch_size", "limit", "max_new_tokens", "bf16"}
 MODES = {
     "ask": ("ask", ask_main, {"ask", "image", "max_new_tokens", "temperature", "top_p", "seed"}),
-    "export": ("export_llava_hf", export_main, {"export_llava_hf", "overwrite"}),
-    "visualize": ("visualize", pictures_main, {"visualize", "out_png", "seed", "pool_assign", "bf16"}),
-    "curves": ("curves", pictures_main, {"curves", "out_png"}),
+    "visualize": ("visualize", visualize_main, {"visualize", "out_png", "seed", "limit", "bf16"}),
     "question file": ("question_file", question_file_main, {"question_file", "answers_file", *EVAL_FLAGS}),
     "bench": ("bench", bench_main, {"bench", "out", *EVAL_FLAGS}),
     "shapes test set": (None, shapes_main, {"test_file", "out", *EVAL_FLAGS}),
@@ -571,18 +368,18 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--image-folder", default="")
     ap.add_argument("--out", default="", help="results JSON (default: CHECKPOINT/eval.json)")
     ap.add_argument("--batch-size", type=int, default=32, help=f"questions per batch ({RANGES['batch_size']})")
-    ap.add_argument("--limit", type=int, default=0, help=f"the first N questions only; 0: all ({RANGES['limit']})")
+    ap.add_argument("--limit", type=int, default=0, help=f"the first N questions only; 0: all; --visualize FOLDER: "
+                                                             f"the first N images, 0: 64 ({RANGES['limit']})")
     ap.add_argument("--device", default=None)
     ap.add_argument("--bf16", action="store_true",
                     help="the model's weights and computation in bfloat16 (half the memory; default: float32)")
-    ap.add_argument("--visualize", default="", metavar="IMAGE", help="pool rows and reconstruction error of IMAGE")
-    ap.add_argument("--curves", nargs="+", default=None, metavar="METRICS_JSONL", help="plot training curves")
-    ap.add_argument("--out-png", default="", help="PNG path for --visualize / --curves")
+    ap.add_argument("--visualize", default="", metavar="IMAGE_OR_FOLDER",
+                    help="a folder: the patches each pool row replaced (its first --limit images, default 64); "
+                         "an image: its replaced tokens and their reconstruction")
+    ap.add_argument("--out-png", default="", help="the PNG --visualize writes (default: CHECKPOINT/pool_NAME.png)")
     ap.add_argument("--seed", type=int, default=0,
                     help=f"replacement seed for --visualize; sampling seed for --ask with --temperature > 0 "
                          f"({RANGES['seed']})")
-    ap.add_argument("--pool-assign", choices=("hungarian", "nearest"), default="hungarian",
-                    help="--visualize: one-to-one matching of all tokens, or each token's nearest pool row")
     ap.add_argument("--bench", default="", help="a VLMEvalKit TSV (multiple choice or yes/no): MMStar, POPE...")
     ap.add_argument("--question-file", default="", help="LLaVA question JSONL {question_id, image, text}")
     ap.add_argument("--answers-file", default="", help="with --question-file: the LLaVA answers JSONL to write")
@@ -595,10 +392,6 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"--ask: 0 answers greedily, > 0 samples ({RANGES['temperature']})")
     ap.add_argument("--top-p", type=float, default=1.0,
                     help=f"--ask with --temperature > 0: nucleus sampling ({RANGES['top_p']})")
-    ap.add_argument("--export-llava-hf", default="", metavar="OUT",
-                    help="write CHECKPOINT as a transformers LlavaForConditionalGeneration directory, no evaluation")
-    ap.add_argument("--overwrite", action="store_true",
-                    help="--export-llava-hf: write into a directory that is not empty (never the checkpoint read)")
     return ap
 
 
@@ -610,7 +403,7 @@ def main(argv=None):
         raise SystemExit(f"error: {problem}")
     mode = refuse_unused_flags(ap, args)
     try:
-        if mode != "curves" and not os.path.isdir(args.checkpoint):
+        if not os.path.isdir(args.checkpoint):
             raise InputError(f"{args.checkpoint}: no such checkpoint directory (run `python train.py` first)")
         return MODES[mode][1](args)
     except (InputError, D.SampleError, FileNotFoundError) as e:  # the user's to fix (SampleError: an image)

@@ -7,15 +7,18 @@ The files eval.py evaluates, read into items, and the scores particular to a ben
     python eval.py CKPT --question-file q.jsonl --image-folder imgs --answers-file a.jsonl  # read_question_file
 
 Readers turn each format into items (LLaVA prompt records plus what scoring needs); eval.py answers them
-and scores them by kind (eval.score), calling here for POPE's precision/recall/F1, MMBench's circular
-accuracy and MME's perception/cognition score. File formats and leaderboard rules, not the method: a
-reader of the method may skip this file.
+and score scores them by kind: the answer a free text gives (extract_answer), accuracy per group beside
+chance, POPE's precision/recall/F1, MMBench's circular accuracy and MME's perception/cognition score; then
+the table printed (format_table). File formats and leaderboard rules, not the method: a reader of the method
+may skip this file.
 """
 from __future__ import annotations
 
 import base64
 import csv
 import os
+import re
+import secrets
 import sys
 from collections import defaultdict
 
@@ -247,3 +250,124 @@ def mme_scores(items: list[dict], predictions: list[dict]) -> dict | None:
     cognition = sum(per_task[t]["score"] for t in MME_COGNITION if t in per_task)
     return {"perception": perception, "cognition": cognition, "total": perception + cognition,
             "per_subtask": per_task, "missing": [t for t in MME_PERCEPTION + MME_COGNITION if t not in per_task]}
+
+
+# -----------------------------------------------------------------------------
+# Scoring by kind: multiple choice and yes/no -> accuracies (+ POPE, MMBench circular, MME: above);
+# open answers -> LLaVA's answers file (eval.answer_question_file)
+
+
+def chance_of(item: dict) -> float:
+    return 1.0 / len(item["options"]) if item.get("options") else 0.5
+
+
+def _grouped(items: list[dict], predictions: list[dict], key: str, chance: bool) -> dict:
+    groups = defaultdict(list)
+    for it, p in zip(items, predictions):
+        if key in it:
+            groups[it[key]].append((p["correct"], chance_of(it)))
+    return {k: {"accuracy": mean(c for c, _ in v), **({"chance": mean(h for _, h in v)} if chance else {}),
+                "n": len(v)} for k, v in sorted(groups.items())}
+
+
+def score(items: list[dict], outputs: dict, group: str, fields: tuple[str, ...], chance: bool = False) -> dict:
+    """Multiple-choice and yes/no items: each prediction (with the item's `fields`), accuracy overall,
+    per `group` and per l2-category (beside chance if asked); POPE's metrics over the yes/no items;
+    MMBench's circular accuracy and MME's score where the file calls for them."""
+    predictions = []
+    for it in items:
+        out = outputs[it["id"]]
+        pred = extract_answer(out, it["options"])
+        truth = extract_answer(it["answer"], it["options"])  # a letter, an option's text, or yes/no
+        predictions.append({**{k: it[k] for k in fields if k in it}, "output": out, "prediction": pred,
+                            "answer": it["answer"], "correct": pred != "" and pred == truth})
+    results = {"num_questions": len(items), "accuracy": mean(p["correct"] for p in predictions)}
+    if chance:
+        results["chance"] = mean(map(chance_of, items))
+    results[f"per_{group}"] = _grouped(items, predictions, group, chance)
+    if any("l2-category" in it for it in items):
+        results["per_l2_category"] = _grouped(items, predictions, "l2-category", chance)
+    yes_no = [(it, p) for it, p in zip(items, predictions) if it["kind"] == "yes_no"]
+    if yes_no:
+        results["pope"] = pope_metrics([p["prediction"] for _, p in yes_no],
+                                       [extract_yes_no(it["answer"]) for it, _ in yes_no])
+    kinds = {it["kind"] for it in items}
+    if kinds == {"multiple_choice"} and (circular := circular_accuracy(predictions)):
+        results["circular"] = circular
+    if kinds == {"yes_no"} and (mme := mme_scores(items, predictions)):
+        results["mme"] = mme
+    results["predictions"] = predictions
+    return results
+
+
+# -----------------------------------------------------------------------------
+# Reading a question and a free answer, and the results as printed
+
+
+def words_outside_vocabulary(tokenizer, text: str) -> list[str]:
+    """The pieces of text that the tokenizer can only read as its unknown token (a word-level vocabulary,
+    like the shapes world's; a byte-level BPE has none)."""
+    if tokenizer.unk_token_id is None:
+        return []
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return list(dict.fromkeys(text[a:b] for t, (a, b) in zip(enc["input_ids"], enc["offset_mapping"])
+                              if t == tokenizer.unk_token_id))
+
+
+def extract_yes_no(text: str) -> str:
+    """yes / no from a free answer ("Yes, there is" -> yes, "There is not" -> no), "" when neither."""
+    words = re.findall(r"[a-z]+", text.lower())
+    if words and words[0] in ("yes", "no"):
+        return words[0]
+    if "no" in words or "not" in words:
+        return "no"
+    return "yes" if "yes" in words else ""
+
+
+def extract_answer(text: str, options: list[str] | None) -> str:
+    """The model's answer: an option letter for multiple choice, else yes/no (extract_yes_no)."""
+    text = text.strip()
+    if not options:
+        return extract_yes_no(text)
+    letters = OPTION_LETTERS[:len(options)]
+    m = re.match(rf"^\(?([{letters}])\b", text)  # "B", "(B)", "B. text", "B)"
+    if m:
+        return m.group(1)
+    # "The answer is B", "Answer: (B)", "the correct option is B."
+    m = re.search(rf"(?i:answer|option|choice)\W{{0,3}}(?:(?i:is)\W{{1,3}})?\(?([{letters}])\b", text)
+    if m:
+        return m.group(1)
+    for letter, opt in zip(letters, options):  # the option's text alone
+        if text.lower().rstrip(" .") == opt.lower():
+            return letter
+    return ""
+
+
+def short_uuid() -> str:
+    """A random id like shortuuid's (22 characters of base 57), as in LLaVA's answer files."""
+    return "".join(secrets.choice("23456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz") for _ in range(22))
+
+
+def format_table(results: dict) -> str:
+    """The results as printed: accuracy per type or category (beside chance where known), overall,
+    then the leaderboards' scores."""
+    def row(name, t):
+        return f"{name[:28]:<28} {t['n']:>6} {t['accuracy']:>9.3f}" + (f" {t['chance']:>7.3f}" if "chance" in t else "")
+
+    group = "type" if "per_type" in results else "category"
+    rows = [f"{group:<28} {'n':>6} {'accuracy':>9}" + (f" {'chance':>7}" if "chance" in results else "")]
+    rows += [row(k, t) for k, t in results[f"per_{group}"].items()]
+    rows += [row("l2: " + k, t) for k, t in results.get("per_l2_category", {}).items()]
+    rows.append(row("overall", {**results, "n": results["num_questions"]}))
+    if "circular" in results:
+        rows.append(row("circular (MMBench)", results["circular"]))
+    if results.get("pope", {}).get("n"):
+        m = results["pope"]
+        rows.append(f"yes/no (n={m['n']}): accuracy {m['accuracy']:.3f}  precision {m['precision']:.3f}  "
+                    f"recall {m['recall']:.3f}  F1 {m['f1']:.3f}  yes-ratio {m['yes_ratio']:.3f}")
+    if "mme" in results:
+        m = results["mme"]
+        missing = f"  (sub-tasks missing: {', '.join(m['missing'])})" if m["missing"] else ""
+        rows.append(f"MME score: perception {m['perception']:.2f}  cognition {m['cognition']:.2f}  "
+                    f"total {m['total']:.2f}{missing}")
+    return "\n".join(rows)

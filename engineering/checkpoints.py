@@ -767,3 +767,29 @@ def build_model(cfg: TrainConfig, stage: str, settings: dict | None = None):
               f"stage 1.5 runs with sdpa")
         model.llm.set_attn_implementation("sdpa")
     return model, tokenizer, image_processor
+
+
+# -----------------------------------------------------------------------------
+# What eval.py checks before it loads a model
+
+
+def why_not_a_checkpoint(path: str) -> str | None:
+    """Why a directory given as CHECKPOINT holds no checkpoint (an out-dir, say), naming those under it; or None."""
+    if not os.path.isdir(path) or os.path.isfile(os.path.join(path, "config.json")):
+        return None
+    found = sorted(os.path.relpath(d, path) for d, _, files in os.walk(path) if "config.json" in files
+                   and any(f in files for f in WEIGHT_FILES) and os.sep + "checkpoints" + os.sep not in d + os.sep)
+    return f"{path} is not a checkpoint (no config.json)" + (f"; checkpoints under it: {', '.join(found[:8])}"
+                                                             if found else "")
+
+
+def why_it_cannot_answer(checkpoint: str) -> str | None:
+    """Why a checkpoint cannot answer questions, or None: a stage-1 checkpoint holds a projector alone
+    (victor's saved_parts "projector", LLaVA's mm_projector.bin without the model's weights), and its
+    LLM was never taught to take an image and a question."""
+    if read_config_json(checkpoint).get("saved_parts") == "projector" or (
+            os.path.isfile(os.path.join(checkpoint, "mm_projector.bin"))
+            and not any(os.path.isfile(os.path.join(checkpoint, n)) for n in WEIGHT_FILES)):
+        return (f"{checkpoint} is a stage-1 checkpoint (a projector alone, trained to caption): it cannot "
+                f"answer questions; ask a stage-1.5 or stage-2 checkpoint")
+    return None

@@ -184,7 +184,7 @@ def test_generate_bf16(how):
 
 def test_eval_bf16(base, tmp_path, capsys):
     """eval.py --bf16: the shapes test set with the model in bfloat16 (its weights), answered and scored as in
-    float32; --visualize --bf16 draws its picture; --export-llava-hf refuses --bf16 (no effect there)."""
+    float32; --visualize --bf16 draws its picture; a mode without a model refuses --bf16 (no effect there)."""
     test_file = os.path.join(base.shapes, "test.jsonl")
     seen = []
     load = E.load_model
@@ -211,5 +211,5 @@ def test_eval_bf16(base, tmp_path, capsys):
     assert results["bf16"]["num_questions"] == results["fp32"]["num_questions"] == 8
     assert png.stat().st_size > 0
     with pytest.raises(SystemExit):
-        E.main([base.init, "--export-llava-hf", str(tmp_path / "hf"), "--bf16"])
-    assert "--bf16: no effect with --export" in capsys.readouterr().err
+        E.main([base.init, "--image", image, "--ask", "what ?", "--bf16"])
+    assert "--bf16: no effect with --ask" in capsys.readouterr().err

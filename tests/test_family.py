@@ -7,6 +7,7 @@ recon_image_ratio), the captions control (replace_ratio=0, recon_weight=0), over
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from test_victor import make_batch, reference_visual_tokens, sharpen, smooth_l1_by_hand, stage15
 
 import train as T
@@ -14,7 +15,6 @@ import victor as V
 from conftest import save_base_models, tiny_config, tiny_model
 from engineering import checkpoints as CK
 from engineering import config as CF
-from engineering import pictures as P
 from victor import (
     IGNORE_INDEX,
     IMAGE_TOKEN_ID,
@@ -185,7 +185,8 @@ def token_errors(model, batch, stage="1.5"):
     with torch.no_grad(), CaptureHidden(model) as cap:
         out = model(ids, mask, labels=labels, pixel_values=pixels, stage=stage,
                     generator=torch.Generator().manual_seed(7))
-    out.token_errors = P.token_errors(out, model.cfg.recon_beta) if out.recon_target is not None else None
+    out.token_errors = None if out.recon_target is None else F.smooth_l1_loss(  # step 6's loss token by token
+        out.recon_predicted, out.recon_target, beta=model.cfg.recon_beta, reduction="none").mean(-1)
     return out, cap.hidden[0], cap.masks[0]
 
 
@@ -543,10 +544,10 @@ def test_check_knobs_notes_pool_lr_outside_stage15(capsys):
 
 @pytest.mark.parametrize("argv, named", [
     (["ckpt", "--seed", "3"], "--seed"),  # replacement seed of --visualize, not of the test set
-    (["ckpt", "--pool-assign", "nearest"], "--pool-assign"),
+    (["ckpt", "--image", "im.png", "--ask", "q", "--limit", "5"], "--limit"),
     (["ckpt", "--bench", "x.tsv", "--answers-file", "a.jsonl"], "--answers-file"),
     (["ckpt", "--bench", "x.tsv", "--test-file", "t.jsonl"], "--test-file"),
-    (["--curves", "m.jsonl", "--limit", "5"], "--limit"),
+    (["ckpt", "--visualize", "im.png", "--out", "x.json"], "--out"),
     (["ckpt", "--visualize", "im.png", "--batch-size", "4"], "--batch-size"),
 ])
 def test_eval_refuses_flags_without_effect(argv, named, capsys):

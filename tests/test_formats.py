@@ -26,6 +26,7 @@ import train as T
 from conftest import tiny_config, tiny_model
 from engineering import checkpoints as CK
 from engineering import memory_plan as MP
+from scripts import export_llava_hf
 from victor import IMAGE_TOKEN_ID, VictorModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -472,12 +473,12 @@ def test_export_siglip_keeps_every_token_and_resizes_without_crop(tmp_path, shap
 def test_export_from_the_command_line_and_refusals(tmp_path, shapes_tokenizer, tiny_image_processor, capsys):
     model = source_model(normalize_visual_tokens=False)
     CK.save_checkpoint(model, str(tmp_path / "ck"), shapes_tokenizer, tiny_image_processor)
-    E.main([str(tmp_path / "ck"), "--export-llava-hf", str(tmp_path / "hf")])
+    export_llava_hf.main([str(tmp_path / "ck"), str(tmp_path / "hf")])
     assert "wrote a LlavaForConditionalGeneration directory" in capsys.readouterr().out
     assert json.load(open(tmp_path / "hf" / "config.json"))["architectures"] == ["LlavaForConditionalGeneration"]
     CK.save_checkpoint(tiny_model(), str(tmp_path / "normalised"), shapes_tokenizer, tiny_image_processor)
     with pytest.raises(SystemExit, match="L2-normalises its visual tokens"):
-        E.main([str(tmp_path / "normalised"), "--export-llava-hf", str(tmp_path / "x")])
+        export_llava_hf.main([str(tmp_path / "normalised"), str(tmp_path / "x")])
     assert not os.path.exists(tmp_path / "x")
     for overrides, match in [({"vision_feature_downsample": 2}, "vision_feature_downsample=2"),
                              ({"projector_type": "linear"}, "projector_type='linear'")]:

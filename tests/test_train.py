@@ -22,6 +22,7 @@ import eval as E
 import forked
 import train as T
 from conftest import MAIN, cli_flags, crash_while_saving_then_resume, read_metrics, subprocess_env
+from engineering import benchmarks as B
 from engineering import config as CF
 from engineering import distributed as DI
 from engineering import flags as FL
@@ -352,7 +353,7 @@ def test_eval_end_to_end(all_stages, tmp_path):
     ("", None, ""),
 ])
 def test_extract_answer(text, options, want):
-    assert E.extract_answer(text, options) == want
+    assert B.extract_answer(text, options) == want
 
 
 # -----------------------------------------------------------------------------

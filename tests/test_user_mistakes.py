@@ -7,6 +7,7 @@ import pytest
 
 import eval as E
 import train as T
+from scripts import export_llava_hf
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -75,21 +76,32 @@ def test_a_mistyped_init_is_named(tmp_path):
                "out_dir": str(tmp_path / "out")})
 
 
-def test_export_never_writes_into_the_checkpoint_nor_a_full_directory(tmp_path):
+def export_error(argv) -> str:
+    """scripts/export_llava_hf.py's one line for a mistake."""
+    with pytest.raises(SystemExit) as stop:
+        export_llava_hf.main(argv)
+    return str(stop.value.code)
+
+
+def test_export_never_writes_into_the_checkpoint_nor_a_full_directory(tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     (ckpt / "config.json").write_text("{}")
-    assert eval_error([str(ckpt), "--export-llava-hf", str(ckpt)]).endswith(
-        f"--export-llava-hf {ckpt}: that is the checkpoint being read; give another directory")
+    assert export_error([str(ckpt), str(ckpt)]) == (
+        f"error: {ckpt}: that is the checkpoint being read; give another directory")
     full = tmp_path / "full"
     full.mkdir()
     (full / "keep.txt").write_text("mine")
-    assert eval_error([str(ckpt), "--export-llava-hf", str(full)]).endswith(
-        f"--export-llava-hf {full}: the directory is not empty; give a new or empty one, or add --overwrite to "
-        "write into it")
+    assert export_error([str(ckpt), str(full)]) == (
+        f"error: {full}: the directory is not empty; give a new or empty one, or add --overwrite to write into it")
     assert (full / "keep.txt").read_text() == "mine" and (ckpt / "config.json").read_text() == "{}"
-    # --overwrite goes on to read the checkpoint (here not a real one)
-    assert "not empty" not in eval_error([str(ckpt), "--export-llava-hf", str(full), "--overwrite"])
+    # --overwrite goes on to read the checkpoint (here not a real one): still one line
+    said = export_error([str(ckpt), str(full), "--overwrite"])
+    assert said.startswith("error: ") and "not empty" not in said and "\n" not in said
+    assert export_error([str(tmp_path / "nowhere"), str(full)]) == (
+        f"error: {tmp_path / 'nowhere'}: no such checkpoint directory (run `python train.py` first)")
+    assert export_error([str(ckpt)]) == "2"  # a usage mistake (no OUT): argparse's exit 2
+    assert "the following arguments are required: out" in capsys.readouterr().err
 
 
 def test_an_out_dir_is_not_a_checkpoint_and_the_ones_under_it_are_named(tmp_path):
@@ -114,9 +126,8 @@ def test_a_partial_evaluation_never_replaces_the_full_ones_file(monkeypatch, tmp
 
 
 @pytest.mark.parametrize("flag, make, said", [
-    ("--curves", "dir", "a directory; give a metrics.jsonl file (a stage's OUT/metrics.jsonl)"),
-    ("--curves", None, "no such file; give a metrics.jsonl file (a stage's OUT/metrics.jsonl)"),
     ("--bench", None, "no such file; give a VLMEvalKit TSV"),
+    ("--visualize", None, "no such image or folder"),
 ])
 def test_a_missing_or_wrong_input_file_is_one_line(flag, make, said, tmp_path):
     path = tmp_path / "x"
