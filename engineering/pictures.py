@@ -233,7 +233,7 @@ def draw_tokens(image: np.ndarray, replaced: np.ndarray, rows: np.ndarray, cosin
     width, height = TOKENS_SIZE
     fig = _figure(width, height)
     fig.suptitle(textwrap.fill(title, 130), fontsize=11, y=0.99, va="top")
-    left, right = fig.add_axes((0.02, 0.08, 0.42, 0.8)), fig.add_axes((0.47, 0.08, 0.42, 0.8))
+    left, right = fig.add_axes((0.02, 0.07, 0.42, 0.78)), fig.add_axes((0.47, 0.07, 0.42, 0.78))
     extent = (0, grid, grid, 0)  # one unit per patch
     for ax in (left, right):
         ax.imshow(image, extent=extent, interpolation="nearest")
@@ -256,7 +256,7 @@ def draw_tokens(image: np.ndarray, replaced: np.ndarray, rows: np.ndarray, cosin
     right.set_title("reconstruction: cosine of step 6's prediction to its target", fontsize=10)
     right.set_xlabel(f"mean cosine: replaced {mean_rep:.3f}, kept {mean_kept:.3f}" if np.isfinite(cos).any()
                      else "this model does not reconstruct (recon_weight 0)", fontsize=10)
-    fig.colorbar(heat, cax=fig.add_axes((0.91, 0.08, 0.02, 0.8)), label="cosine")
+    fig.colorbar(heat, cax=fig.add_axes((0.91, 0.07, 0.02, 0.78)), label="cosine")
     return _picture(fig, out_png)
 
 
