@@ -276,8 +276,8 @@ def visualize_main(args) -> str:
     def load(some: list[str]):  # the images as training prepares them
         return D.preprocess_images([D.load_image(p) for p in some], image_processor)
     name = f"{os.path.basename(os.path.normpath(args.checkpoint))} (stage {trained.get('stage', '?')})"
-    if str(trained.get("stage")) == "2" and not folder:  # stage 2 has no step 6: its LLM moved on, its head did not
-        name += " [stage 2 trains no reconstruction: its head is stage 1.5's; draw stage 1.5's checkpoint for it]"
+    if str(trained.get("stage")) == "2":  # stage 2 has no step 6: its LLM moved on, its head did not
+        name += " [stage 2 trains no reconstruction: its head (cos) is stage 1.5's; draw stage 1.5's checkpoint]"
     picture = P.draw_checkpoint(model, ids, paths, load, image_processor, args.seed, out, name, folder)
     print(f"wrote {out} ({picture.size[0]}x{picture.size[1]})")
     return out

@@ -101,6 +101,8 @@ def test_the_vocabulary_counts_are_the_forwards_own(tiny_image_processor):
         for patch, row in zip(replaced[image].nonzero().flatten().tolist(), rows[image].tolist()):
             assert (image, patch) in vocab["examples"][row]
     assert sum(map(len, vocab["examples"].values())) == int(replaced.sum()) == 6 * 12
+    used = vocab["uses"] > 0
+    assert np.isfinite(vocab["row_cosine"][used]).all() and np.isnan(vocab["row_cosine"][~used]).all()
     pic = P.draw_vocabulary(vocab, "t")
     assert pic.size == P.VOCABULARY_SIZE
 
