@@ -12,7 +12,8 @@ Evaluate a victor checkpoint (victor's own, the original LLaVA code's or llava-h
     python eval.py CKPT --image IMAGE.png --ask      # a conversation about the image, until an empty line
 
 Every evaluation takes one path: a reader (benchmarks.py) turns its file into items (prompt records plus what
-scoring needs), generate_answers answers them, and score (or the answers file) takes each item by its kind.
+scoring needs), generate_answers answers them, and benchmarks.score (or the answers file) takes each item by
+its kind.
 The pictures (--visualize) are drawn in engineering/pictures.py. Not evaluation, so elsewhere:
 scripts/export_llava_hf.py (a llava-hf directory) and scripts/plot_curves.py (training curves).
 """
@@ -259,6 +260,8 @@ def visualize_main(args) -> str:
     """--visualize: what the pool learned, from the training's own stage-1.5 forward (engineering/pictures.py):
     over a folder's images, the patches each often-used pool row replaced; on one image, the tokens replaced and
     how well each was reconstructed. A pool that never trained is refused: its rows are the random ones."""
+    if args.limit and os.path.isfile(args.visualize):
+        raise InputError("--limit: no effect with --visualize IMAGE (it counts the images of a folder)")
     paths = P.image_paths(args.visualize, args.limit or 64)
     P.check_pool_trained(args.checkpoint)
     model, tokenizer, image_processor = load_model(args.checkpoint, default_device(args.device), run_dtype(args))
@@ -274,6 +277,8 @@ def visualize_main(args) -> str:
     def load(some: list[str]):  # the images as training prepares them
         return D.preprocess_images([D.load_image(p) for p in some], image_processor)
     name = f"{os.path.basename(os.path.normpath(args.checkpoint))} (stage {trained.get('stage', '?')})"
+    if str(trained.get("stage")) == "2":  # stage 2 has no step 6: its LLM moved on, its head did not
+        name += " [stage 2 trains no reconstruction: its head (cos) is stage 1.5's; draw stage 1.5's checkpoint]"
     picture = P.draw_checkpoint(model, ids, paths, load, image_processor, args.seed, out, name, folder)
     print(f"wrote {out} ({picture.size[0]}x{picture.size[1]})")
     return out

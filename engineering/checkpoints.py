@@ -7,7 +7,7 @@ ViCToR's release: mm_projector.bin, or a whole LlavaLlamaForCausalLM / LlavaQwen
 and transformers' LlavaForConditionalGeneration (llava-hf). Out: llava-hf, for transformers, vLLM and
 lmms-eval.
 
-    python eval.py CKPT --export-llava-hf OUT        # victor -> llava-hf
+    python scripts/export_llava_hf.py CKPT OUT       # victor -> llava-hf
     python eval.py path/to/llava-v1.5-7b             # any format in: load_checkpoint reads it
 """
 from __future__ import annotations

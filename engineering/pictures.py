@@ -129,24 +129,32 @@ def patch_grid(num_tokens: int) -> int:
 
 def pool_vocabulary(model, input_ids: torch.Tensor, pixel_batches, image_processor, seed: int = 0) -> dict:
     """Over images (pixel_batches: [b, 3, H, W] tensors), which patches each pool row replaced in the
-    training's forward: uses [P] (how often each row was matched), examples {row: [(image, patch), ...]} in
-    image order, images (as seen), and the forward's replaced/rows per image."""
+    training's forward: uses [P] (how often each row was matched), row_cosine [P] (the mean reconstruction
+    cosine of the tokens it replaced; NaN where unused or not reconstructed), examples {row: [(image, patch),
+    ...]} in image order, images (as seen), and the forward's replaced/rows per image."""
     if not model.replaces_tokens:
         raise InputError("this model replaces no visual tokens in stage 1.5 (VDEP, or replace_ratio 0): its pool "
                          "is never used; give one image to see its reconstruction")
     generator = torch.Generator(device=input_ids.device).manual_seed(seed)
-    seen, rows, replaced = [], [], []
+    seen, rows, replaced, cosine = [], [], [], []
     for pixel_values in pixel_batches:
         out = stage15_forward(model, input_ids, pixel_values, generator)
         seen.append(seen_images(pixel_values, image_processor))
         rows.append(out["rows"])
         replaced.append(out["replaced"])
-    rows, replaced = np.concatenate(rows), np.concatenate(replaced)
-    uses = np.bincount(rows[replaced], minlength=model.token_pool.shape[0])
+        cosine.append(out["cosine"])
+    rows, replaced, cosine = np.concatenate(rows), np.concatenate(replaced), np.concatenate(cosine)
+    n_rows = model.token_pool.shape[0]
+    uses = np.bincount(rows[replaced], minlength=n_rows)
+    with np.errstate(invalid="ignore", divide="ignore"):  # the mean cosine of the tokens each row replaced
+        ok = replaced & np.isfinite(cosine)
+        row_cosine = np.bincount(rows[ok], weights=cosine[ok], minlength=n_rows) / np.bincount(rows[ok],
+                                                                                               minlength=n_rows)
     examples: dict[int, list[tuple[int, int]]] = {}
     for image, patch in zip(*np.nonzero(replaced)):
         examples.setdefault(int(rows[image, patch]), []).append((int(image), int(patch)))
-    return {"uses": uses, "examples": examples, "images": np.concatenate(seen), "rows": rows, "replaced": replaced}
+    return {"uses": uses, "row_cosine": row_cosine, "examples": examples, "images": np.concatenate(seen),
+            "rows": rows, "replaced": replaced}
 
 
 # -----------------------------------------------------------------------------
@@ -187,11 +195,13 @@ def patch_crop(image: np.ndarray, patch: int, grid: int) -> np.ndarray:
 def draw_vocabulary(vocab: dict, title: str, out_png: str | None = None, rows_shown: int = 16,
                     per_row: int = 8) -> Image.Image:
     """The pool as a visual vocabulary: the rows_shown most-used rows, each with per_row of the patches it
-    replaced (the first in image order: a fair sample, not the best matches) and its use count; above, every
+    replaced (the first in image order: a fair sample, not the best matches), its use count and mean
+    reconstruction cosine (most used first; among equals, the worst reconstructed first); above, every
     row's use count, most used first. A VOCABULARY_SIZE PIL image, written to out_png if given."""
     uses, examples, images = vocab["uses"], vocab["examples"], vocab["images"]
     grid = patch_grid(vocab["rows"].shape[1])
-    top = [int(r) for r in np.argsort(-uses, kind="stable")[:rows_shown] if uses[r] > 0]
+    cos = np.nan_to_num(vocab["row_cosine"], nan=2.0)  # most used first; among equals, the worst reconstructed
+    top = [int(r) for r in np.lexsort((cos, -uses))[:rows_shown] if uses[r] > 0]
     side = 48  # each crop shown at side x side pixels
     sheet = np.full((len(top) * (side + 6), per_row * (side + 6), 3), 255, dtype=np.uint8)
     for k, row in enumerate(top):
@@ -209,14 +219,16 @@ def draw_vocabulary(vocab: dict, title: str, out_png: str | None = None, rows_sh
     bars.set_title(f"{used} of {len(uses)} rows used over {len(images)} images ({total} replaced tokens, "
                    f"{total / max(1, len(uses)):.1f} per row if spread evenly)" +
                    (f"; {every} rows were used by every image" if every else ""), fontsize=10)
-    sheet_ax = fig.add_axes((0.2, 0.02, 0.6, 0.72))
+    sheet_ax = fig.add_axes((0.2, 0.02, 0.6, 0.68))
     sheet_ax.imshow(sheet, interpolation="nearest")
     sheet_ax.set_xticks([])
     sheet_ax.set_yticks([k * (side + 6) + side / 2 + 3 for k in range(len(top))],
-                        [f"row {r}: {uses[r]}x" for r in top], fontsize=9)
+                        [f"row {r}: {uses[r]}x" + (f", cos {vocab['row_cosine'][r]:.2f}" if np.isfinite(
+                            vocab["row_cosine"][r]) else "") for r in top], fontsize=9)
     share = uses[top].sum() / max(1, total)
     sheet_ax.set_title(f"the {len(top)} most-used rows ({share:.0%} of the replacements), "
-                       f"{per_row} of the patches each replaced", fontsize=10)
+                       f"{per_row} of the patches each replaced\n(among rows used equally often, the worst "
+                       f"reconstructed first; cos: the mean cosine of step 6 on the tokens it replaced)", fontsize=10)
     for spine in sheet_ax.spines.values():
         spine.set_visible(False)
     return _picture(fig, out_png)
@@ -233,7 +245,7 @@ def draw_tokens(image: np.ndarray, replaced: np.ndarray, rows: np.ndarray, cosin
     width, height = TOKENS_SIZE
     fig = _figure(width, height)
     fig.suptitle(textwrap.fill(title, 130), fontsize=11, y=0.99, va="top")
-    left, right = fig.add_axes((0.02, 0.08, 0.42, 0.8)), fig.add_axes((0.47, 0.08, 0.42, 0.8))
+    left, right = fig.add_axes((0.02, 0.07, 0.42, 0.78)), fig.add_axes((0.47, 0.07, 0.42, 0.78))
     extent = (0, grid, grid, 0)  # one unit per patch
     for ax in (left, right):
         ax.imshow(image, extent=extent, interpolation="nearest")
@@ -256,7 +268,7 @@ def draw_tokens(image: np.ndarray, replaced: np.ndarray, rows: np.ndarray, cosin
     right.set_title("reconstruction: cosine of step 6's prediction to its target", fontsize=10)
     right.set_xlabel(f"mean cosine: replaced {mean_rep:.3f}, kept {mean_kept:.3f}" if np.isfinite(cos).any()
                      else "this model does not reconstruct (recon_weight 0)", fontsize=10)
-    fig.colorbar(heat, cax=fig.add_axes((0.91, 0.08, 0.02, 0.8)), label="cosine")
+    fig.colorbar(heat, cax=fig.add_axes((0.91, 0.07, 0.02, 0.78)), label="cosine")
     return _picture(fig, out_png)
 
 

@@ -70,6 +70,8 @@ def test_visualize_a_folder_and_an_image_on_a_tiny_trained_checkpoint(tmp_path, 
     E.main([ckpt, "--visualize", str(folder), "--limit", "3", "--device", "cpu"])
     with Image.open(tmp_path / "stage1.5" / "pool_vocabulary.png") as pic:
         assert pic.format == "PNG" and pic.size == P.VOCABULARY_SIZE
+    with pytest.raises(SystemExit, match=r"^error: --limit: no effect with --visualize IMAGE"):
+        E.main([ckpt, "--visualize", str(folder / "001.png"), "--limit", "3"])
     out = tmp_path / "one.png"
     E.main([ckpt, "--visualize", str(folder / "001.png"), "--out-png", str(out), "--device", "cpu"])
     with Image.open(out) as pic:
@@ -101,6 +103,8 @@ def test_the_vocabulary_counts_are_the_forwards_own(tiny_image_processor):
         for patch, row in zip(replaced[image].nonzero().flatten().tolist(), rows[image].tolist()):
             assert (image, patch) in vocab["examples"][row]
     assert sum(map(len, vocab["examples"].values())) == int(replaced.sum()) == 6 * 12
+    used = vocab["uses"] > 0
+    assert np.isfinite(vocab["row_cosine"][used]).all() and np.isnan(vocab["row_cosine"][~used]).all()
     pic = P.draw_vocabulary(vocab, "t")
     assert pic.size == P.VOCABULARY_SIZE
 
