@@ -16,5 +16,6 @@ One module per concern:
     reporting.py    metrics.jsonl, the progress bar (plain lines off a terminal), --report-to tensorboard / wandb
     reruns.py       the rerun rule: what the same command does with an out-dir; nothing trained is lost
     benchmarks.py   reading public benchmarks (MME, POPE, MMBench TSV) and their scores
-    pictures.py     eval.py --visualize (pool rows, reconstruction errors) and --curves
+    pictures.py     eval.py --visualize (the pool as a visual vocabulary; one image's replaced and reconstructed
+                    tokens) and scripts/plot_curves.py
 """
