@@ -85,7 +85,9 @@ def test_verdict_names_what_would_fit():
     assert verdict("llava15-vicuna7b", "1.5", 8).endswith(": fits")
     assert "fits" in verdict("siglip-qwen25-0.5b", "2", 1, gpu_gib=24)
     no_ckpt = verdict("llava15-vicuna7b", "1.5", 8, gpu_gib=24, gradient_checkpointing=False)
-    assert "--gradient-checkpointing (" in no_ckpt and "--batch-size " in no_ckpt
+    assert "--gradient-checkpointing (" in no_ckpt
+    # a smaller per-GPU batch that divides the global batch (stage 1: 256 over 8 GPUs), more accumulation
+    assert "; --batch-size 16 (" in verdict("llava15-vicuna7b", "1", 8, gpu_gib=36)
     assert "no one change does" in verdict("llava15-vicuna7b", "2", 8, gpu_gib=4)
 
 
