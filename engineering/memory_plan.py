@@ -367,7 +367,7 @@ def plan_verdict(cfg: TrainConfig, stage: str, plan: dict, gpu_bytes: float) -> 
                 "assumed"] <= gpu_bytes:
             fixes.append(f"{more} GPUs with --fsdp ({other['FSDP']['assumed'] / GIB:.1f} GiB)")
             break
-    for batch in range(cfg.batch_size - 1, 0, -1):
+    for batch in (b for b in range(cfg.batch_size - 1, 0, -1) if cfg.global_batch_size % (b * w) == 0):
         if (other := memory_plan(replace(cfg, batch_size=batch), stage, w, model=model))[mode]["assumed"] <= gpu_bytes:
             fixes.append(f"--batch-size {batch} ({other[mode]['assumed'] / GIB:.1f} GiB; more accumulation)")
             break

@@ -20,11 +20,12 @@ sys.path.insert(0, f"{MAIN}/scripts")
 import trace_step  # noqa: E402
 
 DEMO = {"global_batch_size": 64}  # a multiple of the demo's per-GPU batch (8) x 8 processes
+SHORT = 48  # tokens per sample (the demo's 16 visual tokens and 31 of text): seconds, not minutes
 
 
 @pytest.mark.parametrize("world", [2, 8])
 def test_tiny_recipe_traced_holds_the_plans_states_exactly(world):
-    result = trace_step.trace("demo", "1.5", world, "FSDP", overrides=DEMO)
+    result = trace_step.trace("demo", "1.5", world, "FSDP", seq_len=SHORT, overrides=DEMO)
     plan = MP.memory_plan(stage_config("demo", "1.5", {**DEMO, "fsdp": True, "bf16": True}), "1.5", world)
     assert result["mode"] == "FSDP" and result["world"] == world
     for part in ("params", "grads", "optimizer"):
@@ -42,7 +43,7 @@ def test_one_process_trace_holds_the_plans_states_exactly(tied):
     with open(f"{MAIN}/shapes_world/base/llm/config.json") as f:
         llm = {**json.load(f), "tie_word_embeddings": tied}
     overrides = {"model_overrides": {"llm_config": llm, "pool_size": 128}}
-    result = trace_step.trace("demo", "2", 1, overrides=overrides)
+    result = trace_step.trace("demo", "2", 1, seq_len=SHORT, overrides=overrides)
     plan = MP.memory_plan(stage_config("demo", "2", {**overrides, "bf16": True}), "2", 1)
     for part in ("params", "grads", "optimizer"):
         assert result["states"][part] == plan["DDP"]["state_parts"][part], part
@@ -50,18 +51,19 @@ def test_one_process_trace_holds_the_plans_states_exactly(tied):
 
 def run_real(tmp_path, procs, *flags):
     out = tmp_path / f"real-{procs}.json"
-    proc = forked.run(["scripts/trace_step.py", "--recipe", "demo", "--stage", "1.5", "--real", "--json", str(out),
-                       *flags], procs=procs, timeout=300)
+    proc = forked.run(["scripts/trace_step.py", "--recipe", "demo", "--stage", "1.5", "--real", "--seq-len", str(SHORT),
+                       "--json", str(out), *flags], procs=procs, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text())
 
 
 @pytest.mark.parametrize("procs", [1, 2])
 def test_fake_trace_agrees_with_the_real_step_within_10_percent(tmp_path, procs):
-    flags = ["--fsdp", "--overrides", json.dumps({"global_batch_size": 32})] if procs == 2 else []
+    overrides = {"global_batch_size": 32}  # 2 micro-batches a step: accumulation traced too
+    flags = ["--fsdp", "--overrides", json.dumps(overrides)] if procs == 2 else []
     real = run_real(tmp_path, procs, *flags)
-    fake = trace_step.trace("demo", "1.5", procs, "FSDP" if procs == 2 else None,
-                            overrides={"global_batch_size": 32} if procs == 2 else None)
+    fake = trace_step.trace("demo", "1.5", procs, "FSDP" if procs == 2 else None, seq_len=SHORT,
+                            overrides=overrides if procs == 2 else None)
     assert real["real"] and not fake["real"] and real["mode"] == fake["mode"]
     assert real["peak"] == pytest.approx(fake["peak"], rel=0.10)
     assert real["states"] == fake["states"]  # what is held between steps: exactly
@@ -85,7 +87,9 @@ def test_verdict_names_what_would_fit():
     assert verdict("llava15-vicuna7b", "1.5", 8).endswith(": fits")
     assert "fits" in verdict("siglip-qwen25-0.5b", "2", 1, gpu_gib=24)
     no_ckpt = verdict("llava15-vicuna7b", "1.5", 8, gpu_gib=24, gradient_checkpointing=False)
-    assert "--gradient-checkpointing (" in no_ckpt and "--batch-size " in no_ckpt
+    assert "--gradient-checkpointing (" in no_ckpt
+    # a smaller per-GPU batch that divides the global batch (stage 1: 256 over 8 GPUs), more accumulation
+    assert "; --batch-size 16 (" in verdict("llava15-vicuna7b", "1", 8, gpu_gib=36)
     assert "no one change does" in verdict("llava15-vicuna7b", "2", 8, gpu_gib=4)
 
 
