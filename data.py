@@ -122,6 +122,13 @@ def ensure_pad_token(tokenizer):
     return tokenizer
 
 
+def record_lengths(records) -> list[int]:
+    """Each record's length for grouping batches by length: its words, plus 1000 per image (LLaVA's
+    modality_lengths: the image tokens dominate, and image and text-only records sort apart)."""
+    return [sum(len(str(t.get("value", "")).split()) for t in rec.get("conversations", []))
+            + 1000 * len(record_images(rec)) for rec in (records[i] for i in range(len(records)))]
+
+
 def to_messages(conversations: list[dict]) -> list[dict]:
     return [{"role": ROLES[t["from"]], "content": t["value"]} for t in conversations]
 

@@ -110,6 +110,8 @@ def make_loader(cfg: TrainConfig, stage: str, records, model: VictorModel, token
     dataset = D.LlavaDataset(records, cfg.image_folder, tokenizer, image_processor, template,
                              model.num_image_tokens, cfg.max_length, model.cfg.image_token_id)
     sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    if cfg.group_by_length:  # each global batch by length: less padding (LLaVA's group_by_modality_length)
+        sampler.lengths, sampler.group, sampler.micro = D.record_lengths(records), cfg.global_batch_size, cfg.batch_size
     collate = D.Collator(tokenizer.pad_token_id, image_token_id=model.cfg.image_token_id)
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
                                          collate_fn=collate,

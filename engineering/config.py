@@ -102,6 +102,8 @@ class TrainConfig:
     max_length: int = knob(2048, "tokens per sample: a longer one is cut (or skipped where the cut would "
                                  "go through its image tokens)", AT_LEAST_1)
     strict: bool = knob(False, "fail on the first bad record instead of skipping and counting it")
+    group_by_length: bool = knob(False, "order each global batch's records by length (LLaVA's "
+                                        "group_by_modality_length): less padding, the same global batches; JSON data")
     # model: where to start
     init: str = knob("", "checkpoint of the previous stage; empty: build from --vision-model and --llm")
     vision_model: str = knob("", "vision tower: a Hugging Face name or local directory")
@@ -170,14 +172,16 @@ RECIPES = {
         stages={"1": dict(PAPER, lr=1e-3, vision_lr=0.0, global_batch_size=256, batch_size=32, template="plain"),
                 "1.5": dict(PAPER, lr=1e-5, vision_lr=2e-6, pool_lr=1.5e-4, global_batch_size=128,
                             template="vicuna_v1", fsdp=True),
-                "2": dict(PAPER, lr=1e-5, vision_lr=2e-6, global_batch_size=128, template="vicuna_v1", fsdp=True)}),
+                "2": dict(PAPER, lr=1e-5, vision_lr=2e-6, global_batch_size=128, template="vicuna_v1", fsdp=True,
+                          group_by_length=True)}),
     "siglip-qwen25-7b": dict(
         model=dict(vision_model="google/siglip-so400m-patch14-384", llm="Qwen/Qwen2.5-7B-Instruct",
                    model_overrides=dict(pool_size=2048)),
         stages={"1": dict(PAPER, lr=1e-3, vision_lr=0.0, global_batch_size=256, batch_size=32, template="plain"),
                 "1.5": dict(PAPER, lr=1e-5, vision_lr=2e-6, pool_lr=1.5e-4, global_batch_size=128, template="chat",
                             fsdp=True),
-                "2": dict(PAPER, lr=1e-5, vision_lr=2e-6, global_batch_size=128, template="chat", fsdp=True)}),
+                "2": dict(PAPER, lr=1e-5, vision_lr=2e-6, global_batch_size=128, template="chat", fsdp=True,
+                          group_by_length=True)}),
     # one GPU of 24-80 GB, small published models: SigLIP-B/16-224 (196 visual tokens) and Qwen2.5-0.5B-Instruct,
     # the paper's siglip-qwen25-7b at a size that trains on one card. Global batches and learning rates are
     # LLaVA-1.5's (arXiv 2310.03744, Table 9: stage 1 256 at 1e-3, fine-tuning 128 at 2e-5), which TinyLLaVA
@@ -192,7 +196,8 @@ RECIPES = {
                           template="plain"),
                 "1.5": dict(PAPER, lr=2e-5, vision_lr=2e-6, pool_lr=3e-4, global_batch_size=128, batch_size=4,
                             template="chat"),
-                "2": dict(PAPER, lr=2e-5, vision_lr=2e-6, global_batch_size=128, batch_size=4, template="chat")}),
+                "2": dict(PAPER, lr=2e-5, vision_lr=2e-6, global_batch_size=128, batch_size=4, template="chat",
+                          group_by_length=True)}),
     # tiny models on the shapes data (demo_base.py: a tower and an LLM pretrained once, committed in
     # shapes_world/base): all three stages in a few CPU minutes. Chosen from the base models and the
     # no-stage-1.5 (llava) arm alone, on a development copy of the world (docs/world.md): stage 1 until its

@@ -72,13 +72,36 @@ def all_reduce_sum(x: float, device) -> float:
 
 
 class ResumableSampler(torch.utils.data.DistributedSampler):
-    """DistributedSampler that can start its next epoch part-way through (after a resume)."""
+    """DistributedSampler that can start its next epoch part-way through (after a resume), and with lengths
+    (one per record) and group (the global batch) orders each global batch's records by length, longest
+    first, as LLaVA's group_by_modality_length does: each process's micro-batches then hold samples of
+    like length, so less of a step is padding. The same global batches as without it, for 1 or N processes,
+    from (seed, epoch) alone."""
     start = 0  # indices of this process to skip, once
+    lengths, group, micro = None, 0, 1  # with lengths: group = the global batch, micro = the per-process batch
 
     def __iter__(self):
-        indices = list(super().__iter__())[self.start:]
+        if self.lengths is None:
+            indices = list(super().__iter__())
+        else:  # DistributedSampler's shuffled order (drop_last), each global batch sorted, then this rank's share
+            order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+            order = order[:self.total_size].tolist()
+            for k in range(0, len(order) - self.group + 1, self.group):
+                order[k:k + self.group] = self.by_length(order[k:k + self.group])
+            indices = order[self.rank:self.total_size:self.num_replicas]
+        indices = indices[self.start:]
         self.start = 0
         return iter(indices)
+
+    def by_length(self, batch: list[int]) -> list[int]:
+        """One global batch sorted by length, laid out so that each process's every micro-batch (indices
+        rank::num_replicas) is a run of like lengths: sorted micro-batch g goes to process g % W."""
+        ranked, out, world = sorted(batch, key=lambda i: -self.lengths[i]), [0] * len(batch), self.num_replicas
+        for q, index in enumerate(ranked):
+            g, within = divmod(q, self.micro)
+            m, rank = divmod(g, world)
+            out[(m * self.micro + within) * world + rank] = index
+        return out
 
 
 def saved_steps(state_dir: str) -> list[int]:

@@ -92,6 +92,23 @@ def sample_texts(stage: str, n: int, num_image_tokens: int, max_length: int, rng
     return out
 
 
+def padding_share(stage: str, batch: int, global_batch: int, num_image_tokens: int, max_length: int,
+                  grouped: bool, steps: int = 200, seed: int = 0) -> float:
+    """The share of a stage's positions that are padding, over `steps` global batches drawn from its assumed
+    lengths (STAGE_TEXT): each micro-batch of `batch` padded to its longest sample; grouped: each global
+    batch sorted by length first (--group-by-length), as ResumableSampler does."""
+    rng, padded, used = np.random.default_rng(seed), 0, 0
+    for _ in range(steps):
+        lengths = [1 + t + (num_image_tokens if image else 0)
+                   for t, _, image in sample_texts(stage, global_batch, num_image_tokens, max_length, rng)]
+        if grouped:  # images first and longest first, as the record lengths sort them
+            lengths.sort(reverse=True)
+        for k in range(0, global_batch, batch):
+            micro = lengths[k:k + batch]
+            padded, used = padded + batch * max(micro), used + sum(micro)
+    return 1 - used / padded
+
+
 def assumed_batch(stage: str, batch: int, num_image_tokens: int, max_length: int, seq_len: int | None = None):
     """The per-GPU batch the plan assumes (scripts/trace_step.py traces the same one, seed 0): its (padded
     length, label tokens, images)."""

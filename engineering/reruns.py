@@ -29,6 +29,7 @@ from engineering.config import grad_accumulation
 from engineering.distributed import barrier, latest_training_state, setup_distributed
 from engineering.flags import UsageError
 from engineering.memory_plan import check_memory_fits
+from engineering.records import is_parquet
 
 if TYPE_CHECKING:
     from engineering.config import TrainConfig
@@ -153,6 +154,9 @@ def check_before_training(cfgs: list[TrainConfig], demo_records: dict | None) ->
     (UsageError). demo_records: the demo data's records per image and stage, when it is to be generated."""
     rank, world, device = setup_distributed()
     for i, cfg in enumerate(cfgs):
+        if cfg.group_by_length and is_parquet(cfg.data):
+            raise UsageError(f"--group-by-length (stage {cfg.stage}) needs JSON / JSONL data: parquet shards would be "
+                             f"read whole for the lengths; add --no-group-by-length")
         if cfg.template not in D.TEMPLATE_NAMES:
             raise UsageError(f"--template {cfg.template!r}: choose from {' | '.join(D.TEMPLATE_NAMES)}")
         tokenizer_dir = cfg.init if i == 0 else cfgs[0].init or cfgs[0].llm
