@@ -195,7 +195,7 @@ def test_croc_release_with_trained_tower_pool_and_skipped_heads(tmp_path, shapes
                   generator=torch.Generator().manual_seed(0))
     assert torch.equal(out1.pool_indices, out2.pool_indices)  # the pool is Croc's: the same rows are matched
     # a trained pool fixes pool_size; other settings of the method still apply
-    with pytest.raises(ValueError, match="pool_size=64"):
+    with pytest.raises(ValueError, match=r"pool_size 64 \(--pool-size\)"):
         CK.load_checkpoint(ck, overrides={"pool_size": 64})
     assert CK.load_checkpoint(ck, overrides={"matcher": "nearest"})[0].cfg.matcher == "nearest"
 
