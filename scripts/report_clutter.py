@@ -101,6 +101,13 @@ def build(light: str, heavy: str, seeds: list[int]) -> dict:
             "run_seconds": {k: r["config"]["run_seconds"] for k, r in reports.items()}}
 
 
+def level_ci(s: dict) -> str:
+    """An accuracy with its 95 % interval (no sign: A.ci is for differences)."""
+    if s["ci95"] is None:
+        return f"{s['mean']:.3f}"
+    return f"{s['mean']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]"
+
+
 def markdown(report: dict) -> str:
     c, n = report["clutter"], len(report["seeds"])
     lines = [f"# The clutter grid: light (level {c['light']}) against heavy (level {c['heavy']}) clutter", "",
@@ -112,8 +119,8 @@ def markdown(report: dict) -> str:
     for arm in ARMS:
         for level in ("light", "heavy"):
             a = report["arms"][level][arm]
-            lines.append(f"| {arm} | {c[level]} | {A.ci(a['accuracy'])} | "
-                         + " | ".join(A.ci(a["per_type"][t]) for t in TYPES)
+            lines.append(f"| {arm} | {c[level]} | {level_ci(a['accuracy'])} | "
+                         + " | ".join(level_ci(a["per_type"][t]) for t in TYPES)
                          + " | " + ", ".join(f"{x:.3f}" for x in a["accuracy"]["per_seed"]) + " |")
     for level in ("light", "heavy"):
         lines += ["", f"### Paired differences at level {c[level]} ({level}): mean [95 % CI] over seeds", "",
