@@ -1,9 +1,11 @@
 """The clutter grid's report (docs/ablation-clutter, issue 39): does victor's gain over llava and over
-captions grow with background clutter? The light level is the fourth world's runs (level 0), the heavy
-level the clutter grid's (scripts/bench_ablation.py's docstring, "PRE-REGISTERED PLAN, CLUTTER WORLD").
+captions grow with background clutter? The plan: scripts/bench_ablation.py's docstring, "PRE-REGISTERED
+PLAN, CLUTTER WORLD". The heavy level's records in OUT/heavy, the light level's (clutter 0, run again
+with the plan's code: docs/ablation-clutter/README.md) in OUT/light.
 
-    python scripts/report_clutter.py --collect out/ablation-clutter    # copy the grid's newest records in, then report
-    python scripts/report_clutter.py                                   # report from the records already here
+    # copy both grids' newest records in, then report
+    python scripts/report_clutter.py --collect-heavy GRID/out/ablation-clutter --collect-light GRID/out/ablation-light
+    python scripts/report_clutter.py                 # report from the records already in docs/ablation-clutter
 
 Only complete seeds enter (every arm of the plan finished at the heavy level, and at the light one), so
 every difference is paired: same seed, same stage 1 per level, same test questions. Per seed the
@@ -99,6 +101,13 @@ def build(light: str, heavy: str, seeds: list[int]) -> dict:
             "run_seconds": {k: r["config"]["run_seconds"] for k, r in reports.items()}}
 
 
+def level_ci(s: dict) -> str:
+    """An accuracy with its 95 % interval (no sign: A.ci is for differences)."""
+    if s["ci95"] is None:
+        return f"{s['mean']:.3f}"
+    return f"{s['mean']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]"
+
+
 def markdown(report: dict) -> str:
     c, n = report["clutter"], len(report["seeds"])
     lines = [f"# The clutter grid: light (level {c['light']}) against heavy (level {c['heavy']}) clutter", "",
@@ -110,8 +119,8 @@ def markdown(report: dict) -> str:
     for arm in ARMS:
         for level in ("light", "heavy"):
             a = report["arms"][level][arm]
-            lines.append(f"| {arm} | {c[level]} | {A.ci(a['accuracy'])} | "
-                         + " | ".join(A.ci(a["per_type"][t]) for t in TYPES)
+            lines.append(f"| {arm} | {c[level]} | {level_ci(a['accuracy'])} | "
+                         + " | ".join(level_ci(a["per_type"][t]) for t in TYPES)
                          + " | " + ", ".join(f"{x:.3f}" for x in a["accuracy"]["per_seed"]) + " |")
     for level in ("light", "heavy"):
         lines += ["", f"### Paired differences at level {c[level]} ({level}): mean [95 % CI] over seeds", "",
@@ -193,29 +202,32 @@ def plot(report: dict, path: str):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--collect", metavar="GRID_OUT", help="first copy the clutter grid's finished records from "
-                    "GRID_OUT (its --out-dir) into --heavy")
-    ap.add_argument("--light", default=os.path.join(ROOT, "docs", "ablation-fourth-world"),
-                    help="the light level's records (default: the fourth world's)")
-    ap.add_argument("--heavy", default=os.path.join(ROOT, "docs", "ablation-clutter"),
-                    help="the heavy level's records; the report is written here too")
+    ap.add_argument("--out", default=os.path.join(ROOT, "docs", "ablation-clutter"),
+                    help="the report's folder; the levels' records in its heavy/ and light/")
+    ap.add_argument("--collect-heavy", metavar="GRID_OUT", help="first copy the heavy grid's finished records "
+                    "from GRID_OUT (its bench_ablation --out-dir) into OUT/heavy")
+    ap.add_argument("--collect-light", metavar="GRID_OUT", help="the same for the light level, into OUT/light")
     args = ap.parse_args(argv)
-    if args.collect:
-        if not os.path.isdir(os.path.join(args.collect, "runs")):
-            sys.exit(f"error: --collect {args.collect}: no runs/ folder there (a bench_ablation --out-dir?)")
-        print(f"copied {collect(args.collect, args.heavy)} records from {args.collect} into {args.heavy}")
-    seeds = [s for s in finished_seeds(args.heavy) if s in finished_seeds(args.light)]
+    heavy, light = os.path.join(args.out, "heavy"), os.path.join(args.out, "light")
+    for src, dst, flag in ((args.collect_heavy, heavy, "--collect-heavy"),
+                           (args.collect_light, light, "--collect-light")):
+        if src is None:
+            continue
+        if not os.path.isdir(os.path.join(src, "runs")):
+            sys.exit(f"error: {flag} {src}: no runs/ folder there (a bench_ablation --out-dir?)")
+        print(f"copied {collect(src, dst)} records from {src} into {dst}")
+    seeds = [s for s in finished_seeds(heavy) if s in finished_seeds(light)]
     if not seeds:
-        sys.exit(f"error: no seed has every arm of {list(ARMS)} finished in both {args.light} and {args.heavy}")
-    report = build(args.light, args.heavy, seeds)
-    with open(os.path.join(args.heavy, "ablation.json"), "w") as f:
+        sys.exit(f"error: no seed has every arm of {list(ARMS)} finished in both {light} and {heavy}")
+    report = build(light, heavy, seeds)
+    with open(os.path.join(args.out, "ablation.json"), "w") as f:
         json.dump(report, f, indent=1)
     table = markdown(report)
-    with open(os.path.join(args.heavy, "ablation.md"), "w") as f:
+    with open(os.path.join(args.out, "ablation.md"), "w") as f:
         f.write(table)
-    plot(report, os.path.join(args.heavy, "ablation.png"))
+    plot(report, os.path.join(args.out, "ablation.png"))
     print(table)
-    print(f"wrote {args.heavy}/ablation.json, ablation.md, ablation.png over seeds {seeds}")
+    print(f"wrote {args.out}/ablation.json, ablation.md, ablation.png over seeds {seeds}")
 
 
 if __name__ == "__main__":

@@ -112,15 +112,15 @@ def test_bench_quick_runs_the_clutter_arms(tmp_path):
 
 
 def test_the_clutter_report_pairs_seeds_across_levels(tmp_path):
-    """report_clutter over the fourth world's records as both levels, one heavy victor run moved by +0.05
+    """report_clutter with the fourth world's records as both levels, one heavy victor run moved by +0.05
     overall and +0.25 on colour: the interaction is exactly that move on that seed, 0 on the others."""
     sys.path.insert(0, os.path.join(MAIN, "scripts"))
     import report_clutter as R
-    light = os.path.join(MAIN, "docs", "ablation-fourth-world")
+    fourth = os.path.join(MAIN, "docs", "ablation-fourth-world")
     heavy = tmp_path / "heavy"
     for arm in R.ARMS:
         for s in (0, 1, 2):
-            src = os.path.join(light, "runs", arm, f"seed-{s}", "result.json")
+            src = os.path.join(fourth, "runs", arm, f"seed-{s}", "result.json")
             dst = heavy / "runs" / arm / f"seed-{s}" / "result.json"
             dst.parent.mkdir(parents=True)
             r = json.loads(open(src).read())
@@ -129,8 +129,10 @@ def test_the_clutter_report_pairs_seeds_across_levels(tmp_path):
                 r["per_type"]["colour"] += 0.25
             dst.write_text(json.dumps(r))
     os.remove(heavy / "runs" / "captions" / "seed-2" / "result.json")  # seed 2 incomplete: left out
-    R.main(["--light", light, "--heavy", str(heavy)])
-    report = json.loads((heavy / "ablation.json").read_text())
+    report_dir = tmp_path / "report"
+    R.main(["--out", str(report_dir), "--collect-heavy", str(heavy), "--collect-light", fourth])
+    assert (report_dir / "heavy" / "runs" / "victor" / "seed-1" / "result.json").is_file()
+    report = json.loads((report_dir / "ablation.json").read_text())
     assert report["seeds"] == [0, 1]
     inter = report["interaction"]
     assert inter["victor-llava"]["overall"]["per_seed"] == pytest.approx([0.0, 0.05])
@@ -141,5 +143,5 @@ def test_the_clutter_report_pairs_seeds_across_levels(tmp_path):
         acc = report["arms"][level]["victor"]["accuracy"]
         assert set(acc) >= {"mean", "ci95", "per_seed"} and len(acc["per_seed"]) == 2
         assert report["paired"][level]["vs_llava"]["victor"]["seeds"] == [0, 1]
-    assert "| victor - llava |" in (heavy / "ablation.md").read_text()
-    assert (heavy / "ablation.png").stat().st_size > 10_000
+    assert "| victor - llava |" in (report_dir / "ablation.md").read_text()
+    assert (report_dir / "ablation.png").stat().st_size > 10_000
