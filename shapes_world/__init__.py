@@ -8,5 +8,5 @@ The built-in small world: what the demo, the tests and the ablation train on, wi
                     checks them, `--rebuild OUT` pretrains them again
     base/           the committed weights (safetensors), configs and tokenizer
 
-A reader of the method may skip this folder; a reader of an experiment should not (README, "The world").
+A reader of the method may skip this folder; a reader of an experiment should not (docs/world.md).
 """

@@ -1,5 +1,5 @@
 """
-The synthetic "shapes" world (README, "The world") and its offline tokenizer: what the demo, the tests
+The synthetic "shapes" world (docs/world.md) and its offline tokenizer: what the demo, the tests
 and the ablation train on. Images of 1-3 coloured shapes on a 3 x 3 grid over clutter; for each, a short
 caption (stage 1), a detailed caption (stage 1.5) and questions of five types (stage 2 and the test set).
 
